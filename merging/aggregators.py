@@ -1,0 +1,327 @@
+"""The aggregators: pure functions over the stacked task vectors of one tensor.
+
+Each takes `deltas` [K, ...] (τᵢ = θᵢ − θ₀ for one tensor, float32) and `weights` [K] (the
+per-task coefficients wᵢ) and returns the merged update U; the engine forms θ₀ + λ·U. The math
+is in shared/spec/merging-math.md. Linear aggregators are declared by their coefficients cᵢ
+(U = Σ cᵢ·τᵢ), which lets the live app update a merge incrementally when one slider moves.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Callable, Sequence
+
+import torch
+
+from . import sparsify
+from .errors import MergeError
+from .registry import Aggregator, AGGREGATORS, HyperParam, aggregator
+
+# ----------------------------------------------------------------------------- shared pieces
+
+NORMALIZE_OFF = HyperParam("normalize", bool, False, "Divide the weighted sum by the sum of the weights.")
+NORMALIZE_ON = HyperParam("normalize", bool, True, "Divide the weighted sum by the sum of the weights.")
+DENSITY = HyperParam(
+    "density", float, 1.0, "Fraction of each task vector's entries kept (per tensor).", low=0.0, high=1.0,
+    per_model=True,
+)
+GAMMA = HyperParam(
+    "gamma", float, 0.01, "Fraction of the largest-magnitude entries dropped as outliers.", low=0.0, high=1.0,
+    per_model=True,
+)
+RESCALE = HyperParam("rescale", bool, True, "Rescale kept entries so each task vector keeps its L1 norm.")
+SEED = HyperParam("seed", int, 0, "Seed of the random drop (mixed with the tensor name).", low=0, high=2**31 - 1)
+
+
+def _col(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape [K] coefficients to broadcast over a [K, ...] stack."""
+    return weights.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _per_model(value, k: int) -> list[float]:
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return [float(v) for v in value.reshape(-1).tolist()] if value.numel() > 1 else [float(value)] * k
+    return [float(value)] * k
+
+
+def weighted_sum(deltas: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """Σᵢ cᵢ·τᵢ as one matrix-vector product over the flattened stack (no [K, ...] temporary)."""
+    k = deltas.shape[0]
+    flat = deltas.reshape(k, -1)
+    return (coefficients.to(deltas.dtype) @ flat).reshape(deltas.shape[1:])
+
+
+def _normalizer(weights: torch.Tensor) -> float:
+    total = float(weights.sum())
+    return 1.0 if abs(total) < 1e-8 else total
+
+
+def true_median(values: torch.Tensor) -> float:
+    """The median of a 1-D tensor, averaging the two middle values for an even count."""
+    s = values.reshape(-1).sort().values
+    k = s.numel()
+    return float(s[k // 2]) if k % 2 else float((s[k // 2 - 1] + s[k // 2]) / 2)
+
+
+def tensor_seed(seed: int, tensor_name: str) -> int:
+    """A per-tensor seed that does not depend on Python's hash randomization."""
+    return (seed * 1_000_003 + zlib.crc32(tensor_name.encode())) % (2**31 - 1)
+
+
+def linear_aggregator(name: str, summary: str, params: Sequence[HyperParam] = (), **flags):
+    """Register a linear aggregator from its coefficient function cᵢ(weights, **hp)."""
+
+    def wrap(coefficients: Callable[..., torch.Tensor]):
+        def fn(deltas: torch.Tensor, weights: torch.Tensor, **hp) -> torch.Tensor:
+            return weighted_sum(deltas, coefficients(weights, **hp))
+
+        fn.__name__, fn.__doc__ = coefficients.__name__, coefficients.__doc__
+        AGGREGATORS.register(
+            Aggregator(name=name, fn=fn, summary=summary, params=tuple(params), linear=True,
+                       coefficients=coefficients, **flags)
+        )
+        return coefficients
+
+    return wrap
+
+
+# ----------------------------------------------------------------------------- FedAvg family
+
+
+@linear_aggregator(
+    "task_arithmetic",
+    "θ₀ + λ·Σ wᵢτᵢ: Task Arithmetic, i.e. one round of FedAvg.",
+    [NORMALIZE_OFF],
+    family="federated",
+    reference="https://arxiv.org/abs/2212.04089",
+)
+def task_arithmetic(weights: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """FedAvg: the weighted sum of the updates."""
+    return weights / _normalizer(weights) if normalize else weights.clone()
+
+
+@linear_aggregator(
+    "linear",
+    "Model soup: Σ wᵢθᵢ / Σ wᵢ (needs no base model).",
+    [NORMALIZE_ON],
+    reference="https://arxiv.org/abs/2203.05482",
+)
+def linear(weights: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Weighted average of the models; with a base it is θ₀ + Σ wᵢτᵢ / Σ wᵢ."""
+    return weights / _normalizer(weights) if normalize else weights.clone()
+
+
+@linear_aggregator(
+    "fednova",
+    "FedNova: rescale each update by K̄/(K·Kᵢ) so long-trained fine-tunes do not dominate.",
+    [
+        HyperParam("steps", int, None, "Fine-tuning steps Kᵢ of each model (read from its training metadata).",
+                   low=1, per_model=True, optional=True),
+        HyperParam("learning_rates", float, None, "Learning rate ηᵢ of each model (for the lr × steps mode).",
+                   low=0.0, low_open=True, per_model=True, optional=True),
+        HyperParam("fednova_mode", str, "steps", "Normalise by the steps Kᵢ, or by ηᵢ·Kᵢ.",
+                   choices=("steps", "lr_steps")),
+    ],
+    family="federated",
+    reference="https://arxiv.org/abs/2007.07481",
+)
+def fednova(weights: torch.Tensor, steps=None, learning_rates=None, fednova_mode: str = "steps") -> torch.Tensor:
+    """Normalised averaging: an update's size grows with local steps, so divide it back out."""
+    k = weights.shape[0]
+    if steps is None:
+        raise MergeError("fednova needs the fine-tuning steps of every model (give `steps`, "
+                         "or use checkpoints whose training metadata records them)")
+    effort = torch.tensor(_per_model(steps, k), dtype=torch.float64)
+    if fednova_mode == "lr_steps":
+        if learning_rates is None:
+            raise MergeError("fednova in lr_steps mode needs `learning_rates` for every model")
+        effort = effort * torch.tensor(_per_model(learning_rates, k), dtype=torch.float64)
+    if (effort <= 0).any():
+        raise MergeError("fednova: steps and learning rates must be positive")
+    scale = effort.mean() / (k * effort)
+    return weights * scale.to(weights.dtype)
+
+
+@linear_aggregator(
+    "cclip",
+    "Centered clipping: shrink each whole task vector to L2 norm at most ρ, then sum.",
+    [HyperParam("rho", float, None, "Clipping radius ρ for the whole-model norm ‖wᵢτᵢ‖ (default: the median norm).",
+                low=0.0, low_open=True, optional=True)],
+    family="federated",
+    needs_update_norms=True,
+    reference="https://arxiv.org/abs/2012.10333",
+)
+def cclip(weights: torch.Tensor, rho=None, *, update_norms: torch.Tensor) -> torch.Tensor:
+    """Robust aggregation: an update larger than ρ (over ALL tensors) counts only up to ρ."""
+    norms = update_norms.to(torch.float64)
+    if rho is None:
+        rho = true_median(norms)
+    scale = torch.where(norms > 0, (rho / norms.clamp_min(1e-30)).clamp(max=1.0), torch.ones_like(norms))
+    return weights * scale.to(weights.dtype)
+
+
+@aggregator(
+    "fedgma",
+    "FedGMA: damp coordinates whose update signs disagree (agreement below ρ).",
+    [HyperParam("rho", float, 0.5, "Sign-agreement threshold ρ: coordinates at or above it pass unchanged.",
+                low=0.0, high=1.0)],
+    family="federated",
+    reference="https://arxiv.org/abs/2202.10143",
+)
+def fedgma(deltas: torch.Tensor, weights: torch.Tensor, rho: float = 0.5) -> torch.Tensor:
+    """Gradient-masked averaging: A = |Σ sign(uᵢ)|/K; mask 1 where A ≥ ρ, else A."""
+    u = deltas * _col(weights, deltas)
+    agreement = u.sign().sum(0).abs_().div_(deltas.shape[0])
+    mask = torch.where(agreement >= rho, torch.ones_like(agreement), agreement)
+    return u.sum(0).mul_(mask)
+
+
+def _sorted_stack(u: torch.Tensor) -> list[torch.Tensor]:
+    """Sort K tensors elementwise with a min/max network (faster than torch.sort over dim 0)."""
+    rows = list(u.unbind(0))
+    k = len(rows)
+    for rnd in range(k):
+        for i in range(rnd % 2, k - 1, 2):
+            lo = torch.minimum(rows[i], rows[i + 1])
+            rows[i + 1] = torch.maximum(rows[i], rows[i + 1])
+            rows[i] = lo
+    return rows
+
+
+@aggregator(
+    "median",
+    "Coordinate-wise median of the updates: robust to one outlying task.",
+    [HyperParam("median_kind", str, "true", "For even K: 'true' averages the two middle values; 'lower' takes "
+                "the lower one (torch.median, as the paper's code).", choices=("true", "lower"))],
+    family="federated",
+    reference="https://arxiv.org/abs/1803.01498",
+)
+def median(deltas: torch.Tensor, weights: torch.Tensor, median_kind: str = "true") -> torch.Tensor:
+    """Median per coordinate of uᵢ = wᵢτᵢ."""
+    u = deltas * _col(weights, deltas)
+    k = u.shape[0]
+    if k == 1:
+        return u[0]
+    rows = _sorted_stack(u) if k <= 8 else list(u.sort(dim=0).values.unbind(0))
+    if k % 2 or median_kind == "lower":
+        return rows[(k - 1) // 2]
+    return (rows[k // 2 - 1] + rows[k // 2]) * 0.5
+
+
+# ----------------------------------------------------------------------------- mergekit family
+
+
+def _trimmed(deltas: torch.Tensor, keep: Callable[[int, torch.Tensor], torch.Tensor], rescale: bool) -> torch.Tensor:
+    return torch.stack([sparsify.apply_mask(d, keep(i, d), rescale) for i, d in enumerate(deltas.unbind(0))])
+
+
+def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
+    """TIES election: mask of entries whose sign agrees with sign(Σ) (a zero sum counts as +)."""
+    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    return weighted.sign() == elected
+
+
+def combine(deltas: torch.Tensor, weights: torch.Tensor, consensus: bool, normalize: bool) -> torch.Tensor:
+    """mergekit's generalized task arithmetic after sparsification: weight, elect, sum, normalise."""
+    w = _col(weights, deltas)
+    weighted = deltas * w
+    if consensus:
+        mask = sign_consensus(weighted)
+        mixed = (weighted * mask).sum(0)
+        if normalize:
+            divisor = (w * mask).sum(0)
+            divisor[divisor == 0] = 1
+            mixed /= divisor
+        return mixed
+    mixed = weighted.sum(0)
+    return mixed / _normalizer(weights) if normalize else mixed
+
+
+def _register_gta(name: str, summary: str, params, sparsifier, consensus: bool, reference: str):
+    """Declare one member of the TIES / DARE / Breadcrumbs family."""
+
+    def fn(deltas: torch.Tensor, weights: torch.Tensor, **hp) -> torch.Tensor:
+        k = deltas.shape[0]
+        if sparsifier is not None:
+            deltas = sparsifier(deltas, k, hp)
+        return combine(deltas, weights, consensus, hp["normalize"])
+
+    fn.__name__ = name
+    fn.__doc__ = summary
+    AGGREGATORS.register(Aggregator(name=name, fn=fn, summary=summary, params=tuple(params), reference=reference))
+    return fn
+
+
+def _magnitude(deltas, k, hp):
+    dens = _per_model(hp.get("density", 1.0), k)
+    return _trimmed(deltas, lambda i, d: sparsify.topk_mask(d, dens[i]), hp.get("rescale", False))
+
+
+def _band(deltas, k, hp):
+    dens, gam = _per_model(hp.get("density", 1.0), k), _per_model(hp.get("gamma", 0.01), k)
+    return _trimmed(deltas, lambda i, d: sparsify.band_mask(d, dens[i], gam[i]), hp.get("rescale", False))
+
+
+def _random(deltas, k, hp):
+    dens = _per_model(hp.get("density", 1.0), k)
+    gen = torch.Generator().manual_seed(int(hp.get("seed", 0)))
+    return _trimmed(deltas, lambda i, d: sparsify.bernoulli_mask(d, dens[i], gen), hp.get("rescale", True))
+
+
+ties = _register_gta(
+    "ties", "TIES: trim each task vector to its top `density`, elect signs, average the agreeing entries.",
+    [DENSITY, NORMALIZE_ON], _magnitude, True, "https://arxiv.org/abs/2306.01708")
+dare_linear = _register_gta(
+    "dare_linear", "DARE: randomly drop 1 − density of each task vector, rescale, then sum.",
+    [DENSITY, RESCALE, NORMALIZE_OFF, SEED], _random, False, "https://arxiv.org/abs/2311.03099")
+dare_ties = _register_gta(
+    "dare_ties", "DARE drop and rescale, then TIES sign consensus.",
+    [DENSITY, RESCALE, NORMALIZE_OFF, SEED], _random, True, "https://arxiv.org/abs/2311.03099")
+breadcrumbs = _register_gta(
+    "breadcrumbs", "Model Breadcrumbs: keep a middle band of magnitudes (drop outliers and the smallest).",
+    [DENSITY, GAMMA, NORMALIZE_OFF], _band, False, "https://arxiv.org/abs/2312.06795")
+breadcrumbs_ties = _register_gta(
+    "breadcrumbs_ties", "Breadcrumbs band, then TIES sign consensus.",
+    [DENSITY, GAMMA, NORMALIZE_OFF], _band, True, "https://arxiv.org/abs/2312.06795")
+magnitude_prune = _register_gta(
+    "magnitude_prune", "Keep each task vector's top `density` magnitudes, then a weighted sum (PEFT).",
+    [DENSITY, NORMALIZE_OFF], _magnitude, False, "https://arxiv.org/abs/2306.01708")
+
+
+# ----------------------------------------------------------------------------- SLERP
+
+
+def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation of two flattened tensors; linear when nearly (anti)parallel."""
+    a, b = v0.reshape(-1).double(), v1.reshape(-1).double()
+    na, nb = a.norm(), b.norm()
+    na = na if na > eps else torch.ones_like(na)
+    nb = nb if nb > eps else torch.ones_like(nb)
+    dot = float(((a / na) * (b / nb)).sum().clamp(-1, 1))
+    if abs(dot) > dot_threshold:
+        c0, c1 = 1 - t, t
+    else:
+        theta = math.acos(dot)
+        c0 = math.sin((1 - t) * theta) / math.sin(theta)
+        c1 = math.sin(t * theta) / math.sin(theta)
+    return (c0 * v0.float() + c1 * v1.float()).reshape(v0.shape)
+
+
+@aggregator(
+    "slerp",
+    "SLERP between two models (or the base and one model) at position t.",
+    [HyperParam("t", float, 0.5, "Interpolation position: 0 is the first model (or the base), 1 the second.",
+                low=0.0, high=1.0)],
+    needs_base=True,
+    max_models=2,
+    reference="https://en.wikipedia.org/wiki/Slerp",
+)
+def slerp(deltas: torch.Tensor, weights: torch.Tensor, t: float = 0.5, *, base: torch.Tensor) -> torch.Tensor:
+    """With one fine-tune: slerp(θ₀, θ₀ + w₁τ₁); with two: slerp(θ₀ + w₁τ₁, θ₀ + w₂τ₂). Returns it − θ₀."""
+    u = deltas * _col(weights, deltas)
+    base = base.float()
+    v0, v1 = (base, base + u[0]) if deltas.shape[0] == 1 else (base + u[0], base + u[1])
+    return slerp_tensors(t, v0, v1) - base

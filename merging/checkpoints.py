@@ -1,0 +1,261 @@
+"""Read checkpoints lazily, one tensor at a time, from a folder, a file or a Hub id.
+
+safetensors first (their headers give names, shapes and sizes without reading data); a `.bin`
+only through `torch.load(weights_only=True)`, which refuses pickled code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+
+from .errors import MergeError
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "vocab.txt",
+)
+TRAINING_FILES = ("training.json", "trainer_state.json", "training_args.json")
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def resolve(ref: str | os.PathLike, allow_hub: bool = True, allowed_roots: Iterable[Path] | None = None) -> Path:
+    """A local folder or file as a Path; a Hub id is downloaded (weights, config, tokenizer only).
+
+    `allowed_roots`, when given, restricts local paths to those folders (a public app must not
+    read arbitrary files of its host).
+    """
+    path = Path(os.path.expanduser(str(ref)))
+    if path.exists():
+        path = path.resolve()
+        if allowed_roots is not None and not any(path.is_relative_to(Path(r).resolve()) for r in allowed_roots):
+            raise MergeError(f"{ref}: local paths outside the allowed folders are not accepted here")
+        return path
+    text = str(ref)
+    looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or text.endswith((".safetensors", ".bin"))
+    if looks_local or not allow_hub:
+        raise MergeError(f"{ref}: no such file or folder")
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        raise MergeError(f"{repo_id}: not a local path, and huggingface_hub is not installed") from None
+    patterns = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except HFValidationError:
+        raise MergeError(f"{repo_id}: no such file or folder, and not a valid Hub id") from None
+    except RepositoryNotFoundError:
+        raise MergeError(f"{repo_id}: no such model on the Hugging Face Hub (or it is private)") from None
+    except Exception as exc:  # offline, DNS, proxy: all surface as connection errors of various types
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc).lower() or "offline" in str(exc).lower():
+            raise MergeError(f"{repo_id}: not a local path, and cannot reach the Hugging Face Hub (offline)") from None
+        raise MergeError(f"{repo_id}: download from the Hugging Face Hub failed: {exc}") from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Names, dtypes and shapes of a safetensors file from its JSON header (no tensor data read)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as exc:
+        raise MergeError(f"{path}: not a readable safetensors file ({exc})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+class Checkpoint:
+    """A model's weights by name, read on demand; plus its config, tokenizer and training record."""
+
+    def __init__(self, ref: str | os.PathLike, *, allow_hub: bool = True, allowed_roots=None,
+                 trust_remote_code: bool = False):
+        self.ref = str(ref)
+        self.path = resolve(ref, allow_hub=allow_hub, allowed_roots=allowed_roots)
+        self.folder = self.path if self.path.is_dir() else self.path.parent
+        self.name = Path(self.ref).name or self.ref
+        self._files: dict[str, Path] = {}  # tensor name -> file
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype code)
+        self._bin: dict[str, torch.Tensor] | None = None
+        self._index_files()
+        if not trust_remote_code and self.config.get("auto_map"):
+            raise MergeError(f"{self.ref}: this model needs trust_remote_code (custom code in its repository); "
+                             "it is refused unless you turn trust_remote_code on")
+
+    # ---------------------------------------------------------------- discovery
+    def _index_files(self) -> None:
+        if self.path.is_file():
+            files = [self.path]
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                files = sorted(p for p in self.path.glob("*.bin") if "training_args" not in p.name)
+        if not files:
+            raise MergeError(f"{self.ref}: no weights found (expected *.safetensors or pytorch_model*.bin)")
+        if files[0].suffix == ".safetensors":
+            if any(f.name.startswith("adapter_model") for f in files) and (self.folder / "adapter_config.json").exists():
+                raise MergeError(f"{self.ref}: this is a LoRA adapter, not a full model; add it as an adapter")
+            for f in files:
+                for key, info in read_safetensors_header(f).items():
+                    self._files[key] = f
+                    self._meta[key] = (tuple(info["shape"]), info["dtype"])
+        elif files[0].suffix == ".bin":
+            self._load_bin(files)
+        else:
+            raise MergeError(f"{self.ref}: unsupported weight file {files[0].name} (use .safetensors)")
+
+    def _load_bin(self, files: list[Path]) -> None:
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            try:
+                part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise MergeError(f"{f}: refused: not a plain tensor checkpoint "
+                                 f"(torch.load with weights_only=True failed: {str(exc).splitlines()[0]})") from None
+            if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+                raise MergeError(f"{f}: refused: expected a dict of tensors")
+            state.update(part)
+        seen: dict[int, str] = {}
+        for key, t in list(state.items()):  # tied weights are saved twice in .bin: keep one name
+            ptr = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+            if ptr in seen and state[seen[ptr]].shape == t.shape:
+                del state[key]
+            else:
+                seen[ptr] = key
+        self._bin = state
+        for key, t in state.items():
+            self._meta[key] = (tuple(t.shape), _code(t.dtype))
+
+    # ---------------------------------------------------------------- tensors
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._meta
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._meta[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        code = self._meta[key][1]
+        if code not in _DTYPES:
+            raise MergeError(f"{self.ref}: tensor {key} has unsupported dtype {code}")
+        return _DTYPES[code]
+
+    def is_float(self, key: str) -> bool:
+        return self.dtype(key).is_floating_point
+
+    def nbytes(self) -> int:
+        total = 0
+        for shape, code in self._meta.values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * (_DTYPES.get(code, torch.float32).itemsize)
+        return total
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._meta:
+            raise MergeError(f"{self.ref}: has no tensor {key}")
+        if self._bin is not None:
+            return self._bin[key]
+        with safe_open(self._files[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    # ---------------------------------------------------------------- side files
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        return _read_json(self.folder / "config.json") or {}
+
+    @cached_property
+    def training(self) -> dict[str, Any]:
+        """Training metadata (steps, learning rate, ...) where the checkpoint records it."""
+        return read_training_metadata(self.folder)
+
+    def side_files(self, names: Iterable[str]) -> list[Path]:
+        return [self.folder / n for n in names if (self.folder / n).is_file()]
+
+
+def _code(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise MergeError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_training_metadata(folder: Path) -> dict[str, Any]:
+    """`steps` and `learning_rate` from our training.json or a transformers Trainer's files."""
+    out: dict[str, Any] = {}
+    ours = _read_json(folder / "training.json") if (folder / "training.json").exists() else None
+    if ours:
+        out.update(ours)
+    state = _read_json(folder / "trainer_state.json") if (folder / "trainer_state.json").exists() else None
+    if state and "steps" not in out and state.get("global_step"):
+        out["steps"] = int(state["global_step"])
+    args = _read_json(folder / "training_args.json") if (folder / "training_args.json").exists() else None
+    if args and "learning_rate" not in out and args.get("learning_rate"):
+        out["learning_rate"] = float(args["learning_rate"])
+    return out
+
+
+class StateDict:
+    """An in-memory dict of tensors behind the Checkpoint interface (Python API, tests)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], name: str = "state dict",
+                 config: dict[str, Any] | None = None, training: dict[str, Any] | None = None):
+        if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise MergeError(f"{name}: expected a dict of tensors")
+        self._t = dict(tensors)
+        self.ref = self.name = name
+        self.path = self.folder = None
+        self.config = config or {}
+        self.training = training or {}
+
+    def keys(self) -> list[str]:
+        return list(self._t)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._t
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._t[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._t[key].dtype
+
+    def is_float(self, key: str) -> bool:
+        return self._t[key].is_floating_point()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._t.values())
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._t:
+            raise MergeError(f"{self.ref}: has no tensor {key}")
+        return self._t[key]
+
+    def side_files(self, names: Iterable[str]) -> list[Path]:
+        return []

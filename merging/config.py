@@ -1,0 +1,172 @@
+"""The merge configuration: mergekit's YAML, typed, extended with our methods' hyperparameters.
+
+Parameter values follow mergekit: a scalar, a list interpolated over layer depth (a "gradient"),
+or a list of `{filter: <substring of the tensor name>, value: ...}` where the first match wins.
+Per-model settings override global ones.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import MergeError
+from .registry import AGGREGATORS
+
+Scalar = Union[bool, int, float, str]
+
+
+class Conditional(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Union[Scalar, list[Scalar], None]
+
+
+Setting = Union[Scalar, list[Scalar], list[Conditional], Conditional, None]
+
+# Keys that every method accepts: the per-task coefficient and the global scale. mergekit's
+# `int8_mask` only changes its mask's storage type; it is accepted and has no effect here.
+UNIVERSAL = {"weight", "lambda"}
+IGNORED = {"int8_mask"}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_ref(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "model" in v:  # mergekit's long form {model: {path: ...}}
+            v = v["model"].get("path") if isinstance(v["model"], dict) else v["model"]
+        return v
+
+
+class TokenizerSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    source: str = "base"
+
+
+class MergeConfig(BaseModel):
+    """A merge as mergekit's YAML describes it (one output model, no slices)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    merge_method: str
+    models: list[ModelEntry] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerSpec | None = None
+    name: str | None = None
+
+    @field_validator("merge_method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in AGGREGATORS:
+            raise ValueError(f"unknown merge method {v!r}; known: {', '.join(AGGREGATORS)}")
+        return v
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"{v!r} is not one of {', '.join(DTYPES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "MergeConfig":
+        agg = AGGREGATORS[self.merge_method]
+        known = UNIVERSAL | IGNORED | {p.name for p in agg.params}
+        for where, params in [("parameters", self.parameters)] + [
+            (f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models)
+        ]:
+            for key in params:
+                if key not in known:
+                    raise ValueError(f"{where}.{key}: {self.merge_method} has no parameter {key!r}; "
+                                     f"it takes: {', '.join(sorted(known - IGNORED))}")
+        if self.merge_method != "linear" and not self.base_model:
+            raise ValueError(f"base_model: {self.merge_method} needs a base model")
+        return self
+
+    @property
+    def tokenizer_from(self) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source or "base"
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(exclude_none=True, exclude_defaults=False, mode="json")
+        for m in data["models"]:
+            if not m.get("parameters"):
+                m.pop("parameters", None)
+        if not data.get("parameters"):
+            data.pop("parameters", None)
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _pretty(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"] if not str(x).startswith(("function-", "list[", "union[")))
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_config(data: Any, source: str = "config") -> MergeConfig:
+    """Validate a dict (parsed YAML) into a MergeConfig; errors name the offending field."""
+    if not isinstance(data, dict):
+        raise MergeError(f"{source}: expected a mapping of merge settings, got {type(data).__name__}")
+    if "slices" in data:
+        raise MergeError(f"{source}: slices: per-layer slices are not supported; list `models` instead")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as err:
+        raise MergeError(f"{source}: {_pretty(err)}") from None
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read a mergekit-style YAML file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise MergeError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise MergeError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_config(data, str(path))
+
+
+# ------------------------------------------------------------------- per-tensor resolution
+
+
+def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
+    """Resolve a gradient or filter list for one tensor at layer position t ∈ [0, 1]."""
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if setting is None or isinstance(setting, (bool, int, float, str)):
+        return setting
+    if not setting:
+        return None
+    if all(isinstance(e, (bool, int, float, str)) for e in setting):
+        numeric = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting)
+        if not numeric:
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+        if not isinstance(cond, Conditional):
+            raise MergeError(f"parameter list mixes values and filters: {setting!r}")
+        if cond.filter in (None, "*") or cond.filter in tensor_name:
+            return evaluate_setting(cond.value, tensor_name, t)
+    return None

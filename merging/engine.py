@@ -1,0 +1,126 @@
+"""Executing a plan: tensor by tensor, so memory stays at a few tensors whatever the model size.
+
+One function, `merge_tensor`, forms θ₀ + λ·U for one tensor; the streaming merge to disk, the
+dict API and the live app all call it. Whole-model statistics (cclip's norms) come from a first
+pass over the task vectors.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from .aggregators import tensor_seed
+from .checkpoints import CONFIG_FILES, TOKENIZER_FILES, Checkpoint, StateDict
+from .errors import MergeError
+from .plan import MergePlan, plan_from_objects
+from .registry import Aggregator
+from .task_vectors import FullFinetune, TaskVectorSource
+from .validation import check_finite
+from .writer import DEFAULT_SHARD_BYTES, StreamingModelWriter
+
+Progress = Callable[[int, int, str], None]
+
+
+def merge_tensor(agg: Aggregator, name: str, base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor,
+                 lam: float, hyper: Mapping[str, Any], update_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """θ₀ + λ·U for one tensor, in float32."""
+    kwargs = dict(hyper)
+    if agg.needs_base:
+        kwargs["base"] = base
+    if agg.needs_update_norms:
+        if update_norms is None:
+            raise MergeError(f"{agg.name} needs the whole-model norms of the task vectors")
+        kwargs["update_norms"] = update_norms
+    if "seed" in kwargs:
+        kwargs["seed"] = tensor_seed(int(kwargs["seed"]), name)
+    update = agg.fn(deltas, weights, **kwargs)
+    return base + lam * update if lam != 1 else base + update
+
+
+def load_tensor_stack(plan: MergePlan, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base tensor and the stacked task vectors [K, ...] of one tensor, float32, checked finite."""
+    raw = plan.base.get(name)
+    check_finite(name, raw, plan.base.ref)
+    base = raw.float()
+    deltas = torch.empty((len(plan.sources), *base.shape), dtype=torch.float32)
+    for i, src in enumerate(plan.sources):
+        d = src.delta(name, base)
+        check_finite(name, d, src.name)
+        deltas[i] = d
+    return base, deltas
+
+
+def update_norms(plan: MergePlan, progress: Progress | None = None) -> torch.Tensor:
+    """First pass: ‖wᵢτᵢ‖ over the whole model (weights resolved per tensor)."""
+    sq = torch.zeros(len(plan.sources), dtype=torch.float64)
+    names = plan.tensor_names
+    for j, name in enumerate(names):
+        _, deltas = load_tensor_stack(plan, name)
+        w = plan.params_for(name).weights.double()
+        sq += deltas.reshape(len(plan.sources), -1).double().pow(2).sum(1) * w.pow(2)
+        if progress:
+            progress(j + 1, len(names), f"norms {name}")
+    return sq.sqrt()
+
+
+def iter_merged(plan: MergePlan, progress: Progress | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor in the output dtype) in the base's tensor order."""
+    norms = update_norms(plan) if plan.method.needs_update_norms else None
+    names = plan.tensor_names
+    for j, name in enumerate(names):
+        base, deltas = load_tensor_stack(plan, name)
+        p = plan.params_for(name)
+        merged = merge_tensor(plan.method, name, base, deltas, p.weights, p.lam, p.hyper, norms)
+        check_finite(name, merged, "the merge result")
+        del deltas
+        yield name, merged.to(plan.output_dtype(name))
+        if progress:
+            progress(j + 1, len(names), name)
+    for name in plan.passthrough_names:
+        yield name, plan.base.get(name)
+
+
+def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                 shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None,
+                 card: str | None = None) -> Path:
+    """Stream the merge into a transformers folder (atomically: all or nothing)."""
+    specs = [(n, plan.base.shape(n), plan.output_dtype(n)) for n in plan.tensor_names]
+    specs += [(n, plan.base.shape(n), plan.base.dtype(n)) for n in plan.passthrough_names]
+    with StreamingModelWriter(out_dir, specs, shard_bytes=shard_bytes, overwrite=overwrite) as writer:
+        for name, tensor in iter_merged(plan, progress):
+            writer.write(name, tensor)
+        write_side_files(plan, writer, card)
+        return writer.finish()
+
+
+def write_side_files(plan: MergePlan, writer: StreamingModelWriter, card: str | None) -> None:
+    """config.json (dtype updated), generation config, tokenizer, merge YAML and model card."""
+    from .card import model_card
+
+    cfg = dict(plan.base.config)
+    if cfg:
+        out_dtype = str(plan.output_dtype(plan.tensor_names[0])).removeprefix("torch.")
+        cfg["dtype"] = out_dtype
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = out_dtype
+        writer.add_file("config.json", json.dumps(cfg, indent=2) + "\n")
+    writer.copy_files(f for f in plan.base.side_files(CONFIG_FILES) if f.name != "config.json")
+    tok_source = plan.base if plan.tokenizer_source == "base" else Checkpoint(plan.tokenizer_source)
+    writer.copy_files(tok_source.side_files(TOKENIZER_FILES))
+    if plan.config is not None:
+        writer.add_file("merge_config.yml", plan.config.to_yaml())
+    writer.add_file("README.md", card if card is not None else model_card(plan))
+
+
+def merge_state_dicts(base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
+                      method: str, weights: Sequence[float] | None = None, lam: float = 1.0,
+                      **hyperparams: Any) -> dict[str, torch.Tensor]:
+    """Merge plain dicts of tensors (notebooks, tests): returns the merged dict, base dtypes kept."""
+    base_ck = StateDict(base, "base")
+    sources: list[TaskVectorSource] = [FullFinetune(StateDict(sd, f"model {i}")) for i, sd in enumerate(finetuned)]
+    plan = plan_from_objects(base_ck, sources, method, weights, lam, hyperparams)
+    return dict(iter_merged(plan))

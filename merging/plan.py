@@ -1,0 +1,211 @@
+"""Planning: what to merge, from which sources, with which parameters per tensor.
+
+A plan is built from the checkpoints' headers alone (names, shapes, dtypes) and validates
+everything that can be known before reading a single weight; execution lives in engine.py.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .checkpoints import Checkpoint
+from .config import MergeConfig, evaluate_setting
+from .errors import MergeError
+from .registry import AGGREGATORS, Aggregator
+from .task_vectors import FullFinetune, LoraAdapter, TaskVectorSource, load_source
+from .validation import check_compatible
+
+_LAYER = re.compile(r"(.*?)\.(\d+)\.")
+
+
+def layer_positions(names: Sequence[str]) -> dict[str, float]:
+    """Each tensor's depth t ∈ [0, 1] for mergekit gradients: layer i of N → i/(N−1); others 0."""
+    index: dict[str, tuple[str, int]] = {}
+    count: dict[str, int] = {}
+    for name in names:
+        m = _LAYER.match(name)
+        if m:
+            prefix, i = m.group(1), int(m.group(2))
+            index[name] = (prefix, i)
+            count[prefix] = max(count.get(prefix, 0), i + 1)
+    out = {}
+    for name in names:
+        if name in index:
+            prefix, i = index[name]
+            n = count[prefix]
+            out[name] = i / (n - 1) if n > 1 else 1.0
+        else:
+            out[name] = 0.0
+    return out
+
+
+def layer_of(name: str) -> str:
+    """A tensor's layer group for per-layer reports: 'h.3' style, or 'other'."""
+    m = _LAYER.match(name)
+    return f"{m.group(1).split('.')[-1]}.{m.group(2)}" if m else "other"
+
+
+@dataclass
+class TensorParams:
+    weights: torch.Tensor  # [K] float32
+    lam: float
+    hyper: dict[str, Any]
+
+
+@dataclass
+class MergePlan:
+    """Everything needed to merge, tensor by tensor."""
+
+    method: Aggregator
+    base: Checkpoint
+    sources: list[TaskVectorSource]
+    global_settings: dict[str, Any] = field(default_factory=dict)
+    model_settings: list[dict[str, Any]] = field(default_factory=list)
+    out_dtype: torch.dtype | None = None
+    tokenizer_source: str = "base"
+    config: MergeConfig | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @cached_property
+    def tensor_names(self) -> list[str]:
+        return [k for k in self.base.keys() if self.base.is_float(k)]
+
+    @cached_property
+    def passthrough_names(self) -> list[str]:
+        """Non-float tensors (integer buffers) copied from the base unchanged."""
+        return [k for k in self.base.keys() if not self.base.is_float(k)]
+
+    @cached_property
+    def positions(self) -> dict[str, float]:
+        return layer_positions(self.base.keys())
+
+    def output_dtype(self, name: str) -> torch.dtype:
+        return self.out_dtype or self.base.dtype(name)
+
+    def params_for(self, name: str) -> TensorParams:
+        """Resolve weight, λ and every hyperparameter for one tensor (per model > global > default)."""
+        t = self.positions.get(name, 0.0)
+        k = len(self.sources)
+
+        def setting(key: str, i: int | None):
+            if i is not None and key in self.model_settings[i]:
+                return evaluate_setting(self.model_settings[i][key], name, t)
+            if key in self.global_settings:
+                return evaluate_setting(self.global_settings[key], name, t)
+            return None
+
+        weights = []
+        for i in range(k):
+            w = setting("weight", i)
+            weights.append(1.0 if w is None else w)
+        lam = setting("lambda", None)
+        values: dict[str, Any] = {}
+        for p in self.method.params:
+            if p.per_model:
+                per = [setting(p.name, i) for i in range(k)]
+                if all(v is None for v in per):
+                    per = self._default_per_model(p.name)
+                values[p.name] = [p.default if v is None else v for v in per] if per is not None else None
+            else:
+                v = setting(p.name, None)
+                if v is not None:
+                    values[p.name] = v
+        hyper = self.method.check_params(values, k)
+        return TensorParams(torch.tensor([_number("weight", w) for w in weights], dtype=torch.float32),
+                            1.0 if lam is None else _number("lambda", lam), hyper)
+
+    def _default_per_model(self, key: str) -> list | None:
+        """fednova's steps and learning rates default to what the checkpoints record."""
+        meta_key = {"steps": "steps", "learning_rates": "learning_rate"}.get(key)
+        if meta_key is None:
+            return [None] * len(self.sources)
+        values = [s.training.get(meta_key) for s in self.sources]
+        return None if any(v is None for v in values) else values
+
+
+def _number(key: str, value: Any) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise MergeError(f"{key}: expected a number, got {value!r}") from None
+    if x != x or x in (float("inf"), float("-inf")):
+        raise MergeError(f"{key}: must be finite, got {value!r}")
+    return x
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    try:
+        return Path(str(a)).resolve() == Path(str(b)).resolve()
+    except OSError:
+        return str(a) == str(b)
+
+
+def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=None,
+                     trust_remote_code: bool = False) -> MergePlan:
+    """Resolve the config's models, drop the base from the task list, validate compatibility."""
+    method = AGGREGATORS[cfg.merge_method]
+    opts = dict(allow_hub=allow_hub, allowed_roots=allowed_roots)
+    entries = list(cfg.models)
+    if cfg.base_model:
+        base = Checkpoint(cfg.base_model, trust_remote_code=trust_remote_code, **opts)
+        if cfg.merge_method != "linear":  # mergekit: the base is not one of the task vectors
+            entries = [m for m in entries if not _same_path(m.model, cfg.base_model) and m.model != cfg.base_model]
+    else:  # linear without a base: the first model is the reference, its own task vector is zero
+        base = Checkpoint(entries[0].model, trust_remote_code=trust_remote_code, **opts)
+    sources = []
+    for m in entries:
+        ref, _, adapter = m.model.partition("+")
+        if adapter:
+            if not (_same_path(ref, base.path) or ref == cfg.base_model):
+                raise MergeError(f"{m.model}: a LoRA adapter ('model+adapter') is only supported on the base model")
+            sources.append(LoraAdapter(adapter, Path(adapter).name, **opts))
+        else:
+            sources.append(load_source(ref, trust_remote_code=trust_remote_code, **opts))
+    method.check_model_count(len(sources))
+    dtype = cfg.out_dtype or cfg.dtype
+    plan = MergePlan(
+        method=method, base=base, sources=sources,
+        global_settings=dict(cfg.parameters), model_settings=[dict(m.parameters) for m in entries],
+        out_dtype=getattr(torch, dtype) if dtype else None, tokenizer_source=cfg.tokenizer_from, config=cfg,
+    )
+    plan.warnings.extend(check_compatible(base, sources))
+    plan.params_for(plan.tensor_names[0])  # fail on bad hyperparameters before any work
+    return plan
+
+
+def plan_from_objects(base: Checkpoint, sources: list[TaskVectorSource], method: str,
+                      weights: Sequence[float] | None = None, lam: float = 1.0,
+                      hyper: Mapping[str, Any] | None = None) -> MergePlan:
+    """A plan for the Python API: one weight per source, global hyperparameters."""
+    agg = AGGREGATORS[method]
+    agg.check_model_count(len(sources))
+    if weights is not None and len(weights) != len(sources):
+        raise MergeError(f"weights: got {len(weights)} values for {len(sources)} fine-tuned models")
+    hyper = dict(hyper or {})
+    model_settings: list[dict[str, Any]] = [{} for _ in sources]
+    for p in agg.params:  # per-model lists given through the Python API
+        if p.per_model and isinstance(hyper.get(p.name), (list, tuple)):
+            values = hyper.pop(p.name)
+            if len(values) != len(sources):
+                raise MergeError(f"{p.name}: got {len(values)} values for {len(sources)} fine-tuned models")
+            for ms, v in zip(model_settings, values):
+                ms[p.name] = v
+    for key in hyper:
+        agg.param(key)  # unknown names raise
+    for ms, w in zip(model_settings, weights if weights is not None else [1.0] * len(sources)):
+        ms["weight"] = w
+    plan = MergePlan(method=agg, base=base, sources=sources,
+                     global_settings={**hyper, "lambda": lam}, model_settings=model_settings)
+    plan.warnings.extend(check_compatible(base, sources))
+    if plan.tensor_names:
+        plan.params_for(plan.tensor_names[0])
+    return plan
+
+
+def is_full(source: TaskVectorSource) -> bool:
+    return isinstance(source, FullFinetune)

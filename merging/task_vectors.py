@@ -1,0 +1,139 @@
+"""Task vectors τ = θ − θ₀, tensor by tensor, from full fine-tunes or from LoRA adapters.
+
+A source answers `delta(name, base_tensor)` in float32 without materialising the whole model;
+a LoRA adapter gives the exact ΔW = scale·B·A (rsLoRA: α/√r), zero for tensors it leaves alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import safe_open
+
+from .checkpoints import Checkpoint, read_training_metadata, resolve
+from .errors import MergeError
+
+
+class TaskVectorSource(Protocol):
+    name: str
+
+    @property
+    def training(self) -> dict[str, Any]: ...
+
+    def delta(self, key: str, base: torch.Tensor) -> torch.Tensor: ...
+
+
+class FullFinetune:
+    """A fine-tuned checkpoint of the base architecture: τ = θ − θ₀."""
+
+    def __init__(self, checkpoint: Checkpoint, name: str | None = None):
+        self.checkpoint = checkpoint
+        self.name = name or checkpoint.name
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return self.checkpoint.training
+
+    def delta(self, key: str, base: torch.Tensor) -> torch.Tensor:
+        return self.checkpoint.get(key).float() - base
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter on the base: τ = ΔW, exactly, for every adapted weight."""
+
+    def __init__(self, ref: str | os.PathLike, name: str | None = None, *, allow_hub: bool = True,
+                 allowed_roots=None):
+        self.path = resolve(ref, allow_hub=allow_hub, allowed_roots=allowed_roots)
+        folder = self.path if self.path.is_dir() else self.path.parent
+        self.folder = folder
+        self.name = name or Path(str(ref)).name
+        cfg_path = folder / "adapter_config.json"
+        if not cfg_path.exists():
+            raise MergeError(f"{ref}: not a PEFT adapter (no adapter_config.json)")
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except ValueError as exc:
+            raise MergeError(f"{cfg_path}: not valid JSON ({exc})") from None
+        if self.config.get("peft_type", "LORA") != "LORA":
+            raise MergeError(f"{ref}: only LoRA adapters are supported, not {self.config.get('peft_type')}")
+        if self.config.get("use_dora"):
+            raise MergeError(f"{ref}: DoRA adapters are not supported (their update is not B·A)")
+        weights = folder / "adapter_model.safetensors"
+        if weights.exists():
+            with safe_open(weights, framework="pt") as f:
+                self._tensors = {k: f.get_tensor(k) for k in f.keys()}
+        elif (folder / "adapter_model.bin").exists():
+            try:
+                self._tensors = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise MergeError(f"{folder / 'adapter_model.bin'}: refused: not a plain tensor file ({exc})") from None
+        else:
+            raise MergeError(f"{ref}: no adapter_model.safetensors")
+        self._by_target = self._group()
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return read_training_metadata(self.folder)
+
+    def _group(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Map base tensor names to their A and B (or full replacement) tensors."""
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in self._tensors.items():
+            k = re.sub(r"^base_model\.model\.", "", key)
+            m = re.match(r"(.*)\.lora_(A|B|embedding_A|embedding_B)(?:\.[^.]+)?\.weight$", k) or \
+                re.match(r"(.*)\.lora_(embedding_A|embedding_B)(?:\.[^.]+)?$", k)
+            if m:
+                module, part = m.group(1), m.group(2)
+                groups.setdefault(module + ".weight", {"module": module})[part] = t
+            elif ".modules_to_save." in k or not re.search(r"lora_", k):
+                target = re.sub(r"\.modules_to_save\.[^.]+", "", k)
+                groups.setdefault(target, {})["full"] = t
+        return groups
+
+    def targets(self) -> list[str]:
+        return list(self._by_target)
+
+    def _scale(self, module: str, rank: int) -> float:
+        alpha = self.config.get("lora_alpha", 8)
+        for pattern, value in (self.config.get("alpha_pattern") or {}).items():
+            if re.fullmatch(rf"(.*\.)?{pattern}", module):
+                alpha = value
+        r = rank
+        return alpha / (r ** 0.5) if self.config.get("use_rslora") else alpha / r
+
+    def delta(self, key: str, base: torch.Tensor) -> torch.Tensor:
+        group = self._by_target.get(key)
+        if group is None:
+            return torch.zeros_like(base, dtype=torch.float32)
+        if "full" in group:
+            return group["full"].float() - base
+        if "A" in group and "B" in group:
+            a, b = group["A"].float(), group["B"].float()
+            dw = b @ a
+            if self.config.get("fan_in_fan_out"):
+                dw = dw.T
+        elif "embedding_A" in group and "embedding_B" in group:
+            a, b = group["embedding_A"].float(), group["embedding_B"].float()
+            dw = (b @ a).T
+        else:
+            raise MergeError(f"{self.name}: adapter is missing lora_A or lora_B for {key}")
+        dw = dw * self._scale(group["module"], a.shape[0])
+        if dw.shape != base.shape:
+            raise MergeError(f"{self.name}: adapter update for {key} has shape {tuple(dw.shape)}, "
+                             f"the base tensor {tuple(base.shape)}")
+        return dw
+
+
+def load_source(ref: str | os.PathLike, name: str | None = None, *, allow_hub: bool = True,
+                allowed_roots=None, trust_remote_code: bool = False) -> TaskVectorSource:
+    """A task-vector source from a folder/Hub id: an adapter if it has adapter_config.json."""
+    path = resolve(ref, allow_hub=allow_hub, allowed_roots=allowed_roots)
+    name = name or Path(str(ref)).name or str(ref)
+    if (path if path.is_dir() else path.parent).joinpath("adapter_config.json").exists() and path.is_dir():
+        return LoraAdapter(path, name)
+    return FullFinetune(Checkpoint(path, trust_remote_code=trust_remote_code), name)

@@ -1,0 +1,139 @@
+"""Write a merged model folder: sharded safetensors streamed tensor by tensor, config, tokenizer, card.
+
+The safetensors header is computed up front from the planned names, shapes and dtypes, so each
+tensor is written as soon as it is merged: peak memory is one tensor, not one shard. Everything
+goes to a hidden temporary folder beside the target and is renamed into place at the end: a
+failed or killed merge leaves no folder that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import MergeError
+
+_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+          torch.bool: "BOOL"}
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * dtype.itemsize
+
+
+def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int) -> list[list[int]]:
+    """Group tensor indices into shards of at most `max_bytes` (a larger tensor gets its own)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape, dtype) in enumerate(specs):
+        b = _nbytes(shape, dtype)
+        if shards[-1] and size + b > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += b
+    return shards
+
+
+class StreamingModelWriter:
+    """Writes tensors in the announced order straight into pre-laid-out safetensors shards."""
+
+    def __init__(self, out_dir: str | os.PathLike, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 *, shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False):
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise MergeError(f"{self.out_dir}: exists and is not a folder")
+        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
+            raise MergeError(f"{self.out_dir}: folder exists and is not empty (pass --overwrite to replace it)")
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        self.specs = specs
+        self.shards = plan_shards(specs, shard_bytes)
+        n = len(self.shards)
+        self.files = ["model.safetensors"] if n == 1 else [
+            f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._shard_of = {i: s for s, idx in enumerate(self.shards) for i in idx}
+        self._next = 0
+        self._handle = None
+        self._open_shard = -1
+        self.total_bytes = sum(_nbytes(s, d) for _, s, d in specs)
+
+    def _start_shard(self, s: int) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for i in self.shards[s]:
+            name, shape, dtype = self.specs[i]
+            b = _nbytes(shape, dtype)
+            header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + b]}
+            offset += b
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._handle = open(self.tmp / self.files[s], "wb")
+        self._handle.write(len(raw).to_bytes(8, "little"))
+        self._handle.write(raw)
+        self._open_shard = s
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        i = self._next
+        exp_name, shape, dtype = self.specs[i]
+        if name != exp_name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise RuntimeError(f"writer expected {exp_name} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        s = self._shard_of[i]
+        if s != self._open_shard:
+            self._start_shard(s)
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._handle.write(memoryview(data))
+        self._next += 1
+
+    def add_file(self, name: str, content: str | bytes) -> None:
+        path = self.tmp / name
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+    def copy_files(self, files: Iterable[Path]) -> None:
+        for f in files:
+            shutil.copyfile(f, self.tmp / f.name)
+
+    def finish(self) -> Path:
+        """Close the last shard, write the index, and move the folder into place."""
+        if self._next != len(self.specs):
+            raise RuntimeError(f"writer got {self._next} of {len(self.specs)} tensors")
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {self.specs[i][0]: self.files[s] for s, idx in enumerate(self.shards) for i in idx}}
+            self.add_file("model.safetensors.index.json", json.dumps(index, indent=2))
+        old = None
+        if self.out_dir.exists():
+            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
+            os.replace(self.out_dir, old)
+        os.replace(self.tmp, self.out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out_dir
+
+    def abort(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "StreamingModelWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
