@@ -71,6 +71,8 @@ class HyperParam:
     def range_text(self) -> str:
         if self.choices:
             return "{" + ", ".join(self.choices) + "}"
+        if self.type is bool:
+            return "{true, false}"
         lo = "-inf" if self.low is None else f"{self.low:g}"
         hi = "inf" if self.high is None else f"{self.high:g}"
         return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}]"

@@ -1,0 +1,149 @@
+"""`python -m merging`: merge from a mergekit-style YAML, inspect task vectors, list the methods.
+
+Errors print one line (`error: ...`) and exit with status 2; `--debug` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import MergeError
+
+_UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "kb": 1e3, "mb": 1e6, "gb": 1e9, "b": 1, "": 1}
+
+
+def _size(text: str) -> int:
+    t = text.strip().lower()
+    num = t.rstrip("kmgb")
+    try:
+        return int(float(num) * _UNITS[t[len(num):]])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 500MB)") from None
+
+
+def _progress_bar(enabled: bool, desc: str):
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="tensor", file=sys.stderr, dynamic_ncols=True)
+
+    def update(done: int, total: int, name: str) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(name[-40:], refresh=False)
+        bar.refresh()
+
+    return update, bar.close
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import merge_to_dir
+    from .plan import plan_from_config
+
+    cfg = load_config(args.config)
+    plan = plan_from_config(cfg, allow_hub=not args.offline, trust_remote_code=args.trust_remote_code)
+    for w in plan.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    update, close = _progress_bar(not args.no_progress, f"{cfg.merge_method}")
+    start = time.perf_counter()
+    try:
+        out = merge_to_dir(plan, args.out_dir, overwrite=args.overwrite, shard_bytes=args.shard_size, progress=update)
+    finally:
+        close()
+    print(f"wrote {out} ({cfg.merge_method}, {len(plan.sources)} model(s), {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_similarity(args: argparse.Namespace) -> int:
+    from .checkpoints import Checkpoint
+    from .similarity import similarity
+    from .task_vectors import load_source
+
+    opts = dict(allow_hub=not args.offline)
+    base = Checkpoint(args.base, **opts)
+    sources = [load_source(m, **opts) for m in args.models]
+    update, close = _progress_bar(not args.no_progress, "similarity")
+    try:
+        report = similarity(base, sources, progress=update)
+    finally:
+        close()
+    print(report.to_text())
+    if args.per_layer:
+        for layer, mat in report.layer_cosine.items():
+            pairs = ", ".join(f"{report.names[i]}~{report.names[j]} {mat[i, j]:.3f}" for i, j in report.pairs())
+            print(f"{layer}: {pairs}")
+    if args.html:
+        from evaluation.plots import similarity_heatmap
+
+        fig = similarity_heatmap(report)
+        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
+        fig.write_html(args.html, include_plotlyjs=True)
+        print(f"wrote {args.html}")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .docs import methods_markdown, methods_text
+
+    print(methods_markdown() if args.markdown else methods_text())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m merging", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge models as a mergekit-style YAML describes")
+    m.add_argument("config", help="YAML file (mergekit format, plus FedMerge's methods)")
+    m.add_argument("out_dir", help="output folder (written atomically)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.add_argument("--shard-size", type=_size, default=_size("2GB"), help="max bytes per safetensors shard")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub")
+    m.add_argument("--trust-remote-code", action="store_true", help="accept models that ship custom code")
+    m.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("similarity", help="cosine similarity, sign conflicts and norms of task vectors")
+    s.add_argument("--base", required=True, help="base model (folder or Hub id)")
+    s.add_argument("models", nargs="+", help="fine-tuned models or LoRA adapters")
+    s.add_argument("--html", help="write a plotly heatmap here")
+    s.add_argument("--json", help="write the matrices as JSON here")
+    s.add_argument("--per-layer", action="store_true", help="print per-layer cosine similarities")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--offline", action="store_true")
+    s.set_defaults(func=cmd_similarity)
+
+    d = sub.add_parser("methods", help="list the merge methods and their hyperparameters")
+    d.add_argument("--markdown", action="store_true", help="as the README's markdown table")
+    d.set_defaults(func=cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory; nothing was written", file=sys.stderr)
+    except Exception as exc:  # never a traceback to the user unless asked
+        if args.debug or os.environ.get("FEDMERGE_DEBUG"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+    return 2

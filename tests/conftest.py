@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny real GPT-2 checkpoints written with transformers' own save_pretrained."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(vocab: int = 40, n_embd: int = 16, n_layer: int = 2):
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=vocab, n_positions=32, n_embd=n_embd, n_layer=n_layer, n_head=2,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def save_model(model, folder: Path, training: dict | None = None) -> Path:
+    model.save_pretrained(folder, safe_serialization=True)
+    if training is not None:
+        (folder / "training.json").write_text(json.dumps(training))
+    return folder
+
+
+def perturbed(base, seed: int, scale: float = 0.02):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(base.config)
+    model.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> dict[str, Path]:
+    """A base and three fine-tunes (random perturbations) of a tiny GPT-2, on disk."""
+    from transformers import GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("tinyzoo")
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(tiny_config()).eval()
+    paths = {"base": save_model(base, root / "base")}
+    for i, steps in enumerate([100, 200, 400]):
+        paths[f"ft{i}"] = save_model(perturbed(base, seed=10 + i), root / f"ft{i}",
+                                     {"task": f"t{i}", "steps": steps, "learning_rate": 1e-3 * (i + 1)})
+    return paths
+
+
+def load_sd(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out

@@ -1,0 +1,200 @@
+"""The engine on real checkpoints: streaming to disk, the dict API, per-tensor parameters, LoRA."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from merging import (AGGREGATORS, Checkpoint, LiveModel, MergeError, TaskVectorStack, load_source, merge_state_dicts,
+                     parse_config, plan_from_config)
+from merging.engine import merge_to_dir
+from merging.plan import layer_positions
+from tests.conftest import load_sd, tiny_config
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _hp(method):
+    return {"steps": [100, 200, 400]} if method == "fednova" else {}
+
+
+@pytest.mark.parametrize("method", [m for m in AGGREGATORS if m != "slerp"])
+def test_streaming_merge_equals_dict_merge(tiny_zoo, tmp_path, method):
+    base = load_sd(tiny_zoo["base"])
+    fts = [load_sd(tiny_zoo[f"ft{i}"]) for i in range(3)]
+    weights = [0.5, 1.0, 0.8]
+    in_memory = merge_state_dicts(base, fts, method, weights=weights, lam=0.9, **_hp(method))
+    cfg = parse_config({
+        "merge_method": method, "base_model": str(tiny_zoo["base"]),
+        "models": [{"model": str(tiny_zoo[f"ft{i}"]), "parameters": {"weight": w}} for i, w in enumerate(weights)],
+        "parameters": {"lambda": 0.9},
+    })
+    out = merge_to_dir(plan_from_config(cfg), tmp_path / "out", shard_bytes=20_000)
+    on_disk = load_sd(out)
+    assert set(on_disk) == set(in_memory)
+    for k in in_memory:
+        torch.testing.assert_close(on_disk[k], in_memory[k], rtol=0, atol=0)
+    assert (out / "model.safetensors.index.json").exists()  # sharded: 20 kB shards
+    assert (out / "config.json").exists() and (out / "merge_config.yml").exists() and (out / "README.md").exists()
+
+
+def test_merged_folder_loads_with_transformers(tiny_zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = parse_config({"merge_method": "ties", "base_model": str(tiny_zoo["base"]),
+                        "models": [{"model": str(tiny_zoo["ft0"])}, {"model": str(tiny_zoo["ft1"])}],
+                        "parameters": {"density": 0.5}, "dtype": "float16"})
+    out = merge_to_dir(plan_from_config(cfg), tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert next(model.parameters()).dtype == torch.float16
+    assert "ties" in (out / "README.md").read_text()
+
+
+def test_task_arithmetic_formula_on_real_checkpoints(tiny_zoo):
+    base = load_sd(tiny_zoo["base"])
+    fts = [load_sd(tiny_zoo[f"ft{i}"]) for i in range(2)]
+    out = merge_state_dicts(base, fts, "task_arithmetic", weights=[0.3, 0.6], lam=1.5)
+    for k in base:
+        expected = base[k] + 1.5 * (0.3 * (fts[0][k] - base[k]) + 0.6 * (fts[1][k] - base[k]))
+        torch.testing.assert_close(out[k], expected)
+
+
+def test_cclip_clips_by_the_whole_model_norm(tiny_zoo):
+    base = load_sd(tiny_zoo["base"])
+    fts = [load_sd(tiny_zoo[f"ft{i}"]) for i in range(3)]
+    norms = [sum(float((ft[k] - base[k]).pow(2).sum()) for k in base) ** 0.5 for ft in fts]
+    rho = min(norms) / 2
+    out = merge_state_dicts(base, fts, "cclip", rho=rho)
+    for k in list(base)[:4]:
+        expected = base[k] + sum(min(1, rho / n) * (ft[k] - base[k]) for ft, n in zip(fts, norms))
+        torch.testing.assert_close(out[k], expected)
+
+
+def test_fednova_reads_steps_from_training_metadata(tiny_zoo, tmp_path):
+    cfg = parse_config({"merge_method": "fednova", "base_model": str(tiny_zoo["base"]),
+                        "models": [{"model": str(tiny_zoo[f"ft{i}"])} for i in range(3)]})
+    plan = plan_from_config(cfg)
+    assert plan.params_for(plan.tensor_names[0]).hyper["steps"] == [100, 200, 400]
+    base = load_sd(tiny_zoo["base"])
+    fts = [load_sd(tiny_zoo[f"ft{i}"]) for i in range(3)]
+    out = dict(__import__("merging.engine", fromlist=["iter_merged"]).iter_merged(plan))
+    explicit = merge_state_dicts(base, fts, "fednova", steps=[100, 200, 400])
+    for k in base:
+        torch.testing.assert_close(out[k], explicit[k])
+
+
+def test_layer_positions_follow_mergekit():
+    names = ["transformer.wte.weight"] + [f"transformer.h.{i}.mlp.c_fc.weight" for i in range(5)] + ["transformer.ln_f.weight"]
+    t = layer_positions(names)
+    assert t["transformer.wte.weight"] == 0 and t["transformer.ln_f.weight"] == 0
+    assert [t[f"transformer.h.{i}.mlp.c_fc.weight"] for i in range(5)] == [0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_gradient_and_filter_parameters_resolve_per_tensor(tiny_zoo):
+    cfg = parse_config({
+        "merge_method": "ties", "base_model": str(tiny_zoo["base"]),
+        "models": [{"model": str(tiny_zoo["ft0"]), "parameters": {"weight": [0.0, 1.0]}},
+                   {"model": str(tiny_zoo["ft1"]), "parameters": {"density": 0.2}}],
+        "parameters": {"density": [{"filter": "attn", "value": 0.7}, {"value": 0.4}], "weight": 0.5},
+    })
+    plan = plan_from_config(cfg)
+    p0 = plan.params_for("transformer.h.0.attn.c_attn.weight")
+    p1 = plan.params_for("transformer.h.1.mlp.c_fc.weight")
+    emb = plan.params_for("transformer.wte.weight")
+    assert p0.weights.tolist() == [0.0, 0.5] and p1.weights.tolist() == [1.0, 0.5]
+    assert emb.weights.tolist() == [0.0, 0.5]
+    assert p0.hyper["density"] == [0.7, 0.2] and p1.hyper["density"] == [0.4, 0.2]
+
+
+def test_linear_without_base_is_the_plain_average(tiny_zoo, tmp_path):
+    cfg = parse_config({"merge_method": "linear",
+                        "models": [{"model": str(tiny_zoo["ft0"]), "parameters": {"weight": 1.0}},
+                                   {"model": str(tiny_zoo["ft1"]), "parameters": {"weight": 3.0}}]})
+    out = load_sd(merge_to_dir(plan_from_config(cfg), tmp_path / "lin"))
+    a, b = load_sd(tiny_zoo["ft0"]), load_sd(tiny_zoo["ft1"])
+    for k in a:
+        torch.testing.assert_close(out[k], (a[k] + 3 * b[k]) / 4)
+
+
+def test_slerp_with_base_and_one_model_is_mergekit_style(tiny_zoo, tmp_path):
+    from merging.aggregators import slerp_tensors
+
+    cfg = parse_config({"merge_method": "slerp", "base_model": str(tiny_zoo["base"]),
+                        "models": [{"model": str(tiny_zoo["base"])}, {"model": str(tiny_zoo["ft0"])}],
+                        "parameters": {"t": 0.3}})
+    out = load_sd(merge_to_dir(plan_from_config(cfg), tmp_path / "s"))
+    a, b = load_sd(tiny_zoo["base"]), load_sd(tiny_zoo["ft0"])
+    for k in a:
+        torch.testing.assert_close(out[k], slerp_tensors(0.3, a[k], b[k]), atol=2e-6, rtol=1e-5)
+
+
+def test_live_model_writes_in_place_and_matches_dict_api(tiny_zoo):
+    from transformers import AutoModelForCausalLM
+
+    base = Checkpoint(tiny_zoo["base"])
+    sources = [load_source(tiny_zoo[f"ft{i}"]) for i in range(3)]
+    stack = TaskVectorStack(base, sources)
+    model = AutoModelForCausalLM.from_pretrained(tiny_zoo["base"])
+    live = LiveModel(model, stack)
+    ptr = model.transformer.h[0].attn.c_attn.weight.data_ptr()
+    expected = merge_state_dicts(load_sd(tiny_zoo["base"]), [load_sd(tiny_zoo[f"ft{i}"]) for i in (0, 2)],
+                                 "fedgma", weights=[0.5, 1.5], lam=0.8, rho=0.7)
+    live.apply("fedgma", [0.5, 1.5], lam=0.8, select=[0, 2], rho=0.7)
+    assert model.transformer.h[0].attn.c_attn.weight.data_ptr() == ptr  # same storage: in place
+    sd = model.state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(sd[k], v)
+    with pytest.raises(MergeError, match="lambda: must be finite"):
+        live.apply("task_arithmetic", [1.0, 1.0, 1.0], lam=float("nan"))
+    torch.testing.assert_close(model.state_dict()["transformer.wte.weight"], expected["transformer.wte.weight"])
+
+
+# ----------------------------------------------------------------- LoRA: exact ΔW, checked against PEFT
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_task_vector_matches_peft_merge_and_unload(tiny_zoo, tmp_path, rslora):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_zoo["base"])
+    cfg = LoraConfig(r=4, lora_alpha=12, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                     use_rslora=rslora, init_lora_weights=False)
+    peft_model = get_peft_model(model, cfg)
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    merged = peft_model.merge_and_unload().state_dict()
+
+    base = Checkpoint(tiny_zoo["base"])
+    src = load_source(adapter_dir)
+    changed = 0
+    for key in base.keys():
+        b = base.get(key).float()
+        delta = src.delta(key, b)
+        torch.testing.assert_close(b + delta, merged[key].float(), atol=1e-6, rtol=1e-5)
+        changed += bool(delta.abs().sum() > 0)
+    assert changed == 4  # c_attn and c_fc in both layers
+
+
+def test_lora_adapter_in_a_yaml_merge(tiny_zoo, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(4)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_zoo["base"]),
+                                LoraConfig(r=2, lora_alpha=4, target_modules=["c_proj"], fan_in_fan_out=True,
+                                           init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "ad")
+    merged = peft_model.merge_and_unload().state_dict()
+    cfg = parse_config({"merge_method": "task_arithmetic", "base_model": str(tiny_zoo["base"]),
+                        "models": [{"model": str(tmp_path / "ad")},
+                                   {"model": f"{tiny_zoo['base']}+{tmp_path / 'ad'}", "parameters": {"weight": 0.0}}]})
+    out = load_sd(merge_to_dir(plan_from_config(cfg), tmp_path / "o"))
+    for k, v in out.items():
+        torch.testing.assert_close(v, merged[k], atol=1e-6, rtol=1e-5)
