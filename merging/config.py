@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import MergeError
-from .registry import AGGREGATORS
+from .registry import AGGREGATORS, HyperParam
 
 Scalar = Union[bool, int, float, str]
 
@@ -31,6 +31,17 @@ Setting = Union[Scalar, list[Scalar], list[Conditional], Conditional, None]
 UNIVERSAL = {"weight", "lambda"}
 IGNORED = {"int8_mask"}
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _leaves(setting: Any):
+    """The scalar values inside a setting (a scalar, a gradient, or filter entries)."""
+    if isinstance(setting, Conditional):
+        yield from _leaves(setting.value)
+    elif isinstance(setting, list):
+        for item in setting:
+            yield from _leaves(item)
+    elif setting is not None:
+        yield setting
 
 
 class ModelEntry(BaseModel):
@@ -86,10 +97,17 @@ class MergeConfig(BaseModel):
         for where, params in [("parameters", self.parameters)] + [
             (f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models)
         ]:
-            for key in params:
+            for key, setting in params.items():
                 if key not in known:
                     raise ValueError(f"{where}.{key}: {self.merge_method} has no parameter {key!r}; "
                                      f"it takes: {', '.join(sorted(known - IGNORED))}")
+                spec = HyperParam(key, float, 1.0, "") if key in UNIVERSAL else None if key in IGNORED else agg.param(key)
+                for leaf in _leaves(setting):
+                    if spec is not None:
+                        try:
+                            spec.check(leaf)
+                        except MergeError as exc:
+                            raise ValueError(f"{where}.{key}: {str(exc).removeprefix(key + ': ')}") from None
         if self.merge_method != "linear" and not self.base_model:
             raise ValueError(f"base_model: {self.merge_method} needs a base model")
         return self

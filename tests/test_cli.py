@@ -1,0 +1,193 @@
+"""The CLI as a user runs it (a subprocess): merges, similarity, and every bad input it must refuse.
+
+Each refusal is one line on stderr that names the problem, a non-zero exit, no traceback and
+nothing written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ROOT, load_sd, perturbed, save_model, tiny_config
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "merging", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=120)
+
+
+def yaml_file(tmp_path: Path, data, name="merge.yml") -> Path:
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return p
+
+
+def assert_refused(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode != 0, result.stdout
+    err = result.stderr.strip()
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: "), err
+    for n in needles:
+        assert n.lower() in last.lower(), last
+
+
+def ta(base, *models, **params):
+    return {"merge_method": "task_arithmetic", "base_model": str(base),
+            "models": [{"model": str(m)} for m in models], "parameters": params}
+
+
+def test_cli_merge_writes_a_complete_folder(tiny_zoo, tmp_path):
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["ft1"], **{"lambda": 0.5}))
+    r = run_cli("merge", cfg, tmp_path / "out", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"model.safetensors", "config.json", "merge_config.yml", "README.md"} <= files
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+    # the written YAML reproduces the merge
+    again = run_cli("merge", tmp_path / "out" / "merge_config.yml", tmp_path / "again", "--no-progress")
+    assert again.returncode == 0, again.stderr
+    a, b = load_sd(tmp_path / "out"), load_sd(tmp_path / "again")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_refuses_to_overwrite_without_flag(tiny_zoo, tmp_path):
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"]))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert_refused(run_cli("merge", cfg, tmp_path / "out", "--no-progress"), "not empty", "--overwrite")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    r = run_cli("merge", cfg, tmp_path / "out", "--no-progress", "--overwrite")
+    assert r.returncode == 0 and not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_cli_similarity_prints_matrix_and_writes_html(tiny_zoo, tmp_path):
+    r = run_cli("similarity", "--base", tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["ft1"], tiny_zoo["ft0"],
+                "--html", tmp_path / "sim.html", "--json", tmp_path / "sim.json", "--no-progress", "--per-layer")
+    assert r.returncode == 0, r.stderr
+    assert "cosine similarity" in r.stdout and "sign conflicts" in r.stdout and "steps 100" in r.stdout
+    data = json.loads((tmp_path / "sim.json").read_text())
+    cos = data["cosine"]
+    assert abs(cos[0][2] - 1) < 1e-9 and abs(cos[0][1]) < 0.5  # ft0 twice: identical; random perturbations: ~0
+    assert "plotly" in (tmp_path / "sim.html").read_text()[:100000].lower()
+
+
+def test_cli_methods_lists_the_registry():
+    r = run_cli("methods", "--markdown")
+    assert r.returncode == 0
+    for name in ("task_arithmetic", "fednova", "fedgma", "median", "cclip", "ties", "dare_ties", "slerp"):
+        assert f"`{name}`" in r.stdout
+
+
+# ----------------------------------------------------------------- bad input: one line, non-zero, nothing written
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory, tiny_zoo):
+    """Checkpoints that must be refused, each broken in one way."""
+    from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("odd")
+    torch.manual_seed(1)
+    out = {}
+    out["wide"] = save_model(GPT2LMHeadModel(tiny_config(n_embd=32)), root / "wide")
+    out["vocab"] = save_model(GPT2LMHeadModel(tiny_config(vocab=48)), root / "vocab")
+    out["deep"] = save_model(GPT2LMHeadModel(tiny_config(n_layer=3)), root / "deep")
+    out["llama"] = save_model(LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                                           num_hidden_layers=2, num_attention_heads=2,
+                                                           num_key_value_heads=2)), root / "llama")
+    base = GPT2LMHeadModel.from_pretrained(tiny_zoo["base"])
+    nan = perturbed(base, 5)
+    with torch.no_grad():
+        nan.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    out["nan"] = save_model(nan, root / "nan")
+    # a .bin whose pickle runs code when loaded without weights_only
+    evil = root / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_text((tiny_zoo["base"] / "config.json").read_text())
+    marker = root / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"transformer.wte.weight": Payload()}, evil / "pytorch_model.bin")
+    out["evil"], out["marker"] = evil, marker
+    remote = root / "remote"
+    save_model(perturbed(base, 6), remote)
+    cfg = json.loads((remote / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XModel"}
+    (remote / "config.json").write_text(json.dumps(cfg))
+    out["remote"] = remote
+    return out
+
+
+@pytest.mark.parametrize("which,needles", [
+    ("wide", ["shape mismatch", "transformer"]),
+    ("vocab", ["vocabulary size 48", "40"]),
+    ("deep", ["unknown tensors", "transformer.h.2"]),
+    ("llama", ["architecture llama", "gpt2"]),
+    ("nan", ["non-finite", "transformer.h.1.mlp.c_fc.weight"]),
+    ("remote", ["trust_remote_code"]),
+])
+def test_cli_refuses_incompatible_models(tiny_zoo, odd_models, tmp_path, which, needles):
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"], odd_models[which]))
+    assert_refused(run_cli("merge", cfg, tmp_path / "out", "--no-progress"), *needles)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_pickle_payload_is_refused_and_never_runs(tiny_zoo, odd_models, tmp_path):
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], odd_models["evil"]))
+    assert_refused(run_cli("merge", cfg, tmp_path / "out", "--no-progress"), "refused", "weights_only")
+    assert not odd_models["marker"].exists()
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("merge_method: [unclosed", ["malformed yaml", "line"]),
+    ("- just\n- a list\n", ["expected a mapping"]),
+    ({"merge_method": "soup", "base_model": "x", "models": [{"model": "y"}]}, ["merge_method", "unknown merge method 'soup'"]),
+    ({"merge_method": "ties", "models": [{"model": "y"}]}, ["base_model", "needs a base model"]),
+    ({"merge_method": "ties", "base_model": "x", "models": [{"model": "y"}], "parameters": {"density": "half"}},
+     ["parameters.density"]),
+    ({"merge_method": "ties", "base_model": "x", "models": [{"model": "y", "parameters": {"rho": 1}}]},
+     ["models[0].parameters.rho", "no parameter"]),
+    ({"merge_method": "ties", "base_model": "x"}, ["models", "required"]),
+    ({"merge_method": "ties", "base_model": "x", "models": [{"model": "y"}], "dtype": "float8"}, ["dtype", "float8"]),
+    ({"merge_method": "ties", "base_model": "x", "models": [{"model": "y"}], "slices": []}, ["slices"]),
+])
+def test_cli_malformed_config_names_the_field(tmp_path, text, needles):
+    assert_refused(run_cli("merge", yaml_file(tmp_path, text), tmp_path / "out"), *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_out_of_range_hyperparameters(tiny_zoo, tmp_path):
+    for params, needle in [({"rho": 2.0}, "rho"), ({"rho": -1}, "rho")]:
+        cfg = yaml_file(tmp_path, {**ta(tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["ft1"]), "merge_method": "fedgma",
+                                   "parameters": params})
+        assert_refused(run_cli("merge", cfg, tmp_path / "out", "--no-progress"), needle, "outside")
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"], **{"lambda": ".nan"}))
+    assert_refused(run_cli("merge", cfg, tmp_path / "out", "--no-progress"), "lambda")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_path_and_offline_hub_id(tiny_zoo, tmp_path):
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tmp_path / "nope"))
+    assert_refused(run_cli("merge", cfg, tmp_path / "out", "--no-progress"), "no such file or folder")
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], "some-org/some-model"))
+    assert_refused(run_cli("merge", cfg, tmp_path / "out", "--no-progress"), "some-org/some-model",
+                   "cannot reach the hugging face hub")
+
+
+def test_cli_slerp_needs_two_models_at_most(tiny_zoo, tmp_path):
+    cfg = yaml_file(tmp_path, {**ta(tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["ft1"], tiny_zoo["ft2"]),
+                               "merge_method": "slerp"})
+    assert_refused(run_cli("merge", cfg, tmp_path / "out", "--no-progress"), "slerp", "at most 2")
