@@ -128,10 +128,17 @@ class MergeConfig(BaseModel):
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
+_TYPE_TAGS = {"bool", "int", "float", "str", "Conditional", "none"}
+
+
 def _pretty(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"] if not str(x).startswith(("function-", "list[", "union[")))
+    parts = [str(x) for x in first["loc"]]
+    union = any(p in _TYPE_TAGS or p.startswith(("list[", "union[")) for p in parts)
+    loc = ".".join(p for p in parts if p not in _TYPE_TAGS and not p.startswith(("function-", "list[", "union[")))
     msg = first["msg"].removeprefix("Value error, ")
+    if union and "parameters" in parts:
+        msg = "expected a value, a list of values (a gradient) or a list of {filter, value} entries"
     return f"{loc}: {msg}" if loc else msg
 
 
