@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import MergeError
-from .registry import AGGREGATORS, HyperParam
+from .registry import AGGREGATORS, UNIVERSAL_PARAMS
 
 Scalar = Union[bool, int, float, str]
 
@@ -28,7 +28,7 @@ Setting = Union[Scalar, list[Scalar], list[Conditional], Conditional, None]
 
 # Keys that every method accepts: the per-task coefficient and the global scale. mergekit's
 # `int8_mask` only changes its mask's storage type; it is accepted and has no effect here.
-UNIVERSAL = {"weight", "lambda"}
+UNIVERSAL = set(UNIVERSAL_PARAMS)
 IGNORED = {"int8_mask"}
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -101,7 +101,7 @@ class MergeConfig(BaseModel):
                 if key not in known:
                     raise ValueError(f"{where}.{key}: {self.merge_method} has no parameter {key!r}; "
                                      f"it takes: {', '.join(sorted(known - IGNORED))}")
-                spec = HyperParam(key, float, 1.0, "") if key in UNIVERSAL else None if key in IGNORED else agg.param(key)
+                spec = UNIVERSAL_PARAMS.get(key) or (None if key in IGNORED else agg.param(key))
                 for leaf in _leaves(setting):
                     if spec is not None:
                         try:

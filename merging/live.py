@@ -15,7 +15,7 @@ import torch
 from .engine import load_tensor_stack, merge_tensor
 from .errors import MergeError
 from .plan import MergePlan, plan_from_objects
-from .registry import AGGREGATORS
+from .registry import AGGREGATORS, LAMBDA, WEIGHT
 from .similarity import SimilarityReport, similarity_from_stacks
 from .task_vectors import TaskVectorSource
 
@@ -86,8 +86,8 @@ class TaskVectorStack:
         agg.check_model_count(len(idx))
         if len(weights) != len(idx):
             raise MergeError(f"weights: got {len(weights)} values for {len(idx)} selected models")
-        w = torch.tensor([_finite("weight", x) for x in weights], dtype=torch.float32)
-        lam = _finite("lambda", lam)
+        w = torch.tensor([WEIGHT.check(x) for x in weights], dtype=torch.float32)
+        lam = LAMBDA.check(lam)
         hp = agg.check_params(hyper, len(idx))
         hp = _fill_training_defaults(agg, hp, [self.training[i] for i in idx])
         norms = self.update_norms(w, idx) if agg.needs_update_norms else None
@@ -95,16 +95,6 @@ class TaskVectorStack:
         for name in self.names:
             deltas = self.deltas[name] if all_selected else self.deltas[name][idx]
             yield name, merge_tensor(agg, name, self.base[name], deltas, w, lam, hp, norms)
-
-
-def _finite(key: str, x: Any) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        raise MergeError(f"{key}: expected a number, got {x!r}") from None
-    if v != v or abs(v) == float("inf"):
-        raise MergeError(f"{key}: must be finite, got {x!r}")
-    return v
 
 
 def _fill_training_defaults(agg, hp: dict[str, Any], training: list[dict[str, Any]]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch
 from .checkpoints import Checkpoint
 from .config import MergeConfig, evaluate_setting
 from .errors import MergeError
-from .registry import AGGREGATORS, Aggregator
+from .registry import AGGREGATORS, LAMBDA, WEIGHT, Aggregator
 from .task_vectors import FullFinetune, LoraAdapter, TaskVectorSource, load_source
 from .validation import check_compatible
 
@@ -116,8 +116,8 @@ class MergePlan:
                 if v is not None:
                     values[p.name] = v
         hyper = self.method.check_params(values, k)
-        return TensorParams(torch.tensor([_number("weight", w) for w in weights], dtype=torch.float32),
-                            1.0 if lam is None else _number("lambda", lam), hyper)
+        return TensorParams(torch.tensor([WEIGHT.check(w) for w in weights], dtype=torch.float32),
+                            1.0 if lam is None else LAMBDA.check(lam), hyper)
 
     def _default_per_model(self, key: str) -> list | None:
         """fednova's steps and learning rates default to what the checkpoints record."""
@@ -126,16 +126,6 @@ class MergePlan:
             return [None] * len(self.sources)
         values = [s.training.get(meta_key) for s in self.sources]
         return None if any(v is None for v in values) else values
-
-
-def _number(key: str, value: Any) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise MergeError(f"{key}: expected a number, got {value!r}") from None
-    if x != x or x in (float("inf"), float("-inf")):
-        raise MergeError(f"{key}: must be finite, got {value!r}")
-    return x
 
 
 def _same_path(a: Any, b: Any) -> bool:
@@ -186,6 +176,8 @@ def plan_from_objects(base: Checkpoint, sources: list[TaskVectorSource], method:
     agg.check_model_count(len(sources))
     if weights is not None and len(weights) != len(sources):
         raise MergeError(f"weights: got {len(weights)} values for {len(sources)} fine-tuned models")
+    weights = [WEIGHT.check(w) for w in weights] if weights is not None else None
+    lam = LAMBDA.check(lam)
     hyper = dict(hyper or {})
     model_settings: list[dict[str, Any]] = [{} for _ in sources]
     for p in agg.params:  # per-model lists given through the Python API

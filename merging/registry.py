@@ -143,6 +143,14 @@ class Aggregator:
             raise MergeError(f"{self.name} takes at most {self.max_models} fine-tuned model(s), got {n_models}")
 
 
+COEFFICIENT_LIMIT = 1000.0
+WEIGHT = HyperParam("weight", float, 1.0, "Per-task coefficient wᵢ (negative subtracts a task).",
+                    low=-COEFFICIENT_LIMIT, high=COEFFICIENT_LIMIT, per_model=True)
+LAMBDA = HyperParam("lambda", float, 1.0, "Global scale λ of the merged update: θ = θ₀ + λ·U.",
+                    low=-COEFFICIENT_LIMIT, high=COEFFICIENT_LIMIT)
+UNIVERSAL_PARAMS = {"weight": WEIGHT, "lambda": LAMBDA}
+
+
 @dataclass
 class Registry(Mapping[str, Aggregator]):
     """Aggregators keyed by method name; registering a name twice is an error."""
