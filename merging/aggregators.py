@@ -240,17 +240,22 @@ def combine(deltas: torch.Tensor, weights: torch.Tensor, consensus: bool, normal
 
 
 def _register_gta(name: str, summary: str, params, sparsifier, consensus: bool, reference: str):
-    """Declare one member of the TIES / DARE / Breadcrumbs family."""
+    """Declare one member of the TIES / DARE / Breadcrumbs family: sparsify, then combine."""
+
+    def prepare(deltas: torch.Tensor, hp) -> torch.Tensor:
+        return deltas if sparsifier is None else sparsifier(deltas, deltas.shape[0], hp)
+
+    def combine_fn(deltas: torch.Tensor, weights: torch.Tensor, **hp) -> torch.Tensor:
+        return combine(deltas, weights, consensus, hp["normalize"])
 
     def fn(deltas: torch.Tensor, weights: torch.Tensor, **hp) -> torch.Tensor:
-        k = deltas.shape[0]
-        if sparsifier is not None:
-            deltas = sparsifier(deltas, k, hp)
-        return combine(deltas, weights, consensus, hp["normalize"])
+        return combine_fn(prepare(deltas, hp), weights, **hp)
 
     fn.__name__ = name
     fn.__doc__ = summary
-    AGGREGATORS.register(Aggregator(name=name, fn=fn, summary=summary, params=tuple(params), reference=reference))
+    depends = tuple(p.name for p in params if p.name in ("density", "gamma", "rescale", "seed"))
+    AGGREGATORS.register(Aggregator(name=name, fn=fn, summary=summary, params=tuple(params), reference=reference,
+                                    prepare=prepare, prepare_params=depends, combine=combine_fn))
     return fn
 
 

@@ -25,9 +25,9 @@ from .writer import DEFAULT_SHARD_BYTES, StreamingModelWriter
 Progress = Callable[[int, int, str], None]
 
 
-def merge_tensor(agg: Aggregator, name: str, base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor,
-                 lam: float, hyper: Mapping[str, Any], update_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """θ₀ + λ·U for one tensor, in float32."""
+def call_kwargs(agg: Aggregator, name: str, base: torch.Tensor, hyper: Mapping[str, Any],
+                update_norms: torch.Tensor | None = None) -> dict[str, Any]:
+    """The keyword arguments an aggregator gets for one tensor: its hyperparameters plus what it needs."""
     kwargs = dict(hyper)
     if agg.needs_base:
         kwargs["base"] = base
@@ -37,8 +37,16 @@ def merge_tensor(agg: Aggregator, name: str, base: torch.Tensor, deltas: torch.T
         kwargs["update_norms"] = update_norms
     if "seed" in kwargs:
         kwargs["seed"] = tensor_seed(int(kwargs["seed"]), name)
-    update = agg.fn(deltas, weights, **kwargs)
-    return base + lam * update if lam != 1 else base + update
+    return kwargs
+
+
+def merge_tensor(agg: Aggregator, name: str, base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor,
+                 lam: float, hyper: Mapping[str, Any], update_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """θ₀ + λ·U for one tensor, in float32."""
+    update = agg.fn(deltas, weights, **call_kwargs(agg, name, base, hyper, update_norms))
+    if update.untyped_storage().data_ptr() == deltas.untyped_storage().data_ptr():
+        update = update.clone()  # never scale the shared task vectors in place
+    return update.mul_(lam).add_(base) if lam != 1 else update.add_(base)
 
 
 def load_tensor_stack(plan: MergePlan, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -101,6 +101,11 @@ class Aggregator:
     max_models: int | None = None
     reference: str = ""
     coefficients: Callable[..., Any] | None = None  # linear aggregators: cᵢ(weights, **hp), U = Σ cᵢτᵢ
+    # Two-step aggregators: fn = combine(prepare(deltas, hp), weights, **hp), where `prepare` (trim or
+    # drop masks) does not depend on the weights, so the live app can cache it across slider moves.
+    prepare: Callable[..., Any] | None = None
+    prepare_params: tuple[str, ...] = ()
+    combine: Callable[..., Any] | None = None
 
     def param(self, name: str) -> HyperParam:
         for p in self.params:

@@ -111,7 +111,7 @@ def hyper_out_of_range(draw):
     p = draw(st.sampled_from([p for p in AGGREGATORS[name].params if bounded(p)]))
     value = draw(st.floats(p.high + 1e-3, p.high + 1e6) | st.floats(p.low - 1e6, p.low - 1e-3))
     if p.type is int:
-        value = int(value) if int(value) != p.high else p.high + 1
+        value = math.floor(value) if value < p.low else math.ceil(value)
     return name, p.name, value
 
 
