@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .engine import load_tensor_stack, merge_tensor
+from .engine import call_kwargs, load_tensor_stack, merge_tensor
 from .errors import MergeError
 from .plan import MergePlan, plan_from_objects
 from .registry import AGGREGATORS, LAMBDA, WEIGHT
@@ -20,6 +20,7 @@ from .similarity import SimilarityReport, similarity_from_stacks
 from .task_vectors import TaskVectorSource
 
 Progress = Callable[[int, int, str], None]
+_MAX_INCREMENTS = 16  # incremental updates between two full linear merges (bounds rounding drift)
 
 
 def estimate_stack_bytes(base, sources) -> int:
@@ -47,10 +48,16 @@ class TaskVectorStack:
         self.deltas: dict[str, torch.Tensor] = {}
         sq = torch.zeros(len(sources), dtype=torch.float64)
         self._sq_norms: dict[str, torch.Tensor] = {}
+        self._absmax: dict[str, torch.Tensor] = {}
+        self._absmax_base: dict[str, float] = {}
+        self._prepare_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         for j, name in enumerate(self.names):
             b, d = load_tensor_stack(self.plan, name)
             self.base[name], self.deltas[name] = b, d
             self._sq_norms[name] = d.reshape(len(sources), -1).double().pow(2).sum(1)
+            self._absmax[name] = d.reshape(len(sources), -1).abs().amax(1).double() if b.numel() \
+                else torch.zeros(len(sources), dtype=torch.float64)
+            self._absmax_base[name] = float(b.abs().max()) if b.numel() else 0.0
             sq += self._sq_norms[name]
             if progress:
                 progress(j + 1, len(self.names), name)
@@ -76,25 +83,84 @@ class TaskVectorStack:
         stacks = ((n, self.deltas[n][idx]) for n in self.names)
         return similarity_from_stacks(stacks, [self.source_names[i] for i in idx], [self.training[i] for i in idx])
 
-    def merged(self, method: str, weights: Sequence[float], lam: float = 1.0, select: Sequence[int] | None = None,
-               **hyper: Any) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, merged float32 tensor) for a merge of the selected fine-tunes."""
+    def request(self, method: str, weights: Sequence[float], lam: float = 1.0,
+                select: Sequence[int] | None = None, **hyper: Any) -> "MergeRequest":
+        """Validate a merge of the selected fine-tunes before any tensor is touched."""
         agg = AGGREGATORS[method]
-        idx = list(range(len(self))) if select is None else list(select)
+        idx = list(range(len(self))) if select is None else [int(i) for i in select]
         if not idx:
             raise MergeError("select at least one fine-tuned model")
+        if any(i < 0 or i >= len(self) for i in idx):
+            raise MergeError(f"select: indices must be in 0..{len(self) - 1}")
         agg.check_model_count(len(idx))
         if len(weights) != len(idx):
             raise MergeError(f"weights: got {len(weights)} values for {len(idx)} selected models")
         w = torch.tensor([WEIGHT.check(x) for x in weights], dtype=torch.float32)
-        lam = LAMBDA.check(lam)
         hp = agg.check_params(hyper, len(idx))
         hp = _fill_training_defaults(agg, hp, [self.training[i] for i in idx])
         norms = self.update_norms(w, idx) if agg.needs_update_norms else None
-        all_selected = idx == list(range(len(self)))
+        return MergeRequest(agg, idx, w, LAMBDA.check(lam), hp, norms)
+
+    def _selected(self, name: str, idx: list[int]) -> torch.Tensor:
+        return self.deltas[name] if idx == list(range(len(self))) else self.deltas[name][idx]
+
+    def _prepared(self, req: "MergeRequest", name: str) -> torch.Tensor:
+        """The weight-independent step (trim / drop masks) of two-step aggregators, cached per setting."""
+        agg = req.agg
+        key = (agg.name, tuple(req.idx), tuple((k, _freeze(req.hyper.get(k))) for k in agg.prepare_params))
+        cached = self._prepare_cache.get(key)
+        if cached is None:
+            if len(self._prepare_cache) >= 2:  # keep the last two settings: flat memory
+                self._prepare_cache.pop(next(iter(self._prepare_cache)))
+            cached = self._prepare_cache[key] = {}
+        if name not in cached:
+            kwargs = call_kwargs(agg, name, self.base[name], req.hyper, req.norms)
+            cached[name] = agg.prepare(self._selected(name, req.idx), kwargs)
+        return cached[name]
+
+    def merged_tensor(self, req: "MergeRequest", name: str) -> torch.Tensor:
+        """θ₀ + λ·U for one tensor (float32, a new tensor)."""
+        agg, base = req.agg, self.base[name]
+        if agg.prepare is not None:
+            kwargs = call_kwargs(agg, name, base, req.hyper, req.norms)
+            update = agg.combine(self._prepared(req, name), req.weights, **kwargs)
+            return update.mul_(req.lam).add_(base)
+        return merge_tensor(agg, name, base, self._selected(name, req.idx), req.weights, req.lam, req.hyper, req.norms)
+
+    def merged(self, method: str, weights: Sequence[float], lam: float = 1.0, select: Sequence[int] | None = None,
+               **hyper: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, merged float32 tensor) for a merge of the selected fine-tunes."""
+        req = self.request(method, weights, lam, select, **hyper)
         for name in self.names:
-            deltas = self.deltas[name] if all_selected else self.deltas[name][idx]
-            yield name, merge_tensor(agg, name, self.base[name], deltas, w, lam, hp, norms)
+            yield name, self.merged_tensor(req, name)
+
+    def coefficients(self, req: "MergeRequest") -> torch.Tensor:
+        """Linear aggregators: λ·cᵢ over ALL stacked tasks (zero for the unselected)."""
+        kwargs = dict(req.hyper)
+        if req.agg.needs_update_norms:
+            kwargs["update_norms"] = req.norms
+        c = req.agg.coefficients(req.weights, **kwargs).to(torch.float32) * req.lam
+        full = torch.zeros(len(self), dtype=torch.float32)
+        full[req.idx] = c
+        return full
+
+    def bound(self, name: str, coefficients: torch.Tensor) -> float:
+        """An upper bound of |θ₀ + Σ cᵢτᵢ| for one tensor: finite output guaranteed below float32's max."""
+        return float(self._absmax_base[name] + (coefficients.abs().double() * self._absmax[name]).sum())
+
+
+@dataclass
+class MergeRequest:
+    agg: Any
+    idx: list[int]
+    weights: torch.Tensor
+    lam: float
+    hyper: dict[str, Any]
+    norms: torch.Tensor | None
+
+
+def _freeze(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
 
 
 def _fill_training_defaults(agg, hp: dict[str, Any], training: list[dict[str, Any]]) -> dict[str, Any]:
@@ -124,19 +190,48 @@ class LiveModel:
                 raise MergeError(f"{name}: the model's parameter has shape {tuple(param.shape)}, "
                                  f"the checkpoint {tuple(stack.base[name].shape)}")
             self.targets[name] = param
+        self._last: torch.Tensor | None = None  # coefficients of the last linear merge written
+        self._increments = 0
 
     @torch.no_grad()
     def apply(self, method: str, weights: Sequence[float], lam: float = 1.0, select: Sequence[int] | None = None,
               **hyper: Any) -> None:
         """Merge and write into the model. On error the model keeps its previous weights."""
-        merged = dict(self.stack.merged(method, weights, lam, select, **hyper))  # validate fully first
+        req = self.stack.request(method, weights, lam, select, **hyper)
+        if req.agg.coefficients is not None:
+            self._apply_linear(self.stack.coefficients(req))
+            return
+        merged = {name: self.stack.merged_tensor(req, name) for name in self.stack.names}
         for name, t in merged.items():
             if not bool(torch.isfinite(t).all()):
                 raise MergeError(f"the merge produced non-finite values in {name} (coefficients too large?)")
         for name, t in merged.items():
             self.targets[name].data.copy_(t)
+        self._last = None
+
+    def _apply_linear(self, coef: torch.Tensor) -> None:
+        """θ = θ₀ + Σ cᵢτᵢ straight into the parameters; when one cᵢ changed, add just that change."""
+        for name in self.stack.names:
+            if self.stack.bound(name, coef) > 1e38:
+                raise MergeError(f"the merge would overflow float32 in {name} (coefficients too large)")
+        changed = None if self._last is None else (coef != self._last).nonzero().flatten().tolist()
+        if changed == []:
+            return
+        if changed is not None and len(changed) == 1 and self._increments < _MAX_INCREMENTS:
+            i = changed[0]
+            step = float(coef[i] - self._last[i])
+            for name, param in self.targets.items():
+                param.data.add_(self.stack.deltas[name][i], alpha=step)
+            self._increments += 1
+        else:
+            for name, param in self.targets.items():
+                flat = self.stack.deltas[name].reshape(len(coef), -1)
+                torch.addmv(self.stack.base[name].reshape(-1), flat.T, coef, out=param.data.view(-1))
+            self._increments = 0
+        self._last = coef.clone()
 
     @torch.no_grad()
     def reset_to_base(self) -> None:
         for name, p in self.targets.items():
             p.data.copy_(self.stack.base[name])
+        self._last = None
