@@ -1,0 +1,208 @@
+"""Coefficient search as in the paper: λ ∈ {0.05, 0.10, …, 2.00} × the method's hyperparameters,
+chosen by the best average NORMALIZED accuracy on validation, reported on test.
+
+It reuses the session's in-memory task vectors: for each hyperparameter setting the merged
+update U is computed once (θ₀ + U at λ = 1, since every aggregator forms θ₀ + λ·U), and every λ
+only rewrites θ₀ + λ·U into a scratch copy of the model (no reload, no re-aggregation per λ).
+The session's own model is not touched, so the live view stays usable during a search.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from merging.errors import MergeError
+from merging.registry import AGGREGATORS
+
+from .harness import evaluate, normalized
+
+LAMBDAS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 41))  # 0.05 … 2.00
+QUICK_LAMBDAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1 … 2.0
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class SearchResult:
+    method: str
+    lambdas: list[float]
+    grid: list[dict[str, Any]]  # hyperparameter settings tried (besides λ)
+    tasks: list[str]
+    scores: list[list[float]]  # [setting][λ] mean normalized validation accuracy
+    curves: dict[str, list[float]]  # at the best setting: task -> validation accuracy per λ, plus "normalized mean"
+    best_lambda: float
+    best_hyper: dict[str, Any]
+    best_score: float  # mean normalized validation accuracy
+    val_accuracy: dict[str, float]
+    test_accuracy: dict[str, float]
+    test_normalized: dict[str, float]
+    evaluations: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        hp = ", ".join(f"{k}={_fmt(v)}" for k, v in self.best_hyper.items())
+        return f"λ={self.best_lambda:g}" + (f", {hp}" if hp else "")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def hyper_grid(method: str, norms: Sequence[float] | None = None, quick: bool = False) -> list[dict[str, Any]]:
+    """The hyperparameter settings searched besides λ (the paper's grids where it gives them)."""
+    names = {p.name for p in AGGREGATORS[method].params}
+    if method in ("fedgma",):
+        rhos = [0.1, 0.3, 0.5, 0.7, 0.9] if quick else [round(0.1 * i, 1) for i in range(1, 10)]
+        return [{"rho": r} for r in rhos]
+    if method == "cclip":
+        if not norms:
+            return [{}]
+        lo, hi = float(min(norms)), float(max(norms))
+        if hi <= lo:
+            return [{"rho": hi}]
+        steps = 4 if quick else 8
+        return [{"rho": float(x)} for x in np.linspace(lo, hi, steps, endpoint=False)]  # [min‖u‖, max‖u‖)
+    if "density" in names:
+        dens = [0.2, 0.5, 0.8] if quick else [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
+        return [{"density": d} for d in dens]
+    if method == "slerp":
+        return [{"t": t} for t in ([0.25, 0.5, 0.75] if quick else [0.1, 0.3, 0.5, 0.7, 0.9])]
+    return [{}]
+
+
+class _Scratch:
+    """A private copy of the session's model whose parameters receive θ₀ + λ·U."""
+
+    def __init__(self, session):
+        live = session._need()
+        self.stack = session.stack
+        self.model = copy.deepcopy(live.model)
+        own = dict(self.model.named_parameters())
+        prefix = getattr(self.model, "base_model_prefix", "")
+        self.targets = {n: own.get(n) if n in own else own[f"{prefix}.{n}"] for n in self.stack.names}
+
+    @torch.no_grad()
+    def update(self, method, weights, select, hyper) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, merged in self.stack.merged(method, weights, 1.0, select, **hyper):
+            out[name] = merged - self.stack.base[name]
+        for name, u in out.items():
+            if not bool(torch.isfinite(u).all()):
+                raise MergeError(f"the merge produced non-finite values in {name}")
+        return out
+
+    @torch.no_grad()
+    def write(self, update: Mapping[str, torch.Tensor], lam: float) -> None:
+        for name, u in update.items():
+            torch.add(self.stack.base[name], u, alpha=lam, out=self.targets[name].data)
+
+
+def search(session, method: str, weights: Sequence[float] | None = None, *, lambdas: Sequence[float] = LAMBDAS,
+           grid: Sequence[Mapping[str, Any]] | None = None, fixed: Mapping[str, Any] | None = None,
+           n_val: int | None = None, n_test: int = 100, quick: bool = False,
+           progress: Progress | None = None) -> SearchResult:
+    """Tune λ and `method`'s hyperparameters for the session's selection.
+
+    `weights` are the per-model coefficients (default 1); `fixed` hyperparameters are held
+    (e.g. fednova's steps); `grid` overrides `hyper_grid(method)`.
+    """
+    from .session import LIVE_N, LIVE_SPLIT
+
+    t0 = time.perf_counter()
+    n_val = n_val or LIVE_N
+    select = list(session.selected)
+    k = len(select)
+    if not k:
+        raise MergeError("select at least one fine-tuned model")
+    agg = AGGREGATORS[method]
+    agg.check_model_count(k)
+    weights = [1.0] * k if weights is None else [float(w) for w in weights]
+    tasks = session.tasks
+    if not tasks:
+        raise MergeError("the selected models have no known task to score (add models with a task)")
+    ft_val = session.finetuned_accuracy(LIVE_SPLIT, n_val)
+    ft_test = session.finetuned_accuracy("test", n_test)
+    norms = session.stack.update_norms(torch.tensor(weights), select).tolist()
+    grid = list(grid) if grid is not None else hyper_grid(method, norms, quick=quick)
+    fixed = dict(fixed or {})
+    scratch = _Scratch(session)
+    total = len(grid) * len(lambdas) + 1
+    done = 0
+    scores: list[list[float]] = []
+    per_task: list[list[dict[str, float]]] = []
+    for g in grid:
+        hyper = {**fixed, **g}
+        update = scratch.update(method, weights, select, hyper)
+        row, accs = [], []
+        for lam in lambdas:
+            scratch.write(update, lam)
+            res = evaluate(scratch.model, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val)
+            row.append(normalized(res.accuracy, ft_val).get("mean", float("nan")))
+            accs.append(res.accuracy)
+            done += 1
+            if progress:
+                progress(done / total, f"{method} {_desc(g)} λ={lam:g}: {row[-1]:.2f}")
+        scores.append(row)
+        per_task.append(accs)
+    arr = np.nan_to_num(np.array(scores, dtype=float), nan=-1.0)
+    gi, li = np.unravel_index(int(arr.argmax()), arr.shape)  # first best: smallest λ / first setting on ties
+    best_hyper, best_lambda = {**fixed, **grid[gi]}, float(lambdas[li])
+    scratch.write(scratch.update(method, weights, select, best_hyper), best_lambda)
+    test = evaluate(scratch.model, session.tokenizer, tasks, split="test", n=n_test)
+    if progress:
+        progress(1.0, f"{method}: best {best_lambda:g} {_desc(grid[gi])}")
+    curves = {t: [a[t] for a in per_task[gi]] for t in tasks}
+    curves["normalized mean"] = list(scores[gi])
+    return SearchResult(
+        method=method, lambdas=list(lambdas), grid=[dict(g) for g in grid], tasks=tasks, scores=scores,
+        curves=curves, best_lambda=best_lambda, best_hyper=dict(grid[gi]), best_score=float(scores[gi][li]),
+        val_accuracy=dict(per_task[gi][li]), test_accuracy=dict(test.accuracy),
+        test_normalized=normalized(test.accuracy, ft_test), evaluations=done + 1,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _desc(g: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={_fmt(v)}" for k, v in g.items())
+
+
+def sweep(session, method: str, weights: Sequence[float] | None = None, hyper: Mapping[str, Any] | None = None,
+          lambdas: Sequence[float] = QUICK_LAMBDAS, progress: Progress | None = None, n_val: int | None = None,
+          n_test: int = 50) -> SearchResult:
+    """λ sweep at fixed hyperparameters (the current widgets): one curve per task and the mean."""
+    return search(session, method, weights, lambdas=lambdas, grid=[dict(hyper or {})], n_val=n_val,
+                  n_test=n_test, progress=progress)
+
+
+def compare_all(session, methods: Sequence[str] | None = None, weights: Sequence[float] | None = None,
+                quick: bool = True, progress: Progress | None = None, n_val: int | None = None,
+                n_test: int = 50) -> list[SearchResult]:
+    """Tune every applicable aggregator (coarser grids when `quick`) and return their results."""
+    k = len(session.selected)
+    methods = [m for m in (methods or list(AGGREGATORS))
+               if AGGREGATORS[m].min_models <= k and (AGGREGATORS[m].max_models is None or k <= AGGREGATORS[m].max_models)]
+    out = []
+    for j, m in enumerate(methods):
+        def sub(frac, text, j=j):
+            if progress:
+                progress((j + frac) / len(methods), text)
+        out.append(search(session, m, weights, lambdas=QUICK_LAMBDAS if quick else LAMBDAS, quick=quick,
+                          progress=sub, n_val=n_val, n_test=n_test))
+    return out
+
+
+def comparison_table(results: Sequence[SearchResult]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["method", "family", "best setting", "val normalized", "test normalized", "test accuracy (mean)",
+               "seconds"]
+    rows = []
+    for r in sorted(results, key=lambda r: -r.test_normalized.get("mean", 0.0)):
+        acc = r.test_accuracy
+        rows.append([r.method, AGGREGATORS[r.method].family, r.describe(), round(r.best_score, 3),
+                     round(r.test_normalized.get("mean", float("nan")), 3),
+                     round(sum(acc.values()) / max(1, len(acc)), 3), round(r.seconds, 1)])
+    return headers, rows

@@ -1,0 +1,453 @@
+"""One user's live merging session, as plain Python (the Gradio app only lays out and wires).
+
+A `Session` holds:
+
+* the available models: a base and fine-tunes (the zoo's, plus ones the user added by Hub id,
+  allowed local folder or LoRA adapter) and which of them are selected;
+* a `TaskVectorStack` of ALL available fine-tunes, from the shared `merging.cache.CACHE`
+  (read-only, shared between sessions); selecting a subset is just `select=` indices;
+* its own `LiveModel`: a private copy of the base model object that merges are written into.
+
+`Session.live(...)` merges with (method, weights, λ, hyperparameters), evaluates on a small
+validation subset of the selected fine-tunes' tasks and generates the prompts table. The
+per-task accuracies of the base and of each fine-tune are computed once (process-wide cache).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from merging.cache import CACHE, StackCache
+from merging.errors import MergeError
+from merging.live import LiveModel
+from merging.registry import AGGREGATORS
+from merging.similarity import SimilarityReport, similarity_from_stacks
+
+from .harness import evaluate, generate, normalized
+from .tasks import TASKS
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ZOO = ROOT / "assets" / "zoo"
+LIVE_SPLIT = "validation"
+LIVE_N = int(os.environ.get("FEDMERGE_LIVE_N", "24"))
+FREE_TEXT_TOKENS = 16
+Progress = Callable[[float, str], None]
+
+
+# ---------------------------------------------------------------------------- models
+
+@dataclass
+class ModelSpec:
+    """One fine-tune (or LoRA adapter) the session can merge."""
+
+    name: str
+    ref: str
+    task: str | None = None
+    source: str = "zoo"  # "zoo" or "added"
+    variant_of: str | None = None
+
+
+def zoo_dir() -> Path:
+    return Path(os.environ.get("FEDMERGE_ZOO", str(DEFAULT_ZOO))).resolve()
+
+
+def read_zoo(root: str | os.PathLike | None = None) -> tuple[str, list[ModelSpec]]:
+    """(base folder, fine-tune specs) from a zoo's zoo.json."""
+    root = Path(root) if root is not None else zoo_dir()
+    index = root / "zoo.json"
+    if not index.exists():
+        raise MergeError(f"no model zoo at {root} (zoo.json missing); build it with `python -m evaluation build-zoo`")
+    data = json.loads(index.read_text())
+    base = str(root / data["base"]["folder"])
+    specs = [ModelSpec(e["name"], str(root / e["folder"]), e.get("task"), "zoo", e.get("variant_of"))
+             for e in data["finetunes"]]
+    return base, specs
+
+
+def allowed_roots(zoo: Path | None = None) -> list[Path]:
+    """Local folders users may load from: the zoo plus FEDMERGE_ALLOWED_DIRS (os.pathsep-separated)."""
+    roots = [zoo or zoo_dir()]
+    extra = os.environ.get("FEDMERGE_ALLOWED_DIRS", "")
+    roots += [Path(p).expanduser().resolve() for p in extra.split(os.pathsep) if p.strip()]
+    return roots
+
+
+def task_of_prompt(prompt: str) -> tuple[str | None, str | None]:
+    """(task name, correct answer) when a prompt is written in a task's format, else (None, None)."""
+    for task in sorted(TASKS.values(), key=lambda t: -len(t.keyword)):
+        m = re.fullmatch(re.escape(task.keyword) + r": (.*)=", prompt.strip())
+        if m:
+            try:
+                return task.name, task.solve(m.group(1))
+            except Exception:  # e.g. "add: x+y=" with non-numbers
+                return task.name, None
+    return None, None
+
+
+def default_prompts(tasks: Sequence[str], per_task: int = 1) -> list[str]:
+    out = []
+    for t in tasks:
+        out += TASKS[t].demo_prompts[:per_task]
+    return out
+
+
+# ---------------------------------------------------------------------------- results
+
+@dataclass
+class LiveResult:
+    tasks: list[str]
+    accuracy: dict[str, dict[str, float]]  # series ("base", "fine-tuned", "merged") -> task -> acc
+    normalized: dict[str, float]  # merged / own fine-tune, per task and "mean"
+    headers: list[str]
+    rows: list[list[str]]  # prompt, expected, base, each fine-tune, merged
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# Process-wide cache of reference results (base / single fine-tunes do not change with the sliders).
+_REF_LOCK = threading.Lock()
+_REF_ACC: dict[tuple, dict[str, float]] = {}
+_REF_OUT: dict[tuple, str] = {}
+
+
+class Session:
+    """Per-user state: selection, its own LiveModel, the last merge settings."""
+
+    def __init__(self, cache: StackCache = CACHE, zoo: str | os.PathLike | None = None, allow_hub: bool = True):
+        self.cache = cache
+        self.zoo = Path(zoo).resolve() if zoo is not None else zoo_dir()
+        self.allow_hub = allow_hub
+        self.roots = allowed_roots(self.zoo)
+        self.base_ref: str | None = None
+        self.specs: list[ModelSpec] = []
+        self.selected: list[int] = []
+        self.stack = None
+        self.live_model: LiveModel | None = None
+        self.tokenizer = None
+        self.lock = threading.RLock()
+        self.settings: dict[str, Any] | None = None  # last applied merge
+        self.closed = False
+
+    def __deepcopy__(self, memo):  # Gradio may deep-copy state values: share the session instead
+        return self
+
+    # ------------------------------------------------------------------ loading
+    def load_zoo(self, progress: Progress | None = None) -> "Session":
+        base, specs = read_zoo(self.zoo)
+        self.set_models(base, specs, progress=progress)
+        self.selected = [i for i, s in enumerate(specs) if not s.variant_of]
+        return self
+
+    def set_models(self, base_ref: str, specs: Sequence[ModelSpec], selected: Sequence[int] | None = None,
+                   progress: Progress | None = None) -> None:
+        """Load (from the shared cache) the stack of `specs` over `base_ref`; on error nothing changes."""
+        if not specs:
+            raise MergeError("add at least one fine-tuned model")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise MergeError(f"two models are named {next(n for n in names if names.count(n) > 1)!r}; rename one")
+
+        def tick(i, n, name):
+            if progress:
+                progress(i / max(1, n), f"task vectors: {name}")
+
+        opts = dict(allow_hub=self.allow_hub, allowed_roots=self.roots)
+        stack = self.cache.get_stack(base_ref, [s.ref for s in specs], names, progress=tick, **opts)
+        if progress:
+            progress(1.0, "model")
+        model, tokenizer = self.cache.own_model(base_ref, **opts)
+        live = LiveModel(model, stack)  # MergeError when the model does not match the checkpoint
+        with self.lock:
+            self.base_ref, self.specs, self.stack, self.live_model, self.tokenizer = base_ref, list(specs), stack, live, tokenizer
+            self.selected = list(range(len(specs))) if selected is None else [i for i in selected if i < len(specs)]
+            self.settings = None
+
+    def add_model(self, ref: str, name: str | None = None, task: str | None = None,
+                  progress: Progress | None = None) -> ModelSpec:
+        """Add a fine-tune or LoRA adapter (Hub id or allowed local folder) and select it."""
+        ref = (ref or "").strip()
+        if not ref:
+            raise MergeError("enter a Hub id or a local folder")
+        name = name or Path(ref).name or ref
+        taken = {s.name for s in self.specs}
+        base_name, k = name, 2
+        while name in taken:
+            name, k = f"{base_name}-{k}", k + 1
+        if task is None:
+            task = _task_from_metadata(ref)
+        spec = ModelSpec(name, ref, task, "added")
+        self.set_models(self.base_ref, self.specs + [spec], self.selected + [len(self.specs)], progress)
+        return spec
+
+    def set_base(self, ref: str, progress: Progress | None = None) -> None:
+        """Switch the base model (keeps the fine-tunes; they must fit the new base)."""
+        ref = (ref or "").strip()
+        if not ref:
+            raise MergeError("enter a Hub id or a local folder for the base model")
+        self.set_models(ref, self.specs, self.selected, progress)
+
+    def select(self, names_or_indices: Sequence[str | int]) -> None:
+        idx = []
+        for x in names_or_indices:
+            if isinstance(x, int):
+                idx.append(x)
+            else:
+                idx.append(next(i for i, s in enumerate(self.specs) if s.name == x))
+        self.selected = sorted(set(idx))
+
+    @property
+    def selected_specs(self) -> list[ModelSpec]:
+        return [self.specs[i] for i in self.selected]
+
+    @property
+    def tasks(self) -> list[str]:
+        """Tasks of the selected fine-tunes, registry order, each once."""
+        have = {s.task for s in self.selected_specs}
+        return [t for t in TASKS if t in have]
+
+    def training(self) -> list[dict[str, Any]]:
+        return [self.stack.training[i] for i in self.selected]
+
+    def close(self) -> None:
+        """Free this session's own model (the shared stack stays in the cache)."""
+        with self.lock:
+            self.live_model = None
+            self.stack = None
+            self.closed = True
+
+    # ------------------------------------------------------------------ merging
+    def _need(self) -> LiveModel:
+        if self.live_model is None:
+            raise MergeError("no models loaded in this session (reload the page)")
+        return self.live_model
+
+    def apply(self, method: str, weights: Sequence[float], lam: float, hyper: Mapping[str, Any] | None = None) -> None:
+        """Merge the selected fine-tunes into this session's model (in place; errors leave it as it was)."""
+        live = self._need()
+        if not self.selected:
+            raise MergeError("select at least one fine-tuned model")
+        hyper = clean_hyper(method, hyper or {}, len(self.selected))
+        with self.lock:
+            live.apply(method, list(weights), lam, select=self.selected, **hyper)
+            self.settings = dict(method=method, weights=list(weights), lam=float(lam), hyper=dict(hyper),
+                                 select=list(self.selected))
+
+    def _show(self, which: str | int) -> None:
+        """Write the base ('base') or one fine-tune (its index among all models) into the model."""
+        live = self._need()
+        if which == "base":
+            live.reset_to_base()
+        else:
+            live.apply("task_arithmetic", [1.0], 1.0, select=[int(which)])
+        self.settings = None
+
+    def _ref_key(self, which: str | int) -> tuple:
+        if which == "base":
+            return (str(self.base_ref), "base")
+        return (str(self.base_ref), self.specs[which].ref, self.specs[which].name)
+
+    def reference_accuracy(self, which: str | int, split: str = LIVE_SPLIT, n: int = LIVE_N) -> dict[str, float]:
+        """Per-task accuracy of the base or of one fine-tune on the selected tasks (cached)."""
+        tasks = self.tasks
+        out: dict[str, float] = {}
+        with self.lock:
+            missing = []
+            for t in tasks:
+                key = (*self._ref_key(which), split, n, t)
+                if key in _REF_ACC:
+                    out[t] = _REF_ACC[key]
+                else:
+                    missing.append(t)
+            if missing:
+                saved = self.settings
+                self._show(which)
+                res = evaluate(self.live_model.model, self.tokenizer, missing, split=split, n=n)
+                with _REF_LOCK:
+                    for t in missing:
+                        _REF_ACC[(*self._ref_key(which), split, n, t)] = out[t] = res.accuracy[t]
+                if saved:
+                    self.apply(saved["method"], saved["weights"], saved["lam"], saved["hyper"])
+        return {t: out[t] for t in tasks}
+
+    def finetuned_accuracy(self, split: str = LIVE_SPLIT, n: int = LIVE_N) -> dict[str, float]:
+        """For each selected task: the best accuracy of a selected fine-tune trained on it."""
+        best: dict[str, float] = {}
+        for i in self.selected:
+            t = self.specs[i].task
+            if t in TASKS:
+                acc = self.reference_accuracy(i, split, n).get(t, 0.0)
+                best[t] = max(best.get(t, 0.0), acc)
+        return best
+
+    def reference_outputs(self, which: str | int, prompts: Sequence[str]) -> list[str]:
+        with self.lock:
+            keys = [(*self._ref_key(which), p) for p in prompts]
+            missing = [p for p, k in zip(prompts, keys) if k not in _REF_OUT]
+            if missing:
+                saved = self.settings
+                self._show(which)
+                outs = generate(self.live_model.model, self.tokenizer, missing, _max_tokens(missing))
+                with _REF_LOCK:
+                    for p, o in zip(missing, outs):
+                        _REF_OUT[(*self._ref_key(which), p)] = o
+                if saved:
+                    self.apply(saved["method"], saved["weights"], saved["lam"], saved["hyper"])
+            return [_REF_OUT[k] for k in keys]
+
+    def prepare_references(self, prompts: Sequence[str] = (), progress: Progress | None = None) -> None:
+        """Compute (once) what the live view compares against: base and fine-tune scores and outputs."""
+        whos: list[str | int] = ["base", *self.selected]
+        for j, who in enumerate(whos):
+            if progress:
+                progress(j / len(whos), f"scoring {'base' if who == 'base' else self.specs[who].name}")
+            self.reference_accuracy(who)
+            if prompts:
+                self.reference_outputs(who, prompts)
+
+    # ------------------------------------------------------------------ the live view
+    def live(self, method: str, weights: Sequence[float], lam: float, hyper: Mapping[str, Any] | None = None,
+             prompts: Sequence[str] = ()) -> LiveResult:
+        """Merge, score on the live validation subset and fill the prompts table."""
+        t0 = time.perf_counter()
+        prompts = [p for p in (q.strip() for q in prompts) if p]
+        with self.lock:
+            base_acc = self.reference_accuracy("base")
+            ft_acc = self.finetuned_accuracy()
+            refs = {who: self.reference_outputs(who, prompts) for who in ["base", *self.selected]} if prompts else {}
+            t1 = time.perf_counter()
+            self.apply(method, weights, lam, hyper)
+            t2 = time.perf_counter()
+            tasks = self.tasks
+            res = evaluate(self.live_model.model, self.tokenizer, tasks, split=LIVE_SPLIT, n=LIVE_N) if tasks else None
+            t3 = time.perf_counter()
+            merged_out = generate(self.live_model.model, self.tokenizer, prompts, _max_tokens(prompts)) if prompts else []
+            t4 = time.perf_counter()
+        merged_acc = dict(res.accuracy) if res else {}
+        headers = ["prompt", "expected", "base", *[self.specs[i].name for i in self.selected], "merged"]
+        rows = []
+        for j, p in enumerate(prompts):
+            _, answer = task_of_prompt(p)
+            outs = [refs["base"][j], *[refs[i][j] for i in self.selected], merged_out[j]]
+            rows.append([p, answer if answer is not None else "", *[_mark(o, answer) for o in outs]])
+        return LiveResult(
+            tasks=tasks,
+            accuracy={"base": base_acc, "fine-tuned (own task)": ft_acc, "merged": merged_acc},
+            normalized=normalized(merged_acc, ft_acc),
+            headers=headers, rows=rows, seconds=time.perf_counter() - t0,
+            timings={"references": t1 - t0, "merge": t2 - t1, "evaluate": t3 - t2, "generate": t4 - t3},
+        )
+
+    # ------------------------------------------------------------------ heterogeneity
+    def similarity(self, with_merged: bool = True) -> SimilarityReport:
+        """Cosine / sign conflicts / norms of the selected task vectors, plus the current merge's
+        update θ − θ₀ as a last row ("merged") when a merge is applied."""
+        stack = self.stack
+        if stack is None:
+            raise MergeError("no models loaded in this session")
+        idx = list(self.selected)
+        if not idx:
+            raise MergeError("select at least one fine-tuned model")
+        names = [self.specs[i].name for i in idx]
+        training = [stack.training[i] for i in idx]
+        add = with_merged and self.settings is not None and self.live_model is not None
+        with self.lock:
+            if add:
+                targets = self.live_model.targets
+                stacks = ((n, torch.cat([stack.deltas[n][idx], (targets[n].detach() - stack.base[n]).unsqueeze(0)]))
+                          for n in stack.names)
+                rep = similarity_from_stacks(stacks, names + ["merged"], training + [{}])
+            else:
+                rep = similarity_from_stacks(((n, stack.deltas[n][idx]) for n in stack.names), names, training)
+        return rep
+
+    # ------------------------------------------------------------------ take away
+    def export_plan(self):
+        """A merging.plan for the last applied merge (for merge_to_dir)."""
+        from merging.plan import plan_from_objects
+
+        if not self.settings:
+            raise MergeError("nothing merged yet")
+        s = self.settings
+        sources = [self.stack.plan.sources[i] for i in s["select"]]
+        return plan_from_objects(self.stack.plan.base, sources, s["method"], s["weights"], s["lam"], s["hyper"])
+
+    def export_config(self):
+        """The last applied merge as a mergekit-style MergeConfig."""
+        from merging.config import parse_config
+
+        if not self.settings:
+            raise MergeError("nothing merged yet")
+        s = self.settings
+        agg = AGGREGATORS[s["method"]]
+        per_model = {p.name for p in agg.params if p.per_model}
+        models = []
+        for k, i in enumerate(s["select"]):
+            params: dict[str, Any] = {"weight": s["weights"][k]}
+            for key in per_model:
+                v = s["hyper"].get(key)
+                if isinstance(v, (list, tuple)):
+                    params[key] = v[k]
+            models.append({"model": self.specs[i].ref, "parameters": params})
+        glob = {k: v for k, v in s["hyper"].items() if not isinstance(v, (list, tuple)) and v is not None}
+        glob["lambda"] = s["lam"]
+        return parse_config({"merge_method": s["method"], "base_model": str(self.base_ref), "models": models,
+                             "parameters": glob, "dtype": "float32"}, "app")
+
+    def write_merged(self, out_dir: str | os.PathLike, progress=None) -> Path:
+        from merging.engine import merge_to_dir
+
+        return merge_to_dir(self.export_plan(), out_dir, overwrite=True, progress=progress)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def clean_hyper(method: str, hyper: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """Keep only `method`'s hyperparameters; per-model lists cut/padded to the K selected models."""
+    agg = AGGREGATORS[method]
+    out: dict[str, Any] = {}
+    for p in agg.params:
+        if p.name not in hyper:
+            continue
+        v = hyper[p.name]
+        if p.per_model and isinstance(v, (list, tuple)):
+            v = list(v)[:k]
+            if len(v) < k:
+                raise MergeError(f"{p.name}: needs one value per selected model ({k})")
+        out[p.name] = v
+    return out
+
+
+def _mark(output: str, answer: str | None) -> str:
+    if answer is None:
+        return output
+    return ("✓ " if output.strip() == answer.strip() else "✗ ") + output
+
+
+def _max_tokens(prompts: Sequence[str]) -> int:
+    limits = []
+    for p in prompts:
+        t, _ = task_of_prompt(p)
+        limits.append(TASKS[t].max_new_tokens if t else FREE_TEXT_TOKENS)
+    return max(limits, default=FREE_TEXT_TOKENS)
+
+
+def _task_from_metadata(ref: str) -> str | None:
+    path = Path(os.path.expanduser(ref))
+    for name in ("training.json",):
+        f = path / name
+        if f.is_file():
+            try:
+                t = json.loads(f.read_text()).get("task")
+                return t if t in TASKS else None
+            except (OSError, ValueError):
+                return None
+    return None
