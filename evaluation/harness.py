@@ -1,0 +1,194 @@
+"""Exact-match evaluation of (merged) models on the task registry.
+
+The app evaluates many merges of the same-shaped model, so this module keeps per-call work to
+the model's forward passes: prompts are tokenized once per (task, split, n) and cached, every
+task's prompts go through one left-padded batch, and decoding is a hand-written greedy loop that
+reuses the KV cache (cheaper than ``model.generate``'s per-step bookkeeping on a 1M model).
+Functions take an already loaded model and tokenizer and never reload anything.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from .tasks import TASKS, Example, get_task
+
+
+@dataclass
+class EvalResult:
+    split: str
+    n: int
+    accuracy: dict[str, float]  # task -> exact-match accuracy in [0, 1]
+    predictions: dict[str, list[str]]  # task -> one prediction per example
+    examples: dict[str, list[Example]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def mean_accuracy(self) -> float:
+        return sum(self.accuracy.values()) / max(1, len(self.accuracy))
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, "n": self.n, "accuracy": self.accuracy, "mean_accuracy": self.mean_accuracy,
+                "seconds": self.seconds}
+
+
+def _tok_key(tokenizer) -> tuple:
+    return (tokenizer.__class__.__name__, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+            tokenizer.pad_token_id, getattr(tokenizer, "name_or_path", ""))
+
+
+_PROMPT_CACHE: dict[tuple, list[list[int]]] = {}
+
+
+def _prompt_ids(tokenizer, task: str, split: str, n: int) -> tuple[list[Example], list[list[int]]]:
+    exs = get_task(task).examples(split, n)
+    key = (_tok_key(tokenizer), task, split, n)
+    if key not in _PROMPT_CACHE:
+        _PROMPT_CACHE[key] = _encode(tokenizer, [e.prompt for e in exs])
+    return exs, _PROMPT_CACHE[key]
+
+
+def _encode(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids with the tokenizer's own specials (the zoo's prepends <bos>)."""
+    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    stops = [tokenizer.eos_token_id]
+    nl = tokenizer.convert_tokens_to_ids("\n")
+    if isinstance(nl, int) and nl != tokenizer.unk_token_id:
+        stops.append(nl)
+    return [s for s in stops if s is not None]
+
+
+def _cache_arg() -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache`` in forward(); accept both."""
+    import inspect
+
+    from transformers import GPT2LMHeadModel
+
+    return "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
+
+
+_CACHE_ARG = _cache_arg()
+
+
+@torch.inference_mode()
+def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int] | int,
+               pad_id: int, stop_ids: Sequence[int]) -> list[list[int]]:
+    """Batched greedy decoding with left padding and the KV cache; returns new ids (stop token excluded).
+
+    Rows stop at any of ``stop_ids`` or after their own ``max_new_tokens``; the loop ends when all rows have.
+    """
+    b = len(prompt_ids)
+    if b == 0:
+        return []
+    limits = torch.tensor([max_new_tokens] * b if isinstance(max_new_tokens, int) else list(max_new_tokens))
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        if len(p):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long)
+    out = torch.full((b, int(limits.max())), pad_id, dtype=torch.long)
+    done = limits <= 0
+    lengths = torch.zeros(b, dtype=torch.long)
+    past = None
+    step_ids, step_pos, attn = ids, pos, mask
+    for t in range(int(limits.max())):
+        res = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=True,
+                    logits_to_keep=1, **{_CACHE_ARG: past} if past is not None else {})
+        past = getattr(res, "cache", None)
+        if past is None:
+            past = res.past_key_values
+        nxt = res.logits[:, -1, :].argmax(-1)
+        stop = torch.isin(nxt, stops)
+        live = ~done & ~stop
+        out[live, t] = nxt[live]
+        lengths += live.long()
+        done = done | stop | (lengths >= limits)
+        if bool(done.all()):
+            break
+        step_ids = nxt.unsqueeze(1)
+        step_pos = step_pos[:, -1:] + 1
+        attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype)], dim=1)
+    return [out[i, :int(lengths[i])].tolist() for i in range(b)]
+
+
+def evaluate(model, tokenizer, task_names: Sequence[str] | None = None, split: str = "test", n: int = 100,
+             batch_size: int = 1024) -> EvalResult:
+    """Exact-match accuracy of ``model`` on each task's first ``n`` examples of ``split`` (greedy decoding)."""
+    import time
+
+    t0 = time.perf_counter()
+    names = list(TASKS) if task_names is None else list(task_names)
+    exs_by_task, rows, limits, owner = {}, [], [], []
+    for name in names:
+        exs, ids = _prompt_ids(tokenizer, name, split, n)
+        exs_by_task[name] = exs
+        rows += ids
+        limits += [get_task(name).max_new_tokens] * len(ids)
+        owner += [name] * len(ids)
+    was_training = model.training
+    model.eval()
+    new: list[list[int]] = []
+    # Sort by length so padding stays small inside each batch; restore order afterwards.
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        new += greedy_ids(model, [rows[i] for i in idx], [limits[i] for i in idx], tokenizer.pad_token_id,
+                          _stop_ids(tokenizer))
+    if was_training:
+        model.train()
+    texts = [""] * len(rows)
+    for i, ids in zip(order, new):
+        texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
+    preds: dict[str, list[str]] = {name: [] for name in names}
+    for name, text in zip(owner, texts):
+        preds[name].append(text)
+    acc = {}
+    for name in names:
+        task = get_task(name)
+        hits = [task.score(p, e.answer) for p, e in zip(preds[name], exs_by_task[name])]
+        acc[name] = sum(hits) / max(1, len(hits))
+    return EvalResult(split, n, acc, preds, exs_by_task, time.perf_counter() - t0)
+
+
+def normalized(acc_merged: Mapping[str, float], acc_finetuned: Mapping[str, float]) -> dict[str, float]:
+    """Per-task merged accuracy ÷ that task's own fine-tune accuracy, plus ``"mean"`` over the shared tasks.
+
+    Tasks whose fine-tune scores 0 are skipped (the ratio is undefined).
+    """
+    out = {t: acc_merged[t] / acc_finetuned[t] for t in acc_merged if acc_finetuned.get(t)}
+    if out:
+        out["mean"] = sum(out.values()) / len(out)
+    return out
+
+
+def averages(acc: Mapping[str, float]) -> float:
+    """Plain mean of per-task accuracies (ignores a ``"mean"`` key)."""
+    vals = [v for k, v in acc.items() if k != "mean"]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16) -> list[str]:
+    """Greedy continuations of free-text prompts (stops at <eos> or a newline), for the UI."""
+    rows = _encode(tokenizer, prompts)
+    limit = max(1, min(max_new_tokens, _room(model, rows)))
+    was_training = model.training
+    model.eval()
+    new = greedy_ids(model, rows, limit, tokenizer.pad_token_id, _stop_ids(tokenizer))
+    if was_training:
+        model.train()
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+
+
+def _room(model, rows: list[list[int]]) -> int:
+    """New tokens that still fit the model's position table after the longest prompt."""
+    n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 10 ** 9)
+    return n_pos - max((len(r) for r in rows), default=0)

@@ -1,0 +1,96 @@
+"""The shipped zoo through the harness: fine-tunes solve their task, the base solves none, generation works."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluation.harness import evaluate, generate, greedy_ids, normalized, averages
+from evaluation.tasks import TASKS
+
+ZOO = Path(__file__).resolve().parent.parent / "assets" / "zoo"
+pytestmark = pytest.mark.skipif(not (ZOO / "zoo.json").exists(), reason="assets/zoo not built")
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return json.loads((ZOO / "zoo.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def loaded(zoo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    names = [zoo["base"]["folder"]] + [f["folder"] for f in zoo["finetunes"]]
+    tok = AutoTokenizer.from_pretrained(ZOO / "base")
+    return tok, {n: AutoModelForCausalLM.from_pretrained(ZOO / n).eval() for n in names}
+
+
+def test_zoo_layout(zoo):
+    assert zoo["base"]["task"] == "pretrain"
+    primary = [f for f in zoo["finetunes"] if "variant_of" not in f]
+    assert sorted(f["task"] for f in primary) == sorted(TASKS)
+    assert any(f.get("variant_of") in TASKS for f in zoo["finetunes"])
+    for f in [zoo["base"]] + zoo["finetunes"]:
+        folder = ZOO / f["folder"]
+        for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json", "training.json"):
+            assert (folder / name).is_file(), folder / name
+        rec = json.loads((folder / "training.json").read_text())
+        assert rec["task"] == f["task"]
+        if f is not zoo["base"]:
+            assert {"steps", "learning_rate", "batch_size", "seed", "base", "test_accuracy",
+                    "validation_accuracy", "train_seconds"} <= set(rec)
+    total = sum(p.stat().st_size for p in ZOO.parent.rglob("*") if p.is_file())
+    assert total <= 40e6
+
+
+def test_finetunes_solve_their_task_and_base_does_not(zoo, loaded):
+    tok, models = loaded
+    base = evaluate(models["base"], tok, list(TASKS), split="test", n=100)
+    assert max(base.accuracy.values()) <= 0.20, base.accuracy
+    for f in zoo["finetunes"]:
+        res = evaluate(models[f["folder"]], tok, [f["task"]], split="test", n=100)
+        assert res.accuracy[f["task"]] >= 0.90, (f["folder"], res.accuracy)
+        assert len(res.predictions[f["task"]]) == 100
+
+
+def test_evaluate_all_tasks_shapes_and_cache(loaded):
+    tok, models = loaded
+    m = models["reverse"]
+    r1 = evaluate(m, tok, split="test", n=20)
+    r2 = evaluate(m, tok, split="test", n=20)
+    assert r1.accuracy == r2.accuracy and r1.predictions == r2.predictions
+    assert set(r1.accuracy) == set(TASKS) and all(len(p) == 20 for p in r1.predictions.values())
+    assert 0 <= r1.mean_accuracy <= 1 and not m.training
+
+
+def test_greedy_loop_matches_model_generate(loaded):
+    tok, models = loaded
+    m = models["sort"]
+    prompts = ["sort: dbca=", "reverse: planet=", "upper: hi=", "x"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    ref = m.generate(**enc, max_new_tokens=8, do_sample=False, eos_token_id=[tok.eos_token_id],
+                     pad_token_id=tok.pad_token_id)
+    ref_text = [tok.decode(r[enc["input_ids"].shape[1]:], skip_special_tokens=True) for r in ref]
+    rows = [tok(p)["input_ids"] for p in prompts]
+    ours = greedy_ids(m, rows, 8, tok.pad_token_id, [tok.eos_token_id])
+    assert [tok.decode(o, skip_special_tokens=True) for o in ours] == ref_text
+
+
+def test_generate_free_text(loaded):
+    tok, models = loaded
+    out = generate(models["reverse"], tok, ["reverse: abcde=", "The cat", ""], max_new_tokens=12)
+    assert len(out) == 3 and all(isinstance(o, str) for o in out)
+    assert out[0] == "edcba"
+    assert all("\n" not in o and len(o) <= 12 for o in out)
+
+
+def test_normalized():
+    got = normalized({"a": 0.45, "b": 0.9, "c": 0.3}, {"a": 0.9, "b": 0.9, "c": 0.0})
+    assert got == pytest.approx({"a": 0.5, "b": 1.0, "mean": 0.75})
+    assert averages({"a": 0.2, "b": 0.4, "mean": 9}) == pytest.approx(0.3)
