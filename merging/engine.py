@@ -7,7 +7,9 @@ pass over the task vectors.
 from __future__ import annotations
 
 import json
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -49,16 +51,35 @@ def merge_tensor(agg: Aggregator, name: str, base: torch.Tensor, deltas: torch.T
     return update.mul_(lam).add_(base) if lam != 1 else update.add_(base)
 
 
+def _check_finite_fast(name: str, tensor: torch.Tensor, owner: str) -> None:
+    """check_finite with a cheap first test: a finite sum means every entry is finite (NaN and
+    ±inf propagate through a sum); only a non-finite sum (or an overflow) runs the full check."""
+    if tensor.is_floating_point() and not math.isfinite(float(tensor.sum(dtype=torch.float32))):
+        check_finite(name, tensor, owner)
+
+
+_PREFETCH_BYTES = 256 * 1024**2
+
+
+def _stack_bytes(plan: MergePlan, name: str) -> int:
+    return 4 * (len(plan.sources) + 1) * math.prod(plan.base.shape(name))
+
+
 def load_tensor_stack(plan: MergePlan, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The base tensor and the stacked task vectors [K, ...] of one tensor, float32, checked finite."""
     raw = plan.base.get(name)
-    check_finite(name, raw, plan.base.ref)
+    _check_finite_fast(name, raw, plan.base.ref)
     base = raw.float()
     deltas = torch.empty((len(plan.sources), *base.shape), dtype=torch.float32)
     for i, src in enumerate(plan.sources):
-        d = src.delta(name, base)
-        check_finite(name, d, src.name)
-        deltas[i] = d
+        if isinstance(src, FullFinetune) and src.checkpoint.dtype(name) != torch.float64:
+            # θᵢ − θ₀ written straight into the stack, no temporary (f16/bf16 → f32 is exact)
+            torch.sub(src.checkpoint.get(name), base, out=deltas[i])
+            _check_finite_fast(name, deltas[i], src.name)
+        else:
+            d = src.delta(name, base)
+            _check_finite_fast(name, d, src.name)
+            deltas[i] = d
     return base, deltas
 
 
@@ -79,15 +100,34 @@ def iter_merged(plan: MergePlan, progress: Progress | None = None) -> Iterator[t
     """Yield (name, merged tensor in the output dtype) in the base's tensor order."""
     norms = update_norms(plan) if plan.method.needs_update_norms else None
     names = plan.tensor_names
-    for j, name in enumerate(names):
-        base, deltas = load_tensor_stack(plan, name)
-        p = plan.params_for(name)
-        merged = merge_tensor(plan.method, name, base, deltas, p.weights, p.lam, p.hyper, norms)
-        check_finite(name, merged, "the merge result")
-        del deltas
-        yield name, merged.to(plan.output_dtype(name))
-        if progress:
-            progress(j + 1, len(names), name)
+    # Two pipeline stages on two threads, each running torch single-threaded: the next tensor's
+    # stack is read while this one merges (intra-op threads cost more than they give here: one
+    # barrier per op). Stacks larger than _PREFETCH_BYTES are not read ahead (peak memory).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="merge-prefetch")
+    try:
+        def fetch(i: int):
+            if i >= len(names):
+                return None
+            if _stack_bytes(plan, names[i]) > _PREFETCH_BYTES:
+                return None
+            return pool.submit(load_tensor_stack, plan, names[i])
+
+        ahead = fetch(0)
+        for j, name in enumerate(names):
+            base, deltas = ahead.result() if ahead is not None else load_tensor_stack(plan, name)
+            ahead = fetch(j + 1)
+            p = plan.params_for(name)
+            merged = merge_tensor(plan.method, name, base, deltas, p.weights, p.lam, p.hyper, norms)
+            _check_finite_fast(name, merged, "the merge result")
+            del deltas
+            yield name, merged.to(plan.output_dtype(name))
+            if progress:
+                progress(j + 1, len(names), name)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
     for name in plan.passthrough_names:
         yield name, plan.base.get(name)
 

@@ -21,9 +21,9 @@ def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
     if density <= 0 or n == 0:
         return torch.zeros_like(x, dtype=torch.bool)
     k = max(1, int(density * n))
-    mags = _abs_np(x)
-    threshold = np.partition(mags, n - k)[n - k]
-    return x.abs() >= float(threshold)
+    a = x.detach().abs()  # computed once: the cut is found on a float32 copy, the mask on `a`
+    threshold = np.partition(a.reshape(-1).float().numpy(), n - k)[n - k]
+    return a >= float(threshold)
 
 
 def band_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -37,10 +37,10 @@ def band_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
     lo_rank, hi_rank = n_bot, n_bot + target - 1  # ascending ranks kept, inclusive
-    mags = _abs_np(x)
-    part = np.partition(mags, [lo_rank, hi_rank])
-    a = x.abs()
-    return (a >= float(part[lo_rank])) & (a <= float(part[hi_rank]))
+    a = x.detach().abs()
+    part = np.partition(a.reshape(-1).float().numpy(), [lo_rank, hi_rank])
+    mask = a >= float(part[lo_rank])
+    return mask.logical_and_(a <= float(part[hi_rank]))
 
 
 def bernoulli_mask(x: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
