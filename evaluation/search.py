@@ -206,3 +206,18 @@ def comparison_table(results: Sequence[SearchResult]) -> tuple[list[str], list[l
                      round(r.test_normalized.get("mean", float("nan")), 3),
                      round(sum(acc.values()) / max(1, len(acc)), 3), round(r.seconds, 1)])
     return headers, rows
+
+
+def comparison_chart(results: Sequence[SearchResult]):
+    """Bars: mean normalized accuracy of each tuned aggregator, validation and test."""
+    from . import plots
+
+    ordered = sorted(results, key=lambda r: -r.test_normalized.get("mean", 0.0))
+    names = [r.method for r in ordered]
+    fig = plots.accuracy_bars(names, {
+        "validation (normalized, tuned on it)": {r.method: r.best_score for r in ordered},
+        "test (normalized)": {r.method: r.test_normalized.get("mean", float("nan")) for r in ordered},
+    })
+    fig.update_layout(title=dict(text="Aggregators tuned on validation: mean normalized accuracy"))
+    fig.update_yaxes(title="merged ÷ own fine-tune", range=None)
+    return fig

@@ -369,6 +369,37 @@ class Session:
                 rep = similarity_from_stacks(((n, stack.deltas[n][idx]) for n in stack.names), names, training)
         return rep
 
+    def similarity_live(self) -> SimilarityReport:
+        """Cheap variant for every slider move: the selection's report (cached) plus one "merged" row of
+        whole-model cosines between the current merge's update θ − θ₀ and each task vector."""
+        key = (id(self.stack), tuple(self.selected))
+        if getattr(self, "_sim_key", None) != key:
+            self._sim = self.similarity(with_merged=False)
+            self._sim_key = key
+        rep = self._sim
+        if self.settings is None or self.live_model is None:
+            return rep
+        idx, k = list(self.selected), len(self.selected)
+        dots = torch.zeros(k, dtype=torch.float64)
+        sq = 0.0
+        with self.lock:
+            for n in self.stack.names:
+                m = (self.live_model.targets[n].detach() - self.stack.base[n]).reshape(-1)
+                dots += (self.stack.deltas[n][idx].reshape(k, -1) @ m).double()
+                sq += float(m.double().pow(2).sum())
+        norms = np.asarray(rep.norms, dtype=float)
+        mnorm = np.sqrt(sq)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            row = np.where((norms > 0) & (mnorm > 0), dots.numpy() / (norms * mnorm), np.nan)
+        cos = np.full((k + 1, k + 1), np.nan)
+        cos[:k, :k] = rep.cosine
+        cos[k, :k] = cos[:k, k] = row
+        cos[k, k] = 1.0 if mnorm > 0 else np.nan
+        conflict = np.full((k + 1, k + 1), np.nan)
+        conflict[:k, :k] = rep.sign_conflict
+        return SimilarityReport(names=rep.names + ["merged"], cosine=cos, sign_conflict=conflict,
+                                norms=np.append(norms, mnorm), training=rep.training + [{}])
+
     # ------------------------------------------------------------------ take away
     def export_plan(self):
         """A merging.plan for the last applied merge (for merge_to_dir)."""
@@ -451,3 +482,33 @@ def _task_from_metadata(ref: str) -> str | None:
             except (OSError, ValueError):
                 return None
     return None
+
+
+def push_to_hub(session: Session, repo_id: str, token: str, private: bool = True, progress=None) -> str:
+    """Write the current merge and upload it; the token is only handed to huggingface_hub, never kept."""
+    import tempfile
+
+    repo_id = (repo_id or "").strip()
+    if not repo_id or "/" not in repo_id:
+        raise MergeError("give a Hub repository id as owner/name")
+    if not (token or "").strip():
+        raise MergeError("give a Hugging Face token with write access to push")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise MergeError("cannot reach the Hugging Face Hub: this app runs offline (HF_HUB_OFFLINE=1); "
+                         "download the merged model instead")
+    from huggingface_hub import HfApi
+
+    with tempfile.TemporaryDirectory(prefix="fedmerge-push-") as tmp:
+        folder = session.write_merged(Path(tmp) / "merged")
+        try:
+            api = HfApi(token=token.strip())
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="FedMerge Playground merge")
+        except Exception as exc:  # never echo the token: report the error type and first line only
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if token.strip() in text:
+                text = text.replace(token.strip(), "***")
+            if any(w in text.lower() for w in ("connect", "resolve", "offline", "timed out", "network")):
+                raise MergeError("cannot reach the Hugging Face Hub from this machine") from None
+            raise MergeError(f"push to the Hub failed: {type(exc).__name__}: {text[:200]}") from None
+    return getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}"
