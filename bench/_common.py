@@ -1,0 +1,80 @@
+"""Shared helpers of the benchmarks: timed subprocesses with peak RSS, the mergekit venv, results."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "_work"
+RESULTS = ROOT / "bench" / "RESULTS.md"
+MERGEKIT_VERSION = "0.1.5"
+TORCH_VERSION = "2.13.0"
+
+
+def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = None) -> tuple[float, float, int]:
+    """Run `cmd` to completion: (wall seconds, peak RSS in MiB, exit status).
+
+    Peak RSS is the kernel's ru_maxrss of the child as reported by wait4 (what `/usr/bin/time -v`
+    prints): exact, not sampled, and measured the same way for every tool.
+    """
+    out = open(log, "w") if log else subprocess.DEVNULL
+    try:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        if log:
+            out.close()
+    return wall, usage.ru_maxrss / 1024, proc.returncode
+
+
+def mergekit_venv() -> Path:
+    """$MERGEKIT_VENV, else /opt/mergekit-venv, else bench/_work/mergekit-venv (created if missing)."""
+    for cand in (os.environ.get("MERGEKIT_VENV"), "/opt/mergekit-venv", str(WORK / "mergekit-venv")):
+        if cand and (Path(cand) / "bin" / "mergekit-yaml").exists():
+            return Path(cand)
+    venv = WORK / "mergekit-venv"
+    print(f"creating {venv} (mergekit {MERGEKIT_VERSION}, torch {TORCH_VERSION}; a few minutes)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"torch=={TORCH_VERSION}",
+                    f"mergekit=={MERGEKIT_VERSION}"], check=True)
+    return venv
+
+
+def mergekit_env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def ours_env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def machine() -> str:
+    mem = ""
+    try:
+        kb = int(next(l for l in open("/proc/meminfo") if l.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 1024**2:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores{mem}, Python {platform.python_version()}"
+
+
+def append_results(title: str, command: list[str] | str, body: str) -> None:
+    cmd = command if isinstance(command, str) else " ".join(shlex.quote(c) for c in command)
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    new = not RESULTS.exists()
+    with open(RESULTS, "a") as f:
+        if new:
+            f.write("# Benchmark results\n\nAppended by the scripts in bench/ (see bench/README.md).\n")
+        f.write(f"\n## {title} ({stamp})\n\nMachine: {machine()}\n\n```\n{cmd}\n```\n\n{body.rstrip()}\n")

@@ -1,0 +1,101 @@
+"""In-memory merges (the live app's path) per aggregator, against a copy bound measured in the same run.
+
+Bound = time of a plain torch copy of the stacked task vectors' bytes plus one model's bytes (the
+least any merge must touch). Each aggregator runs `LiveModel.apply` (merge written into the
+parameters of a loaded GPT2LMHeadModel) with all weights changed between repeats (no
+incremental shortcut); the best of --repeat runs is reported with its ratio to the bound.
+
+    python bench/live_merge.py [--methods ties,median] [--repeat 3] [--no-record]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import WORK, append_results  # noqa: E402
+
+HYPER = {"ties": {"density": 0.5}, "dare_linear": {"density": 0.5}, "dare_ties": {"density": 0.5},
+         "breadcrumbs": {"density": 0.5, "gamma": 0.01}, "breadcrumbs_ties": {"density": 0.5, "gamma": 0.01},
+         "magnitude_prune": {"density": 0.5}, "fedgma": {"rho": 0.5}}
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for r in range(repeat):
+        t0 = time.perf_counter()
+        fn(r)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", default=str(WORK / "ckpt-1x"))
+    ap.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args(argv)
+    from transformers import GPT2LMHeadModel
+
+    from merging import AGGREGATORS, Checkpoint, LiveModel, TaskVectorStack, load_source
+
+    ckpt = Path(args.ckpt)
+    if not (ckpt / "ft3" / "model.safetensors").exists():
+        subprocess.run([sys.executable, str(Path(__file__).parent / "make_checkpoints.py"), "--out", str(ckpt)],
+                       check=True)
+    fts = sorted(p for p in ckpt.iterdir() if p.name.startswith("ft"))
+    t0 = time.perf_counter()
+    stack = TaskVectorStack(Checkpoint(ckpt / "base"), [load_source(p) for p in fts])
+    model = GPT2LMHeadModel.from_pretrained(ckpt / "base").float().eval()
+    live = LiveModel(model, stack)
+    print(f"stack: {stack.nbytes / 1e9:.2f} GB, loaded in {time.perf_counter() - t0:.1f} s; "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+
+    # the bound: copy the stacked task vectors and one model's worth of bytes
+    srcs = [stack.deltas[n] for n in stack.names] + [stack.base[n] for n in stack.names]
+    dsts = [torch.empty_like(t) for t in srcs]
+
+    def copy_all(_):
+        for d, s in zip(dsts, srcs):
+            d.copy_(s)
+
+    bound = best_of(copy_all, args.repeat)
+    del dsts
+    print(f"bound (copy of {sum(t.numel() * 4 for t in srcs) / 1e9:.2f} GB): {bound:.3f} s", flush=True)
+
+    names = args.methods.split(",") if args.methods else list(AGGREGATORS)
+    k = len(fts)
+    rows = []
+    header = f"{'method':18} {'seconds':>8} {'x bound':>8}"
+    print(header, flush=True)
+    for method in names:
+        agg = AGGREGATORS[method]
+        sel = list(range(min(k, agg.max_models or k)))
+        hyper = HYPER.get(method, {})
+
+        def run(r, sel=sel, method=method, hyper=hyper):
+            w = [1.0 - 0.1 * ((i + r) % 3) for i in range(len(sel))]  # every weight changes each repeat
+            live.apply(method, w, 1.0, sel, **hyper)
+
+        run(-1)  # warm-up (masks, caches)
+        s = best_of(run, args.repeat)
+        row = f"{method:18} {s:8.3f} {s / bound:8.1f}"
+        print(row, flush=True)
+        rows.append(row)
+    live.reset_to_base()
+    if not args.no_record:
+        append_results("live_merge", ["python", "bench/live_merge.py", *(argv or sys.argv[1:])],
+                       f"Bound: torch copy of the stacked task vectors + one model = {bound:.3f} s "
+                       f"(best of {args.repeat}).\n\n```\n" + "\n".join([header, *rows]) + "\n```")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
