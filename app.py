@@ -32,7 +32,6 @@ from merging.registry import AGGREGATORS  # noqa: E402
 MAX_MODELS = int(os.environ.get("FEDMERGE_MAX_MODELS", "10"))
 DEFAULT_METHOD = "task_arithmetic"
 SESSION_TTL = int(os.environ.get("FEDMERGE_SESSION_TTL", "3600"))
-torch.set_num_threads(int(os.environ.get("FEDMERGE_THREADS", "1")))  # one core per request: better under load
 
 
 # ---------------------------------------------------------------------------- registry-built widgets
@@ -231,8 +230,8 @@ def build_demo() -> gr.Blocks:
                                                  elem_id=f"fm-w{i}") for i in range(MAX_MODELS)]
                         with gr.Accordion("Aggregator hyperparameters", open=True):
                             groups, hwidgets = build_hyper_widgets()
-                        status = gr.Markdown(elem_classes="fm-status", elem_id="fm-status")
                     with gr.Column(scale=5):
+                        status = gr.Markdown(elem_classes="fm-status", elem_id="fm-status")
                         table = gr.Dataframe(label="Outputs: base, each fine-tune and the merge (✓ correct, ✗ wrong)",
                                              interactive=False, wrap=True, elem_id="fm-table")
                         with gr.Row():
@@ -497,6 +496,7 @@ def build_demo() -> gr.Blocks:
 
 
 def main() -> None:
+    torch.set_num_threads(int(os.environ.get("FEDMERGE_THREADS", "1")))  # one core per request: better under load
     demo = build_demo()
     demo.queue(default_concurrency_limit=2)
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

@@ -250,6 +250,12 @@ class Session:
             live.apply("task_arithmetic", [1.0], 1.0, select=[int(which)])
         self.settings = None
 
+    def _restore(self, saved: dict[str, Any] | None) -> None:
+        if saved:
+            self.apply(saved["method"], saved["weights"], saved["lam"], saved["hyper"])
+        else:
+            self.live_model.reset_to_base()
+
     def _ref_key(self, which: str | int) -> tuple:
         if which == "base":
             return (str(self.base_ref), "base")
@@ -274,8 +280,7 @@ class Session:
                 with _REF_LOCK:
                     for t in missing:
                         _REF_ACC[(*self._ref_key(which), split, n, t)] = out[t] = res.accuracy[t]
-                if saved:
-                    self.apply(saved["method"], saved["weights"], saved["lam"], saved["hyper"])
+                self._restore(saved)
         return {t: out[t] for t in tasks}
 
     def finetuned_accuracy(self, split: str = LIVE_SPLIT, n: int = LIVE_N) -> dict[str, float]:
@@ -299,8 +304,7 @@ class Session:
                 with _REF_LOCK:
                     for p, o in zip(missing, outs):
                         _REF_OUT[(*self._ref_key(which), p)] = o
-                if saved:
-                    self.apply(saved["method"], saved["weights"], saved["lam"], saved["hyper"])
+                self._restore(saved)
             return [_REF_OUT[k] for k in keys]
 
     def prepare_references(self, prompts: Sequence[str] = (), progress: Progress | None = None) -> None:

@@ -1,0 +1,71 @@
+"""Coefficient search (λ × hyperparameters, normalized validation accuracy, test report)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from merging.cache import StackCache
+from tests.test_session import build_tiny_zoo
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    from evaluation.session import Session
+
+    s = Session(cache=StackCache(2 ** 30), zoo=build_tiny_zoo(tmp_path_factory), allow_hub=False).load_zoo()
+    s.select([0, 1, 2])
+    return s
+
+
+def test_paper_grids():
+    from evaluation.search import LAMBDAS, hyper_grid
+
+    assert LAMBDAS[0] == 0.05 and LAMBDAS[-1] == 2.0 and len(LAMBDAS) == 40
+    assert [g["rho"] for g in hyper_grid("fedgma")] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    rhos = [g["rho"] for g in hyper_grid("cclip", norms=[1.0, 3.0, 2.0])]
+    assert rhos[0] == 1.0 and max(rhos) < 3.0
+    assert all(0 < g["density"] <= 1 for g in hyper_grid("ties"))
+    assert hyper_grid("task_arithmetic") == [{}]
+
+
+def test_search_picks_the_best_normalized_validation_score(session):
+    from evaluation.search import search
+
+    seen = []
+    before = {n: p.detach().clone() for n, p in session.live_model.targets.items()}
+    r = search(session, "fedgma", lambdas=[0.2, 1.0, 1.8], grid=[{"rho": 0.2}, {"rho": 0.8}], n_val=6, n_test=6,
+               progress=lambda f, d: seen.append(f))
+    assert len(r.scores) == 2 and all(len(row) == 3 for row in r.scores)
+    flat = [(s if not math.isnan(s) else -1, gi, li) for gi, row in enumerate(r.scores) for li, s in enumerate(row)]
+    best = max(flat, key=lambda t: (t[0], -t[1] * 10 - t[2]))
+    assert r.best_lambda == [0.2, 1.0, 1.8][best[2]] and r.best_hyper == [{"rho": 0.2}, {"rho": 0.8}][best[1]]
+    assert set(r.curves) == set(session.tasks) | {"normalized mean"} and all(len(v) == 3 for v in r.curves.values())
+    assert set(r.test_accuracy) == set(session.tasks) and r.evaluations == 7
+    assert seen and seen[-1] == 1.0 and seen == sorted(seen)
+    # the session's own model is left alone (the search uses a scratch copy)
+    assert all(torch.equal(before[n], p) for n, p in session.live_model.targets.items())
+
+
+def test_lambda_rescaling_equals_a_fresh_merge(session):
+    """The search computes U once per setting and writes θ₀ + λ·U: same tensors as the engine at λ."""
+    from evaluation.search import _Scratch
+
+    scratch = _Scratch(session)
+    for method, hyper in (("fedgma", {"rho": 0.4}), ("ties", {"density": 0.5}), ("median", {})):
+        u = scratch.update(method, [1.0, 0.5, 2.0], session.selected, hyper)
+        scratch.write(u, 0.35)
+        fresh = dict(session.stack.merged(method, [1.0, 0.5, 2.0], 0.35, session.selected, **hyper))
+        for n, t in fresh.items():
+            assert torch.allclose(scratch.targets[n], t, atol=1e-6), (method, n)
+
+
+def test_compare_all_tunes_each_applicable_method(session):
+    from evaluation.search import compare_all, comparison_chart, comparison_table
+
+    results = compare_all(session, methods=["task_arithmetic", "cclip", "slerp"], n_val=4, n_test=4)
+    assert [r.method for r in results] == ["task_arithmetic", "cclip"]  # slerp takes two models, 3 selected
+    headers, rows = comparison_table(results)
+    assert len(rows) == 2 and headers[0] == "method"
+    assert len(comparison_chart(results).data) == 2
