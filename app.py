@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from evaluation import plots  # noqa: E402
 from evaluation.search import (compare_all, comparison_chart, comparison_table, search,  # noqa: E402
                                sweep)
-from evaluation.session import Session, default_prompts, push_to_hub  # noqa: E402
+from evaluation.session import Session, default_prompts, push_to_hub, read_zoo  # noqa: E402
 from evaluation.tasks import TASKS  # noqa: E402
 from merging.errors import MergeError  # noqa: E402
 from merging.registry import AGGREGATORS  # noqa: E402
@@ -209,6 +209,10 @@ CSS = """
 # ---------------------------------------------------------------------------- layout and wiring
 
 def build_demo() -> gr.Blocks:
+    try:
+        zoo_names = [s.name for s in read_zoo()[1]]
+    except Exception:  # no zoo: the page says so on load
+        zoo_names = []
     with gr.Blocks(title="FedMerge Playground") as demo:
         state = gr.State(None, time_to_live=SESSION_TTL, delete_callback=_free)
         gr.Markdown("# FedMerge Playground\nMerge fine-tuned models live — Task Arithmetic is one-shot FedAvg, "
@@ -218,7 +222,7 @@ def build_demo() -> gr.Blocks:
             with gr.Tab("Merge", id="merge"):
                 with gr.Row():
                     with gr.Column(scale=2, min_width=330):
-                        models = gr.CheckboxGroup(label="Fine-tuned models to merge", choices=[], interactive=True,
+                        models = gr.CheckboxGroup(label="Fine-tuned models to merge", choices=zoo_names, interactive=True,
                                                   elem_id="fm-models")
                         method = gr.Dropdown(choices=[(f"{n}  ·  {a.family}", n) for n, a in AGGREGATORS.items()],
                                              value=DEFAULT_METHOD, label="Aggregator", interactive=True,
