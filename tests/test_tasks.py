@@ -61,7 +61,7 @@ def test_answers_are_right():
     assert t["upper"].solve("abc") == "ABC"
     assert t["sort"].solve("dbca") == "abcd"
     assert t["sort_desc"].solve("dbca") == "dcba"
-    assert t["add"].solve("147+8") == "155"
+    assert t["add"].solve("147+8") == "155" and t["add"].solve("021+9") == "030"
     assert (t["is_even"].solve("42"), t["is_odd"].solve("42")) == ("yes", "no")
     assert (t["is_even"].solve("4817"), t["is_odd"].solve("4817")) == ("no", "yes")
     for task in TASKS.values():
