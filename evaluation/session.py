@@ -38,7 +38,7 @@ from .tasks import TASKS
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ZOO = ROOT / "assets" / "zoo"
 LIVE_SPLIT = "validation"
-LIVE_N = int(os.environ.get("FEDMERGE_LIVE_N", "24"))
+LIVE_N = int(os.environ.get("FEDMERGE_LIVE_N", "20"))
 FREE_TEXT_TOKENS = 16
 Progress = Callable[[float, str], None]
 
