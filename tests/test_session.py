@@ -48,7 +48,9 @@ def test_live_merges_scores_and_fills_the_table(session):
     res = session.live("task_arithmetic", [1.0] * k, 0.3, {}, prompts)
     assert res.headers == ["prompt", "expected", "base", *[s.name for s in session.selected_specs], "merged"]
     assert [r[0] for r in res.rows] == prompts
-    assert res.rows[0][1] == "cba" and res.rows[1][1] == "3" and res.rows[2][1] == ""
+    from evaluation.tasks import TASKS
+
+    assert res.rows[0][1] == "cba" and res.rows[1][1] == TASKS["add"].solve("1+2") and res.rows[2][1] == ""
     assert all(c[:1] in "✓✗" for c in res.rows[0][2:])  # marked where the answer is known
     assert set(res.accuracy) == {"base", "fine-tuned (own task)", "merged"}
     assert set(res.accuracy["merged"]) == set(session.tasks)
