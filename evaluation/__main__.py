@@ -23,9 +23,26 @@ def _add_build_zoo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reuse-base", action="store_true", help="keep an existing base (development only)")
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import main
+
+    main(args.zoo, args.out, args.quick, args.methods.split(",") if args.methods else None, args.n_val, args.n_test)
+    return 0
+
+
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--zoo", default=None, help="zoo folder (default assets/zoo)")
+    p.add_argument("--out", default="evaluation/results", help="folder for compare.md and compare.html")
+    p.add_argument("--quick", action="store_true", help="coarser grids (λ 0.1…2.0, fewer ρ / density values)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of methods")
+    p.add_argument("--n-val", type=int, default=50, help="validation examples per task for tuning")
+    p.add_argument("--n-test", type=int, default=100, help="test examples per task for the report")
+
+
 # name -> (help, add_arguments, run). Add commands here.
 COMMANDS = {
     "build-zoo": ("rebuild the built-in model zoo deterministically", _add_build_zoo, _build_zoo),
+    "compare": ("tune every aggregator on the zoo (plain, then heterogeneous) and tabulate", _add_compare, _compare),
 }
 
 

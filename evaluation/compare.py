@@ -1,0 +1,92 @@
+"""The paper's experiment on the zoo: tune every aggregator on validation, report on test.
+
+Run twice — on the plain zoo (one fine-tune per task) and with the training-heterogeneous
+fine-tune in place of its sibling — to see whether FedNova and friends fix what Task
+Arithmetic (FedAvg) loses. Writes a markdown table and a plotly HTML figure.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+from merging.registry import AGGREGATORS
+
+from .search import LAMBDAS, QUICK_LAMBDAS, SearchResult, search
+from .session import Session, read_zoo
+
+
+def selection(zoo: str | Path | None, heterogeneous: bool) -> list[str]:
+    """Model names: one fine-tune per task; with `heterogeneous`, each variant replaces its sibling."""
+    _, specs = read_zoo(zoo)
+    plain = [s for s in specs if not s.variant_of]
+    if not heterogeneous:
+        return [s.name for s in plain]
+    variants = {s.variant_of: s for s in specs if s.variant_of}
+    return [variants[s.name].name if s.name in variants else s.name for s in plain]
+
+
+def run(zoo: str | Path | None = None, heterogeneous: bool = False, methods: Sequence[str] | None = None,
+        quick: bool = False, n_val: int = 50, n_test: int = 100, log=print) -> list[SearchResult]:
+    session = Session(zoo=zoo, allow_hub=False).load_zoo()
+    session.select(selection(zoo, heterogeneous))
+    k = len(session.selected)
+    methods = [m for m in (methods or AGGREGATORS) if AGGREGATORS[m].min_models <= k
+               and (AGGREGATORS[m].max_models is None or k <= AGGREGATORS[m].max_models)]
+    results = []
+    for m in methods:
+        t0 = time.perf_counter()
+        r = search(session, m, lambdas=QUICK_LAMBDAS if quick else LAMBDAS, quick=quick, n_val=n_val, n_test=n_test)
+        results.append(r)
+        log(f"{m:18s} {r.describe():40s} val {r.best_score:.3f}  test {r.test_normalized.get('mean', float('nan')):.3f}"
+            f"  ({time.perf_counter() - t0:.0f} s)")
+    session.close()
+    return results
+
+
+def markdown_table(results: Sequence[SearchResult], title: str) -> str:
+    """Per-task test accuracy, average absolute and normalized accuracy, the chosen hyperparameters."""
+    tasks = results[0].tasks if results else []
+    head = ["method", "chosen (on validation)"] + tasks + ["avg acc", "avg normalized", "val normalized"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(results, key=lambda r: -r.test_normalized.get("mean", 0.0)):
+        acc = [r.test_accuracy.get(t, float("nan")) for t in tasks]
+        avg = sum(acc) / max(1, len(acc))
+        cells = [f"`{r.method}`", r.describe()] + [f"{a:.0%}" for a in acc] + [
+            f"{avg:.1%}", f"{r.test_normalized.get('mean', float('nan')):.3f}", f"{r.best_score:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(plain: Sequence[SearchResult], hetero: Sequence[SearchResult] | None = None):
+    """Bars of the mean normalized test accuracy per aggregator, one series per run."""
+    from . import plots
+
+    methods = [r.method for r in sorted(plain, key=lambda r: -r.test_normalized.get("mean", 0.0))]
+    series = {"plain zoo": {r.method: r.test_normalized.get("mean", float("nan")) for r in plain}}
+    if hetero:
+        series["heterogeneous fine-tune"] = {r.method: r.test_normalized.get("mean", float("nan")) for r in hetero}
+    fig = plots.accuracy_bars(methods, series)
+    fig.update_layout(title=dict(text="Tuned aggregators: mean normalized test accuracy"))
+    fig.update_yaxes(title="merged ÷ own fine-tune", range=None)
+    return fig
+
+
+def main(zoo: str | Path | None, out: str | Path, quick: bool, methods: Sequence[str] | None,
+         n_val: int, n_test: int) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    print("plain zoo:", ", ".join(selection(zoo, False)))
+    plain = run(zoo, False, methods, quick, n_val, n_test)
+    print("heterogeneous:", ", ".join(selection(zoo, True)))
+    hetero = run(zoo, True, methods, quick, n_val, n_test)
+    grid = "quick grid (λ 0.1…2.0)" if quick else "full grid (λ 0.05…2.00)"
+    text = (markdown_table(plain, f"Plain zoo — {grid}, validation n={n_val}, test n={n_test}") + "\n"
+            + markdown_table(hetero, f"With the heterogeneous fine-tune — {grid}") + "\n"
+            + f"Wall time: {time.perf_counter() - t0:.0f} s.\n")
+    (out / "compare.md").write_text(text)
+    figure(plain, hetero).write_html(out / "compare.html", include_plotlyjs="cdn")
+    print(text)
+    print(f"wrote {out / 'compare.md'} and {out / 'compare.html'}")
+    return out
