@@ -7,6 +7,7 @@ whose coefficients change for a single task update by that change alone.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -51,6 +52,7 @@ class TaskVectorStack:
         self._absmax: dict[str, torch.Tensor] = {}
         self._absmax_base: dict[str, float] = {}
         self._prepare_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._prepare_lock = threading.Lock()
         for j, name in enumerate(self.names):
             b, d = load_tensor_stack(self.plan, name)
             self.base[name], self.deltas[name] = b, d
@@ -108,15 +110,16 @@ class TaskVectorStack:
         """The weight-independent step (trim / drop masks) of two-step aggregators, cached per setting."""
         agg = req.agg
         key = (agg.name, tuple(req.idx), tuple((k, _freeze(req.hyper.get(k))) for k in agg.prepare_params))
-        cached = self._prepare_cache.get(key)
-        if cached is None:
-            if len(self._prepare_cache) >= 2:  # keep the last two settings: flat memory
-                self._prepare_cache.pop(next(iter(self._prepare_cache)))
-            cached = self._prepare_cache[key] = {}
-        if name not in cached:
-            kwargs = call_kwargs(agg, name, self.base[name], req.hyper, req.norms)
-            cached[name] = agg.prepare(self._selected(name, req.idx), kwargs)
-        return cached[name]
+        with self._prepare_lock:  # stacks are shared by every session's thread
+            cached = self._prepare_cache.get(key)
+            if cached is None:
+                if len(self._prepare_cache) >= 2:  # keep the last two settings: flat memory
+                    self._prepare_cache.pop(next(iter(self._prepare_cache)))
+                cached = self._prepare_cache[key] = {}
+            if name not in cached:
+                kwargs = call_kwargs(agg, name, self.base[name], req.hyper, req.norms)
+                cached[name] = agg.prepare(self._selected(name, req.idx), kwargs)
+            return cached[name]
 
     def merged_tensor(self, req: "MergeRequest", name: str) -> torch.Tensor:
         """θ₀ + λ·U for one tensor (float32, a new tensor)."""
