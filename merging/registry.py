@@ -49,7 +49,7 @@ class HyperParam:
                     raise ValueError
                 return bool(value)
             if self.type is str:
-                value = str(value)
+                value = str(value).lower() if isinstance(value, bool) else str(value)  # YAML reads `true` as a bool
                 if self.choices and value not in self.choices:
                     raise MergeError(f"{label}: {value!r} is not one of {', '.join(self.choices)}")
                 return value
