@@ -3,11 +3,14 @@
 Every task writes its prompt as ``"<keyword>: <input>="`` and expects the answer right after the
 ``=``, followed by ``<eos>``. The tasks are chosen so the demo has something to teach:
 
-* ``sort`` and ``sort_desc`` are two variants of one skill (related task vectors);
-* ``is_even`` and ``is_odd`` read the same inputs and give opposite yes/no labels, so their task
-  vectors pull the same weights in opposite directions (a deliberate conflict, as with clients
-  whose data disagree);
-* ``reverse``, ``upper`` and ``add`` are unrelated skills.
+* ``reverse``, ``sort`` and ``sort_desc`` all permute the input letters (``sort``/``sort_desc`` are
+  two variants of one skill): their task vectors form the related cluster (cosine about 0.3, against
+  at most 0.1 for unrelated pairs, measured in assets/zoo/README.md);
+* ``is_even`` and ``is_odd`` read the same inputs and give opposite yes/no labels: clients whose
+  data disagree. Averaging their task vectors cancels the parity -> label part, so the merge
+  answers about half right; yet their shared format (numbers in, yes/no out) makes their
+  whole-model cosine high. Lesson: cosine similarity does not see label conflicts;
+* ``upper`` and ``add`` are unrelated to the rest (cosine near 0, about half the signs conflicting).
 
 Splits are disjoint by input: an input's split is fixed by a CRC32 of the input string (not by
 Python's randomized ``hash``), and each (task, split) draws from its own seeded ``random.Random``,
