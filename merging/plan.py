@@ -107,10 +107,15 @@ class MergePlan:
         values: dict[str, Any] = {}
         for p in self.method.params:
             if p.per_model:
+                meta = self._default_per_model(p.name)
                 per = [setting(p.name, i) for i in range(k)]
-                if all(v is None for v in per):
-                    per = self._default_per_model(p.name)
-                values[p.name] = [p.default if v is None else v for v in per] if per is not None else None
+                per = [v if v is not None else meta[i] if meta[i] is not None else p.default
+                       for i, v in enumerate(per)]
+                missing = [self.sources[i].name for i, v in enumerate(per) if v is None]
+                if missing and len(missing) < k:
+                    raise MergeError(f"{self.method.name}: {p.name} is missing for {', '.join(missing)} "
+                                     "(no training metadata); give it for every model")
+                values[p.name] = None if missing else per
             else:
                 v = setting(p.name, None)
                 if v is not None:
@@ -119,13 +124,10 @@ class MergePlan:
         return TensorParams(torch.tensor([WEIGHT.check(w) for w in weights], dtype=torch.float32),
                             1.0 if lam is None else LAMBDA.check(lam), hyper)
 
-    def _default_per_model(self, key: str) -> list | None:
-        """fednova's steps and learning rates default to what the checkpoints record."""
+    def _default_per_model(self, key: str) -> list:
+        """fednova's steps and learning rates default to what each checkpoint records."""
         meta_key = {"steps": "steps", "learning_rates": "learning_rate"}.get(key)
-        if meta_key is None:
-            return [None] * len(self.sources)
-        values = [s.training.get(meta_key) for s in self.sources]
-        return None if any(v is None for v in values) else values
+        return [None if meta_key is None else s.training.get(meta_key) for s in self.sources]
 
 
 def _same_path(a: Any, b: Any) -> bool:
