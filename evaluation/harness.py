@@ -176,19 +176,24 @@ def averages(acc: Mapping[str, float]) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16) -> list[str]:
-    """Greedy continuations of free-text prompts (stops at <eos> or a newline), for the UI."""
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int | Sequence[int] = 16) -> list[str]:
+    """Greedy continuations of free-text prompts (stops at <eos> or a newline), for the UI.
+
+    `max_new_tokens` may be one limit per prompt: each row's output then depends on its prompt
+    alone, not on which other prompts share the batch.
+    """
     rows = _encode(tokenizer, prompts)
-    limit = max(1, min(max_new_tokens, _room(model, rows)))
+    wanted = [max_new_tokens] * len(rows) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    limits = [max(1, min(m, _room(model, [r]))) for m, r in zip(wanted, rows)]
     was_training = model.training
     model.eval()
-    new = greedy_ids(model, rows, limit, tokenizer.pad_token_id, _stop_ids(tokenizer))
+    new = greedy_ids(model, rows, limits, tokenizer.pad_token_id, _stop_ids(tokenizer))
     if was_training:
         model.train()
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
 
 
 def _room(model, rows: list[list[int]]) -> int:
-    """New tokens that still fit the model's position table after the longest prompt."""
+    """New tokens that still fit the model's position table after the longest of `rows`."""
     n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 10 ** 9)
     return n_pos - max((len(r) for r in rows), default=0)

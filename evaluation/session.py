@@ -467,12 +467,13 @@ def _mark(output: str, answer: str | None) -> str:
     return ("✓ " if output.strip() == answer.strip() else "✗ ") + output
 
 
-def _max_tokens(prompts: Sequence[str]) -> int:
+def _max_tokens(prompts: Sequence[str]) -> list[int]:
+    """Each prompt's own generation limit: its task's, or FREE_TEXT_TOKENS for free text."""
     limits = []
     for p in prompts:
         t, _ = task_of_prompt(p)
         limits.append(TASKS[t].max_new_tokens if t else FREE_TEXT_TOKENS)
-    return max(limits, default=FREE_TEXT_TOKENS)
+    return limits
 
 
 def _task_from_metadata(ref: str) -> str | None:

@@ -94,3 +94,11 @@ def test_normalized():
     got = normalized({"a": 0.45, "b": 0.9, "c": 0.3}, {"a": 0.9, "b": 0.9, "c": 0.0})
     assert got == pytest.approx({"a": 0.5, "b": 1.0, "mean": 0.75})
     assert averages({"a": 0.2, "b": 0.4, "mean": 9}) == pytest.approx(0.3)
+
+
+def test_generate_rows_do_not_depend_on_their_batch(loaded):
+    tok, models = loaded
+    model = models["base"]
+    alone = generate(model, tok, ["add: 021+9="], max_new_tokens=[3])
+    batched = generate(model, tok, ["add: 021+9=", "a much longer free text prompt"], max_new_tokens=[3, 16])
+    assert batched[0] == alone[0] and len(alone[0]) <= 3
