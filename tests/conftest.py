@@ -56,6 +56,32 @@ def tiny_zoo(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """The real app (app.build_demo) on a free 127.0.0.1 port, over a tiny zoo built by the recipe."""
+    from tests.test_session import build_tiny_zoo
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDMERGE_ZOO", str(build_tiny_zoo(tmp_path_factory)))
+    import app
+
+    demo = app.build_demo()
+    demo.queue(default_concurrency_limit=2)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+    mp.undo()
+
+
 def load_sd(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app_client import free_port
-from tests.test_session import build_tiny_zoo
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -15,21 +13,6 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent (apt-get install chromium)")]
-
-
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FEDMERGE_ZOO", str(build_tiny_zoo(tmp_path_factory)))
-    import app
-
-    demo = app.build_demo()
-    demo.queue(default_concurrency_limit=2)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    mp.undo()
 
 
 def test_sliders_outputs_heatmap_and_aggregator_widgets(app_url, tmp_path):

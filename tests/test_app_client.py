@@ -1,32 +1,9 @@
 """The real Gradio app, launched on 127.0.0.1 (free port), driven through gradio_client."""
 from __future__ import annotations
 
-import socket
 
 import pytest
 
-from tests.test_session import build_tiny_zoo
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FEDMERGE_ZOO", str(build_tiny_zoo(tmp_path_factory)))
-    import app
-
-    demo = app.build_demo()
-    demo.queue(default_concurrency_limit=2)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    mp.undo()
 
 
 def client(url):
