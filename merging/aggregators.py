@@ -109,8 +109,8 @@ def task_arithmetic(weights: torch.Tensor, normalize: bool = False) -> torch.Ten
     reference="https://arxiv.org/abs/2203.05482",
 )
 def linear(weights: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """Weighted average of the models; with a base it is θ₀ + Σ wᵢτᵢ / Σ wᵢ."""
-    return weights / _normalizer(weights) if normalize else weights.clone()
+    """Weighted average of the models; with a base it is θ₀ + Σ wᵢτᵢ / Σ wᵢ (Task Arithmetic, normalised)."""
+    return task_arithmetic(weights, normalize)
 
 
 @linear_aggregator(
