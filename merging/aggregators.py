@@ -168,6 +168,7 @@ def cclip(weights: torch.Tensor, rho=None, *, update_norms: torch.Tensor) -> tor
     [HyperParam("rho", float, 0.5, "Sign-agreement threshold ρ: coordinates at or above it pass unchanged.",
                 low=0.0, high=1.0)],
     family="federated",
+    elementwise=True,
     reference="https://arxiv.org/abs/2202.10143",
 )
 def fedgma(deltas: torch.Tensor, weights: torch.Tensor, rho: float = 0.5) -> torch.Tensor:
@@ -196,6 +197,7 @@ def _sorted_stack(u: torch.Tensor) -> list[torch.Tensor]:
     [HyperParam("median_kind", str, "true", "For even K: 'true' averages the two middle values; 'lower' takes "
                 "the lower one (torch.median, as the paper's code).", choices=("true", "lower"))],
     family="federated",
+    elementwise=True,
     reference="https://arxiv.org/abs/1803.01498",
 )
 def median(deltas: torch.Tensor, weights: torch.Tensor, median_kind: str = "true") -> torch.Tensor:

@@ -42,10 +42,33 @@ def call_kwargs(agg: Aggregator, name: str, base: torch.Tensor, hyper: Mapping[s
     return kwargs
 
 
+CHUNK = 1 << 17  # coordinates per slice: a [K, CHUNK] float32 temporary stays in the CPU cache
+
+
+def apply_elementwise(fn, deltas: torch.Tensor, weights: torch.Tensor, kwargs: Mapping[str, Any],
+                      base: torch.Tensor, lam: float) -> torch.Tensor:
+    """θ₀ + λ·fn(deltas) slice by slice over the coordinates, for coordinate-wise aggregators.
+
+    Same values as one call on the whole tensor, but the several temporaries each aggregator makes
+    are cache-sized instead of model-sized: memory traffic drops to about one read of the stack.
+    """
+    k = deltas.shape[0]
+    flat, b = deltas.reshape(k, -1), base.reshape(-1)
+    out = torch.empty_like(b, dtype=torch.float32)
+    for s in range(0, flat.shape[1], CHUNK):
+        torch.add(b[s:s + CHUNK], fn(flat[:, s:s + CHUNK], weights, **kwargs), alpha=lam, out=out[s:s + CHUNK])
+    return out.view(base.shape)
+
+
 def merge_tensor(agg: Aggregator, name: str, base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor,
                  lam: float, hyper: Mapping[str, Any], update_norms: torch.Tensor | None = None) -> torch.Tensor:
     """θ₀ + λ·U for one tensor, in float32."""
-    update = agg.fn(deltas, weights, **call_kwargs(agg, name, base, hyper, update_norms))
+    kwargs = call_kwargs(agg, name, base, hyper, update_norms)
+    if agg.elementwise:
+        return apply_elementwise(agg.fn, deltas, weights, kwargs, base, lam)
+    if agg.prepare is not None:
+        return apply_elementwise(agg.combine, agg.prepare(deltas, kwargs), weights, kwargs, base, lam)
+    update = agg.fn(deltas, weights, **kwargs)
     if update.untyped_storage().data_ptr() == deltas.untyped_storage().data_ptr():
         update = update.clone()  # never scale the shared task vectors in place
     return update.mul_(lam).add_(base) if lam != 1 else update.add_(base)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .engine import call_kwargs, load_tensor_stack, merge_tensor
+from .engine import apply_elementwise, call_kwargs, load_tensor_stack, merge_tensor
 from .errors import MergeError
 from .plan import MergePlan, plan_from_objects
 from .registry import AGGREGATORS, LAMBDA, WEIGHT
@@ -126,8 +126,7 @@ class TaskVectorStack:
         agg, base = req.agg, self.base[name]
         if agg.prepare is not None:
             kwargs = call_kwargs(agg, name, base, req.hyper, req.norms)
-            update = agg.combine(self._prepared(req, name), req.weights, **kwargs)
-            return update.mul_(req.lam).add_(base)
+            return apply_elementwise(agg.combine, self._prepared(req, name), req.weights, kwargs, base, req.lam)
         return merge_tensor(agg, name, base, self._selected(name, req.idx), req.weights, req.lam, req.hyper, req.norms)
 
     def merged(self, method: str, weights: Sequence[float], lam: float = 1.0, select: Sequence[int] | None = None,

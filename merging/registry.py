@@ -105,7 +105,9 @@ class Aggregator:
     # drop masks) does not depend on the weights, so the live app can cache it across slider moves.
     prepare: Callable[..., Any] | None = None
     prepare_params: tuple[str, ...] = ()
-    combine: Callable[..., Any] | None = None
+    combine: Callable[..., Any] | None = None  # always coordinate-wise
+    # U at a coordinate depends only on the K values there: the engine may work in cache-sized slices.
+    elementwise: bool = False
 
     def param(self, name: str) -> HyperParam:
         for p in self.params:

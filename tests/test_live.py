@@ -66,3 +66,16 @@ def test_a_refused_merge_keeps_the_previous_weights(live):
             live.apply(**bad)
         after = params(live)
         assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("method", ["fedgma", "median", "ties", "breadcrumbs_ties", "dare_ties"])
+def test_sliced_merge_equals_one_call_across_slice_boundaries(method):
+    from merging.engine import CHUNK, call_kwargs, merge_tensor
+
+    agg = AGGREGATORS[method]
+    g = torch.Generator().manual_seed(0)
+    deltas, base = torch.randn(4, 3 * CHUNK + 5, generator=g), torch.randn(3 * CHUNK + 5, generator=g)
+    w = torch.tensor([0.5, 1.0, -0.3, 0.8])
+    hp = agg.check_params({"density": 0.4} if agg.prepare else {}, 4)
+    expected = base + 0.7 * agg.fn(deltas, w, **call_kwargs(agg, "t", base, hp))
+    torch.testing.assert_close(merge_tensor(agg, "t", base, deltas, w, 0.7, hp), expected)
