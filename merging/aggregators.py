@@ -227,18 +227,18 @@ def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
 
 def combine(deltas: torch.Tensor, weights: torch.Tensor, consensus: bool, normalize: bool) -> torch.Tensor:
     """mergekit's generalized task arithmetic after sparsification: weight, elect, sum, normalise."""
+    if not consensus:  # linear in the weights: one matrix-vector product, no [K, ...] temporary
+        mixed = weighted_sum(deltas, weights)
+        return mixed / _normalizer(weights) if normalize else mixed
     w = _col(weights, deltas)
     weighted = deltas * w
-    if consensus:
-        mask = sign_consensus(weighted)
-        mixed = (weighted * mask).sum(0)
-        if normalize:
-            divisor = (w * mask).sum(0)
-            divisor[divisor == 0] = 1
-            mixed /= divisor
-        return mixed
-    mixed = weighted.sum(0)
-    return mixed / _normalizer(weights) if normalize else mixed
+    mask = sign_consensus(weighted)
+    mixed = (weighted * mask).sum(0)
+    if normalize:
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+        mixed /= divisor
+    return mixed
 
 
 def _register_gta(name: str, summary: str, params, sparsifier, consensus: bool, reference: str):
