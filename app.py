@@ -390,6 +390,8 @@ def build_demo() -> gr.Blocks:
                 session.prepare_references()
             except MergeError as exc:
                 raise gr.Error(str(exc)) from None
+            for warning in session.stack.warnings:  # zero task vector, the same model twice, ...
+                gr.Warning(warning)
             return [session, *selection_updates(session, hwidgets), f"Added **{spec.name}** ({spec.ref})."]
 
         def set_base(st, ref, progress=gr.Progress()):

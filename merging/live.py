@@ -65,6 +65,8 @@ class TaskVectorStack:
                 progress(j + 1, len(self.names), name)
         self.norms = sq.sqrt()
         self.warnings = list(self.plan.warnings)
+        self.warnings += [f"{n}: identical to the base (its task vector is zero; it adds nothing to a merge)"
+                          for n, norm in zip(self.source_names, self.norms) if norm == 0]
 
     def __len__(self) -> int:
         return len(self.source_names)
