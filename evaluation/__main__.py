@@ -39,9 +39,44 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-test", type=int, default=100, help="test examples per task for the report")
 
 
+def _heterogeneity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import heterogeneity
+    from .session import Session, read_zoo
+
+    session = Session(zoo=args.zoo, allow_hub=False).load_zoo()
+    if args.models:
+        session.select(args.models.split(","))
+    else:
+        session.select([s.name for s in read_zoo(args.zoo)[1] if not s.variant_of])
+    methods = args.methods.split(",")
+    study = heterogeneity.run(session, methods, n_val=args.n_val, n_test=args.n_test,
+                              progress=lambda f, d: print(f"[{f:4.0%}] {d}", flush=True))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = heterogeneity.to_markdown(study, methods)
+    (out / "heterogeneity.md").write_text(text)
+    heterogeneity.scatter_figures(study, methods).write_html(out / "heterogeneity.html", include_plotlyjs="cdn")
+    print(text)
+    print(f"wrote {out / 'heterogeneity.md'} and {out / 'heterogeneity.html'}")
+    return 0
+
+
+def _add_heterogeneity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--zoo", default=None, help="zoo folder (default assets/zoo)")
+    p.add_argument("--models", default=None, help="comma-separated fine-tunes (default: one per task)")
+    p.add_argument("--methods", default="task_arithmetic,fedgma,median,fednova")
+    p.add_argument("--out", default="evaluation/results")
+    p.add_argument("--n-val", type=int, default=20)
+    p.add_argument("--n-test", type=int, default=50)
+
+
 # name -> (help, add_arguments, run). Add commands here.
 COMMANDS = {
     "build-zoo": ("rebuild the built-in model zoo deterministically", _add_build_zoo, _build_zoo),
+    "heterogeneity": ("does heterogeneity predict merge failure? pairwise study with rank correlations",
+                      _add_heterogeneity, _heterogeneity),
     "compare": ("tune every aggregator on the zoo (plain, then heterogeneous) and tabulate", _add_compare, _compare),
 }
 

@@ -1,0 +1,331 @@
+"""Does heterogeneity predict merge failure? A pairwise study, measured on the current selection.
+
+For every pair of selected fine-tunes (and each leave-one-out group when more than two are
+selected) it tunes λ for each aggregator on validation, scores the group's tasks on test, and
+puts the drop in normalized accuracy beside the group's heterogeneity measures: cosine similarity
+of the task vectors (whole model and the lowest layer), sign-conflict rate, the ratio of their
+norms, and the ratio of their training effort (steps × learning rate). Spearman rank correlations
+with bootstrap confidence intervals say how well each measure predicts the drop, per aggregator.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from merging.similarity import SimilarityReport
+
+from .search import QUICK_LAMBDAS, search
+
+MEASURES = {
+    "cosine": "cosine similarity (whole model)",
+    "min_layer_cosine": "lowest per-layer cosine",
+    "sign_conflict": "sign-conflict rate",
+    "norm_ratio": "norm ratio (larger ÷ smaller)",
+    "effort_ratio": "steps × lr ratio (larger ÷ smaller)",
+}
+DEFAULT_METHODS = ("task_arithmetic", "fedgma", "median", "fednova")
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class GroupResult:
+    members: list[str]
+    kind: str  # "pair" or "leave-one-out"
+    measures: dict[str, float]
+    drop: dict[str, float]  # method -> 1 − mean normalized test accuracy of the group's tasks
+    setting: dict[str, str]  # method -> chosen λ (and hyperparameters)
+    left_out: str | None = None  # leave-one-out groups: the model left out
+
+    @property
+    def label(self) -> str:
+        return " + ".join(self.members) if self.left_out is None else f"all but {self.left_out}"
+
+
+@dataclass
+class Correlation:
+    measure: str
+    method: str
+    rho: float
+    low: float
+    high: float
+    n: int
+
+
+@dataclass
+class Study:
+    groups: list[GroupResult]
+    correlations: list[Correlation]
+    layers: list[tuple[str, float, float]]  # layer, mean pairwise cosine, spread (min)
+    ablation: dict[str, Any] = field(default_factory=dict)
+    recommendation: str = ""
+    seconds: float = 0.0
+
+    @property
+    def pairs(self) -> list[GroupResult]:
+        return [g for g in self.groups if g.kind == "pair"]
+
+
+# ------------------------------------------------------------------------- statistics
+
+def group_measures(report: SimilarityReport, idx: Sequence[int]) -> dict[str, float]:
+    """Heterogeneity of a group of task vectors: pairwise means over its members."""
+    pairs = list(itertools.combinations(idx, 2))
+    cos = [report.cosine[i, j] for i, j in pairs]
+    conflict = [report.sign_conflict[i, j] for i, j in pairs]
+    layer_min = [min(float(m[i, j]) for m in report.layer_cosine.values()) for i, j in pairs]
+    norms = [float(report.norms[i]) for i in idx]
+    effort = []
+    for i in idx:
+        meta = report.training[i] if report.training else {}
+        effort.append(meta["steps"] * meta["learning_rate"] if "steps" in meta and "learning_rate" in meta else math.nan)
+    ratio = lambda xs: max(xs) / min(xs) if min(xs) > 0 else math.inf  # noqa: E731
+    return {"cosine": float(np.nanmean(cos)), "min_layer_cosine": float(np.nanmean(layer_min)),
+            "sign_conflict": float(np.mean(conflict)), "norm_ratio": ratio(norms),
+            "effort_ratio": ratio(effort) if not any(math.isnan(e) for e in effort) else math.nan}
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    for v in np.unique(x):
+        tie = x == v
+        if tie.sum() > 1:
+            ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (NaN when either side is constant or fewer than 3 points)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 3:
+        return math.nan
+    rx, ry = _ranks(x), _ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def bootstrap_ci(x: Sequence[float], y: Sequence[float], n: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of Spearman's ρ over resampled points."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 3:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n):
+        i = rng.integers(0, len(x), len(x))
+        r = spearman(x[i], y[i])
+        if not math.isnan(r):
+            stats.append(r)
+    if not stats:
+        return math.nan, math.nan
+    a = (1 - level) / 2
+    return float(np.quantile(stats, a)), float(np.quantile(stats, 1 - a))
+
+
+def correlations(groups: Sequence[GroupResult], methods: Sequence[str]) -> list[Correlation]:
+    out = []
+    pairs = [g for g in groups if g.kind == "pair"]
+    for method in methods:
+        drops = [g.drop.get(method, math.nan) for g in pairs]
+        for m in MEASURES:
+            xs = [g.measures[m] for g in pairs]
+            lo, hi = bootstrap_ci(xs, drops)
+            n = int(sum(1 for a, b in zip(xs, drops) if math.isfinite(a) and math.isfinite(b)))
+            out.append(Correlation(m, method, spearman(xs, drops), lo, hi, n))
+    return out
+
+
+# ------------------------------------------------------------------------- the study
+
+def _score(session, select: list[int], method: str, n_val: int, n_test: int) -> tuple[float, str]:
+    session.select(select)
+    r = search(session, method, lambdas=QUICK_LAMBDAS, grid=[{}], n_val=n_val, n_test=n_test)
+    return 1.0 - r.test_normalized.get("mean", math.nan), r.describe()
+
+
+def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 20, n_test: int = 50,
+        progress: Progress | None = None, leave_one_out: bool = True) -> Study:
+    """Run the study on the session's current selection (restored afterwards)."""
+    t0 = time.perf_counter()
+    selected = list(session.selected)
+    if len(selected) < 2:
+        from merging.errors import MergeError
+
+        raise MergeError("the heterogeneity study needs at least two selected fine-tunes")
+    report = session.stack.similarity(selected)
+    names = report.names
+    groups_idx = [("pair", list(p)) for p in itertools.combinations(range(len(selected)), 2)]
+    if leave_one_out and len(selected) > 2:
+        groups_idx += [("leave-one-out", [j for j in range(len(selected)) if j != i]) for i in range(len(selected))]
+    everyone = set(range(len(selected)))
+    groups: list[GroupResult] = []
+    total = len(groups_idx) * len(methods)
+    done = 0
+    try:
+        for kind, idx in groups_idx:
+            drop, setting = {}, {}
+            for m in methods:
+                drop[m], setting[m] = _score(session, [selected[i] for i in idx], m, n_val, n_test)
+                done += 1
+                if progress:
+                    progress(done / (total + 1), f"{kind} {'+'.join(names[i] for i in idx)}: {m}")
+            left = sorted(everyone - set(idx)) if kind == "leave-one-out" else []
+            groups.append(GroupResult([names[i] for i in idx], kind, group_measures(report, idx), drop, setting,
+                                      names[left[0]] if left else None))
+        corr = correlations(groups, methods)
+        layers = layer_conflicts(report)
+        ablation = layer_ablation(session, selected, report, groups, n_val=n_val)
+    finally:
+        session.select(selected)
+    study = Study(groups, corr, layers, ablation, seconds=time.perf_counter() - t0)
+    study.recommendation = recommend(study, methods)
+    if progress:
+        progress(1.0, "done")
+    return study
+
+
+def layer_conflicts(report: SimilarityReport) -> list[tuple[str, float, float]]:
+    """Layers ordered from most to least conflicting: mean and minimum pairwise cosine."""
+    rows = []
+    for layer, mat in report.layer_cosine.items():
+        vals = [float(mat[i, j]) for i, j in report.pairs()]
+        rows.append((layer, float(np.nanmean(vals)), float(np.nanmin(vals))))
+    return sorted(rows, key=lambda r: r[1])
+
+
+def layer_ablation(session, selected: list[int], report: SimilarityReport, groups: Sequence[GroupResult],
+                   n_val: int = 20) -> dict[str, Any]:
+    """Worst pair under Task Arithmetic: merge it, then take its most conflicting layer from one side only."""
+    import torch
+
+    from .harness import evaluate, normalized
+    from .session import LIVE_SPLIT
+
+    pairs = [g for g in groups if g.kind == "pair" and "task_arithmetic" in g.drop]
+    if not pairs:
+        return {}
+    worst = max(pairs, key=lambda g: g.drop["task_arithmetic"])
+    ia, ib = (report.names.index(n) for n in worst.members)
+    layer_cos = {l: float(m[ia, ib]) for l, m in report.layer_cosine.items() if l != "other"}
+    if not layer_cos:
+        return {}
+    layer = min(layer_cos, key=layer_cos.get)
+    lam = float(worst.setting["task_arithmetic"].split(",")[0].removeprefix("λ="))
+    sel = [selected[ia], selected[ib]]
+    session.select(sel)
+    ft = session.finetuned_accuracy(LIVE_SPLIT, n_val)
+    live = session.live_model
+    stack = session.stack
+    out = {"pair": worst.members, "layer": layer, "layer_cosine": layer_cos[layer], "lambda": lam}
+    saved = {n: p.detach().clone() for n, p in live.targets.items()}
+    try:
+        for label, keep in (("both", None), (f"{layer} from {worst.members[0]}", 0),
+                            (f"{layer} from {worst.members[1]}", 1)):
+            with torch.no_grad():
+                for name, p in live.targets.items():
+                    d = stack.deltas[name][sel]
+                    if keep is not None and _layer(name) == layer:
+                        d = d[keep:keep + 1]
+                    p.copy_(stack.base[name] + lam * d.sum(0))
+            res = evaluate(live.model, session.tokenizer, session.tasks, split=LIVE_SPLIT, n=n_val)
+            out[label] = normalized(res.accuracy, ft).get("mean", math.nan)
+    finally:
+        with torch.no_grad():
+            for n, p in live.targets.items():
+                p.copy_(saved[n])
+        live._last = None  # the in-place increments no longer know these weights
+    return out
+
+
+def _layer(name: str) -> str:
+    from merging.plan import layer_of
+
+    return layer_of(name)
+
+
+def recommend(study: Study, methods: Sequence[str]) -> str:
+    """A recommendation from the measurements: which aggregator recovers most on the worst pair."""
+    pairs = study.pairs
+    if not pairs or "task_arithmetic" not in methods:
+        return ""
+    worst = max(pairs, key=lambda g: g.drop["task_arithmetic"])
+    best = min(methods, key=lambda m: worst.drop.get(m, math.inf))
+    gain = (worst.drop["task_arithmetic"] - worst.drop[best]) * 100
+    a, b = worst.members
+    text = (f"{a} and {b} lose the most under Task Arithmetic ({worst.drop['task_arithmetic'] * 100:.0f} points "
+            f"of normalized accuracy at {worst.setting['task_arithmetic']}); their task vectors have cosine "
+            f"{worst.measures['cosine']:.2f} and conflict in sign in {worst.measures['sign_conflict'] * 100:.0f}% "
+            f"of coordinates. ")
+    if best != "task_arithmetic" and gain > 0.5:
+        text += f"{best} at {worst.setting[best]} recovers {gain:.0f} points on this pair."
+    else:
+        text += "No aggregator tried recovers more than Task Arithmetic on this pair."
+    strong = [c for c in study.correlations if c.method == "task_arithmetic" and math.isfinite(c.rho)]
+    if strong:
+        c = max(strong, key=lambda c: abs(c.rho))
+        text += (f" Across {c.n} pairs, the best single predictor of the Task Arithmetic drop is "
+                 f"{MEASURES[c.measure]} (Spearman ρ = {c.rho:+.2f}, 95% CI [{c.low:+.2f}, {c.high:+.2f}]).")
+    return text
+
+
+# ------------------------------------------------------------------------- reports
+
+def to_markdown(study: Study, methods: Sequence[str]) -> str:
+    lines = ["| group | " + " | ".join(MEASURES) + " | " + " | ".join(f"drop: {m}" for m in methods) + " |",
+             "|" + "---|" * (1 + len(MEASURES) + len(methods))]
+    for g in study.groups:
+        lines.append(f"| {g.label} | " + " | ".join(f"{g.measures[m]:.3g}" for m in MEASURES) + " | "
+                     + " | ".join(f"{g.drop[m]:.2f}" for m in methods) + " |")
+    lines += ["", "Spearman ρ between each measure and the drop (pairs only), 95% bootstrap interval:", "",
+              "| measure | " + " | ".join(methods) + " |", "|" + "---|" * (1 + len(methods))]
+    for m in MEASURES:
+        cells = []
+        for meth in methods:
+            c = next(c for c in study.correlations if c.measure == m and c.method == meth)
+            cells.append("n/a" if math.isnan(c.rho) else f"{c.rho:+.2f} [{c.low:+.2f}, {c.high:+.2f}]")
+        lines.append(f"| {MEASURES[m]} | " + " | ".join(cells) + " |")
+    lines += ["", "Most conflicting layers (mean pairwise cosine of the task vectors in that layer):", ""]
+    lines += [f"- {l}: mean {mean:+.3f}, min {mn:+.3f}" for l, mean, mn in study.layers[:5]]
+    if study.ablation:
+        ab = study.ablation
+        lines += ["", f"Layer ablation on {' + '.join(ab['pair'])} (Task Arithmetic, λ = {ab['lambda']:g}; mean "
+                  f"normalized validation accuracy): " + ", ".join(
+                      f"{k}: {v:.2f}" for k, v in ab.items() if k not in ("pair", "layer", "layer_cosine", "lambda"))]
+    if study.recommendation:
+        lines += ["", f"**Recommendation.** {study.recommendation}"]
+    lines += ["", f"Study time: {study.seconds:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def scatter_figures(study: Study, methods: Sequence[str]):
+    """One scatter per measure: the drop of each pair against the measure, one trace per aggregator."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(MEASURES), subplot_titles=[MEASURES[m] for m in MEASURES],
+                        shared_yaxes=True)
+    colors = ["#4f46e5", "#db2777", "#059669", "#d97706", "#0891b2", "#7c3aed"]
+    for k, meth in enumerate(methods):
+        for c, m in enumerate(MEASURES, start=1):
+            fig.add_trace(go.Scatter(
+                x=[g.measures[m] for g in study.pairs], y=[g.drop[meth] for g in study.pairs], mode="markers",
+                name=meth, legendgroup=meth, showlegend=c == 1, marker=dict(color=colors[k % len(colors)], size=9),
+                text=[" + ".join(g.members) for g in study.pairs],
+                hovertemplate="%{text}<br>%{x:.3g} → drop %{y:.2f}<extra>" + meth + "</extra>"), row=1, col=c)
+    fig.update_yaxes(title_text="drop in normalized accuracy", row=1, col=1)
+    fig.update_layout(height=380, template="plotly_white", margin=dict(l=60, r=20, t=60, b=40),
+                      title=dict(text="Does heterogeneity predict the merge's drop?", x=0.02))
+    return fig

@@ -1,0 +1,61 @@
+"""The heterogeneity study: pair enumeration, statistics on known inputs, the figures' data."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation import heterogeneity as H
+from merging.similarity import similarity_from_stacks
+from tests.test_session import build_tiny_zoo
+
+
+def test_spearman_and_bootstrap_on_known_inputs():
+    assert H.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert H.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert H.spearman([1, 2, 3, 4, 5], [1, 3, 2, 5, 4]) == pytest.approx(0.8)  # Σd² = 4: 1 − 6·4/(5·24)
+    assert math.isnan(H.spearman([1, 1, 1], [1, 2, 3])) and math.isnan(H.spearman([1, 2], [1, 2]))
+    assert H.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(np.corrcoef([1, 2.5, 2.5, 4], [1, 2, 3, 4])[0, 1])
+    lo, hi = H.bootstrap_ci(range(20), [2 * x for x in range(20)])
+    assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+    lo, hi = H.bootstrap_ci(list(range(30)), list(np.random.default_rng(1).permutation(30)))
+    assert lo < 0 < hi
+
+
+def test_group_measures_on_known_task_vectors():
+    a = torch.tensor([[1.0, 2.0, 0.0, -1.0]])
+    stacks = [("h.0.w", torch.stack([a, -a, 2 * a])), ("h.1.w", torch.stack([a, a, 2 * a]))]
+    rep = similarity_from_stacks(stacks, ["x", "y", "z"], [{"steps": 10, "learning_rate": 1.0},
+                                                           {"steps": 40, "learning_rate": 1.0},
+                                                           {"steps": 10, "learning_rate": 2.0}])
+    m = H.group_measures(rep, [0, 1])
+    assert m["cosine"] == pytest.approx(0.0, abs=1e-12) and m["min_layer_cosine"] == pytest.approx(-1.0)
+    assert m["sign_conflict"] == pytest.approx(0.5) and m["norm_ratio"] == pytest.approx(1.0)
+    assert m["effort_ratio"] == pytest.approx(4.0)
+    m = H.group_measures(rep, [0, 2])
+    assert m["cosine"] == pytest.approx(1.0) and m["norm_ratio"] == pytest.approx(2.0)
+    assert [l for l, *_ in H.layer_conflicts(rep)] == ["h.0", "h.1"]  # h.0 conflicts (cosine −1 for x, y)
+
+
+def test_study_on_a_tiny_zoo(tmp_path_factory):
+    from evaluation.session import Session
+
+    zoo = build_tiny_zoo(tmp_path_factory)
+    session = Session(zoo=zoo, allow_hub=False).load_zoo()
+    session.select(list(range(3)))
+    methods = ["task_arithmetic", "median"]
+    study = H.run(session, methods, n_val=3, n_test=3)
+    assert session.selected == [0, 1, 2]  # restored
+    assert [g.kind for g in study.groups] == ["pair"] * 3 + ["leave-one-out"] * 3
+    assert {tuple(g.members) for g in study.pairs} == {tuple(p) for p in
+                                                      __import__("itertools").combinations(session.stack.similarity([0, 1, 2]).names, 2)}
+    assert all(0 <= g.drop[m] <= 1 or math.isnan(g.drop[m]) for g in study.groups for m in methods)
+    assert len(study.correlations) == len(H.MEASURES) * len(methods)
+    fig = H.scatter_figures(study, methods)
+    first = fig.data[0]
+    assert list(first.x) == [g.measures["cosine"] for g in study.pairs]
+    assert list(first.y) == [g.drop["task_arithmetic"] for g in study.pairs]
+    text = H.to_markdown(study, methods)
+    assert "Spearman" in text and "drop: median" in text
