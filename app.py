@@ -21,7 +21,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from evaluation import plots  # noqa: E402
+from evaluation import heterogeneity, plots  # noqa: E402
 from evaluation.search import (compare_all, comparison_chart, comparison_table, search,  # noqa: E402
                                sweep)
 from evaluation.session import Session, default_prompts, push_to_hub, read_zoo  # noqa: E402
@@ -255,6 +255,15 @@ def build_demo() -> gr.Blocks:
                     heat = gr.Plot(label="Heatmap")
                     norms = gr.Plot(label="Norms")
                 layer_heat = gr.Plot(label="Per layer")
+                gr.Markdown("**Does heterogeneity predict merge failure?** The study merges every pair of the "
+                            "selected fine-tunes (and each leave-one-out group) with each aggregator at its tuned "
+                            "λ, and correlates the drop in normalized accuracy with the measures above.")
+                with gr.Row():
+                    study_methods = gr.CheckboxGroup(choices=list(AGGREGATORS), value=list(heterogeneity.DEFAULT_METHODS),
+                                                     label="Aggregators in the study")
+                    study_btn = gr.Button("Run the study", variant="primary")
+                study_plot = gr.Plot(label="Drop vs heterogeneity, per pair")
+                study_md = gr.Markdown()
             with gr.Tab("Explore", id="explore"):
                 gr.Markdown("λ is searched over 0.05…2.00 (plus ρ for fedgma/cclip, density for ties/dare) by the best "
                             "mean **normalized** validation accuracy; the chosen setting is reported on test.")
@@ -457,6 +466,20 @@ def build_demo() -> gr.Blocks:
             headers, rows = comparison_table(results)
             return pd.DataFrame(rows, columns=headers), comparison_chart(results), \
                 f"Compared {len(results)} aggregators (λ step 0.1, coarse hyperparameter grids)."
+
+        def do_study(st, methods_chosen, progress=gr.Progress()):
+            session = _session(st)
+            methods_chosen = [m for m in methods_chosen or [] if AGGREGATORS[m].max_models is None]
+            if not methods_chosen:
+                raise gr.Error("choose at least one aggregator that takes any number of models")
+            try:
+                study = heterogeneity.run(session, methods_chosen, progress=lambda f, d: progress(f, desc=d))
+            except MergeError as exc:
+                raise gr.Error(str(exc)) from None
+            return heterogeneity.scatter_figures(study, methods_chosen), heterogeneity.to_markdown(study, methods_chosen)
+
+        study_btn.click(do_study, inputs=[state, study_methods], outputs=[study_plot, study_md], concurrency_limit=1,
+                        api_name="heterogeneity")
 
         explore_inputs = live_inputs
         sweep_btn.click(do_sweep, inputs=explore_inputs, outputs=[sweep_plot, explore_md], concurrency_limit=2)

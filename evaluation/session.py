@@ -230,16 +230,18 @@ class Session:
             raise MergeError("no models loaded in this session (reload the page)")
         return self.live_model
 
-    def apply(self, method: str, weights: Sequence[float], lam: float, hyper: Mapping[str, Any] | None = None) -> None:
-        """Merge the selected fine-tunes into this session's model (in place; errors leave it as it was)."""
+    def apply(self, method: str, weights: Sequence[float], lam: float, hyper: Mapping[str, Any] | None = None,
+              select: Sequence[int] | None = None) -> None:
+        """Merge the selected fine-tunes (or `select`) into this session's model (in place; errors leave it as it was)."""
         live = self._need()
-        if not self.selected:
+        select = list(self.selected if select is None else select)
+        if not select:
             raise MergeError("select at least one fine-tuned model")
-        hyper = clean_hyper(method, hyper or {}, len(self.selected))
+        hyper = clean_hyper(method, hyper or {}, len(select))
         with self.lock:
-            live.apply(method, list(weights), lam, select=self.selected, **hyper)
+            live.apply(method, list(weights), lam, select=select, **hyper)
             self.settings = dict(method=method, weights=list(weights), lam=float(lam), hyper=dict(hyper),
-                                 select=list(self.selected))
+                                 select=select)
 
     def _show(self, which: str | int) -> None:
         """Write the base ('base') or one fine-tune (its index among all models) into the model."""
@@ -252,7 +254,7 @@ class Session:
 
     def _restore(self, saved: dict[str, Any] | None) -> None:
         if saved:
-            self.apply(saved["method"], saved["weights"], saved["lam"], saved["hyper"])
+            self.apply(saved["method"], saved["weights"], saved["lam"], saved["hyper"], saved["select"])
         else:
             self.live_model.reset_to_base()
 

@@ -53,3 +53,14 @@ def test_yaml_of_the_current_merge(app_url):
     path, text = c.predict(api_name="/yaml")
     cfg = yaml.safe_load(text)
     assert cfg["merge_method"] == "ties" and cfg["parameters"]["lambda"] == 0.9 and len(cfg["models"]) == 7
+
+
+def test_heterogeneity_study_endpoint(app_url):
+    from app import live_args
+
+    c = client(app_url)
+    c.predict(*live_args(weights=[1.0] * 3, selection=["upper", "add", "sort"]), api_name="/live")
+    fig, text = c.predict(["task_arithmetic", "median", "slerp"], api_name="/heterogeneity")
+    assert "Spearman" in text and "drop: median" in text and "drop: slerp" not in text
+    assert "upper + add" in text and "all but sort" in text
+    assert fig
