@@ -85,7 +85,7 @@ def main() -> int:
         text = [f"\n## App latency: slider event → updated outputs + scores ({datetime.now(timezone.utc):%Y-%m-%d})\n",
                 f"`{cmd.strip()}` — gradio_client round trips to `python app.py` (127.0.0.1), zoo `{Path(args.zoo).name}`, "
                 f"{k} fine-tunes, {args.n} events per row; each event merges, scores the live validation subset "
-                f"(FEDMERGE_LIVE_N={os.environ.get('FEDMERGE_LIVE_N', '20')} per task) and regenerates the prompts table. "
+                f"(FEDMERGE_LIVE_N={os.environ.get('FEDMERGE_LIVE_N', '12')} per task) and regenerates the prompts table. "
                 f"2-core CPU machine, shared with other jobs.\n",
                 "| event | p50 | p95 |", "|---|---|---|"]
         text += [f"| {label} | {p50:.0f} ms | {p95:.0f} ms |" for label, p50, p95 in rows]

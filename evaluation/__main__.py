@@ -68,8 +68,8 @@ def _add_heterogeneity(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=None, help="comma-separated fine-tunes (default: one per task)")
     p.add_argument("--methods", default="task_arithmetic,fedgma,median,fednova")
     p.add_argument("--out", default="evaluation/results")
-    p.add_argument("--n-val", type=int, default=20)
-    p.add_argument("--n-test", type=int, default=50)
+    p.add_argument("--n-val", type=int, default=12, help="validation examples per task (λ tuning)")
+    p.add_argument("--n-test", type=int, default=30, help="test examples per task (the reported drop)")
 
 
 # name -> (help, add_arguments, run). Add commands here.

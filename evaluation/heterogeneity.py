@@ -19,7 +19,7 @@ import numpy as np
 
 from merging.similarity import SimilarityReport
 
-from .search import QUICK_LAMBDAS, search
+from .search import search
 
 MEASURES = {
     "cosine": "cosine similarity (whole model)",
@@ -29,6 +29,7 @@ MEASURES = {
     "effort_ratio": "steps × lr ratio (larger ÷ smaller)",
 }
 DEFAULT_METHODS = ("task_arithmetic", "fedgma", "median", "fednova")
+STUDY_LAMBDAS = tuple(round(0.2 * i, 1) for i in range(1, 11))  # 0.2 … 2.0: a coarse λ grid per group
 Progress = Callable[[float, str], None]
 
 
@@ -152,11 +153,11 @@ def correlations(groups: Sequence[GroupResult], methods: Sequence[str]) -> list[
 
 def _score(session, select: list[int], method: str, n_val: int, n_test: int) -> tuple[float, str]:
     session.select(select)
-    r = search(session, method, lambdas=QUICK_LAMBDAS, grid=[{}], n_val=n_val, n_test=n_test)
+    r = search(session, method, lambdas=STUDY_LAMBDAS, grid=[{}], n_val=n_val, n_test=n_test)
     return 1.0 - r.test_normalized.get("mean", math.nan), r.describe()
 
 
-def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 20, n_test: int = 50,
+def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 12, n_test: int = 30,
         progress: Progress | None = None, leave_one_out: bool = True) -> Study:
     """Run the study on the session's current selection (restored afterwards)."""
     t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from merging.registry import AGGREGATORS
 from .harness import evaluate, normalized
 
 LAMBDAS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 41))  # 0.05 … 2.00
+SEARCH_N = 20  # validation examples per task when tuning (the live view scores fewer)
 QUICK_LAMBDAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1 … 2.0
 Progress = Callable[[float, str], None]
 
@@ -111,10 +112,10 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
     `weights` are the per-model coefficients (default 1); `fixed` hyperparameters are held
     (e.g. fednova's steps); `grid` overrides `hyper_grid(method)`.
     """
-    from .session import LIVE_N, LIVE_SPLIT
+    from .session import LIVE_SPLIT
 
     t0 = time.perf_counter()
-    n_val = n_val or LIVE_N
+    n_val = n_val or SEARCH_N
     select = list(session.selected)
     k = len(select)
     if not k:
