@@ -17,7 +17,7 @@ from .checkpoints import Checkpoint
 from .config import MergeConfig, evaluate_setting
 from .errors import MergeError
 from .registry import AGGREGATORS, LAMBDA, WEIGHT, Aggregator
-from .task_vectors import FullFinetune, LoraAdapter, TaskVectorSource, load_source
+from .task_vectors import LoraAdapter, TaskVectorSource, load_source
 from .validation import check_compatible
 
 _LAYER = re.compile(r"(.*?)\.(\d+)\.")
@@ -199,7 +199,3 @@ def plan_from_objects(base: Checkpoint, sources: list[TaskVectorSource], method:
     if plan.tensor_names:
         plan.params_for(plan.tensor_names[0])
     return plan
-
-
-def is_full(source: TaskVectorSource) -> bool:
-    return isinstance(source, FullFinetune)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
