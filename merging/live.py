@@ -15,7 +15,7 @@ import torch
 
 from .engine import apply_elementwise, call_kwargs, load_tensor_stack, merge_tensor
 from .errors import MergeError
-from .plan import MergePlan, plan_from_objects
+from .plan import TRAINING_KEYS, MergePlan, plan_from_objects, training_defaults
 from .registry import AGGREGATORS, LAMBDA, WEIGHT
 from .similarity import SimilarityReport, similarity_from_stacks
 from .task_vectors import TaskVectorSource
@@ -168,10 +168,12 @@ def _freeze(v: Any) -> Any:
 
 
 def _fill_training_defaults(agg, hp: dict[str, Any], training: list[dict[str, Any]]) -> dict[str, Any]:
-    """fednova's steps / learning rates default to the checkpoints' training records."""
-    for key, meta in (("steps", "steps"), ("learning_rates", "learning_rate")):
-        if key in hp and hp[key] is None and all(meta in t for t in training):
-            hp[key] = [t[meta] for t in training]
+    """Unset per-model hyperparameters (fednova's steps, learning rates) from the training records."""
+    for key in TRAINING_KEYS:
+        if key in hp and hp[key] is None:
+            values = training_defaults(key, training)
+            if all(v is not None for v in values):
+                hp[key] = values
     return hp
 
 

@@ -23,6 +23,16 @@ from .validation import check_compatible
 _LAYER = re.compile(r"(.*?)\.(\d+)\.")
 
 
+TRAINING_KEYS = {"steps": "steps", "learning_rates": "learning_rate"}  # hyperparameter -> training record key
+
+
+def training_defaults(key: str, training: Sequence[Mapping[str, Any]]) -> list:
+    """Per-model defaults of a hyperparameter from each checkpoint's training record (None where absent):
+    fednova's steps and learning rates default to what the checkpoints record."""
+    meta = TRAINING_KEYS.get(key)
+    return [None if meta is None else t.get(meta) for t in training]
+
+
 def layer_positions(names: Sequence[str]) -> dict[str, float]:
     """Each tensor's depth t ∈ [0, 1] for mergekit gradients: layer i of N → i/(N−1); others 0."""
     index: dict[str, tuple[str, int]] = {}
@@ -125,9 +135,7 @@ class MergePlan:
                             1.0 if lam is None else LAMBDA.check(lam), hyper)
 
     def _default_per_model(self, key: str) -> list:
-        """fednova's steps and learning rates default to what each checkpoint records."""
-        meta_key = {"steps": "steps", "learning_rates": "learning_rate"}.get(key)
-        return [None if meta_key is None else s.training.get(meta_key) for s in self.sources]
+        return training_defaults(key, [s.training for s in self.sources])
 
 
 def _same_path(a: Any, b: Any) -> bool:
