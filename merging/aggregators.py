@@ -172,11 +172,13 @@ def cclip(weights: torch.Tensor, rho=None, *, update_norms: torch.Tensor) -> tor
     reference="https://arxiv.org/abs/2202.10143",
 )
 def fedgma(deltas: torch.Tensor, weights: torch.Tensor, rho: float = 0.5) -> torch.Tensor:
-    """Gradient-masked averaging: A = |Σ sign(uᵢ)|/K; mask 1 where A ≥ ρ, else A."""
-    u = deltas * _col(weights, deltas)
-    agreement = u.sign().sum(0).abs_().div_(deltas.shape[0])
+    """Gradient-masked averaging: A = |Σ sign(uᵢ)|/K; mask 1 where A ≥ ρ, else A.
+
+    sign(wᵢτᵢ) = sign(wᵢ)·sign(τᵢ), so both sums are matrix-vector products over the stack.
+    """
+    agreement = weighted_sum(deltas.sign(), weights.sign()).abs_().div_(deltas.shape[0])
     mask = torch.where(agreement >= rho, torch.ones_like(agreement), agreement)
-    return u.sum(0).mul_(mask)
+    return weighted_sum(deltas, weights).mul_(mask)
 
 
 def _sorted_stack(u: torch.Tensor) -> list[torch.Tensor]:
