@@ -30,6 +30,7 @@ from merging.errors import MergeError  # noqa: E402
 from merging.registry import AGGREGATORS  # noqa: E402
 
 MAX_MODELS = int(os.environ.get("FEDMERGE_MAX_MODELS", "10"))
+DEFAULT_LAMBDA = 0.3  # Task Arithmetic with several tasks works best well below 1 (evaluation/RESULTS.md)
 DEFAULT_METHOD = "task_arithmetic"
 SESSION_TTL = int(os.environ.get("FEDMERGE_SESSION_TTL", "3600"))
 
@@ -227,7 +228,7 @@ def build_demo() -> gr.Blocks:
                         method = gr.Dropdown(choices=[(f"{n}  ·  {a.family}", n) for n, a in AGGREGATORS.items()],
                                              value=DEFAULT_METHOD, label="Aggregator", interactive=True,
                                              elem_id="fm-method")
-                        lam = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="λ (global scale)",
+                        lam = gr.Slider(0.0, 2.0, value=DEFAULT_LAMBDA, step=0.05, label="λ (global scale)",
                                         info="merged = θ₀ + λ·U", elem_id="fm-lambda")
                         with gr.Accordion("Per-model coefficients wᵢ", open=True):
                             sliders = [gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label=f"w{i}", visible=False,
