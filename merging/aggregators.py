@@ -11,9 +11,10 @@ import math
 import zlib
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
-from . import sparsify
+from . import kernels, sparsify
 from .errors import MergeError
 from .registry import Aggregator, AGGREGATORS, HyperParam, aggregator
 
@@ -51,6 +52,11 @@ def weighted_sum(deltas: torch.Tensor, coefficients: torch.Tensor) -> torch.Tens
     k = deltas.shape[0]
     flat = deltas.reshape(k, -1)
     return (coefficients.to(deltas.dtype) @ flat).reshape(deltas.shape[1:])
+
+
+def _arrays(*tensors: torch.Tensor):
+    """numpy views (no copy) of contiguous float32 tensors, for the fused kernels."""
+    return [t.detach().numpy() for t in tensors]
 
 
 def _normalizer(weights: torch.Tensor) -> float:
@@ -169,6 +175,8 @@ def cclip(weights: torch.Tensor, rho=None, *, update_norms: torch.Tensor) -> tor
                 low=0.0, high=1.0)],
     family="federated",
     elementwise=True,
+    fused=lambda t, w, theta0, lam, out, rho=0.5, **_: kernels.gradient_masked(
+        *_arrays(t, w, theta0), np.float32(lam), np.float32(rho), out.numpy()),
     reference="https://arxiv.org/abs/2202.10143",
 )
 def fedgma(deltas: torch.Tensor, weights: torch.Tensor, rho: float = 0.5) -> torch.Tensor:
@@ -200,6 +208,8 @@ def _sorted_stack(u: torch.Tensor) -> list[torch.Tensor]:
                 "the lower one (torch.median, as the paper's code).", choices=("true", "lower"))],
     family="federated",
     elementwise=True,
+    fused=lambda t, w, theta0, lam, out, median_kind="true", **_: kernels.median(
+        *_arrays(t, w, theta0), np.float32(lam), median_kind == "lower", out.numpy()),
     reference="https://arxiv.org/abs/1803.01498",
 )
 def median(deltas: torch.Tensor, weights: torch.Tensor, median_kind: str = "true") -> torch.Tensor:
@@ -244,7 +254,11 @@ def combine(deltas: torch.Tensor, weights: torch.Tensor, consensus: bool, normal
 
 
 def _register_gta(name: str, summary: str, params, sparsifier, consensus: bool, reference: str):
-    """Declare one member of the TIES / DARE / Breadcrumbs family: sparsify, then combine."""
+    """Declare one member of the TIES / DARE / Breadcrumbs family: sparsify, then combine.
+
+    Without the sign consensus the combine step is linear in the weights (coefficients over the
+    sparsified stack), so the live app treats it like Task Arithmetic once the masks are cached.
+    """
 
     def prepare(deltas: torch.Tensor, hp) -> torch.Tensor:
         return deltas if sparsifier is None else sparsifier(deltas, deltas.shape[0], hp)
@@ -255,11 +269,21 @@ def _register_gta(name: str, summary: str, params, sparsifier, consensus: bool, 
     def fn(deltas: torch.Tensor, weights: torch.Tensor, **hp) -> torch.Tensor:
         return combine_fn(prepare(deltas, hp), weights, **hp)
 
+    def coefficients(weights: torch.Tensor, normalize: bool = False, **_) -> torch.Tensor:
+        return weights / _normalizer(weights) if normalize else weights.clone()
+
+    def fused(t, w, theta0, lam, out, normalize: bool = False, **_) -> int:
+        if consensus:
+            return kernels.consensus(*_arrays(t, w, theta0), np.float32(lam), bool(normalize), out.numpy())
+        c = coefficients(w.to(torch.float32), normalize)
+        return kernels.weighted_sum(*_arrays(t, c, theta0), np.float32(lam), out.numpy())
+
     fn.__name__ = name
     fn.__doc__ = summary
     depends = tuple(p.name for p in params if p.name in ("density", "gamma", "rescale", "seed"))
     AGGREGATORS.register(Aggregator(name=name, fn=fn, summary=summary, params=tuple(params), reference=reference,
-                                    prepare=prepare, prepare_params=depends, combine=combine_fn))
+                                    prepare=prepare, prepare_params=depends, combine=combine_fn, fused=fused,
+                                    coefficients=None if consensus else coefficients))
     return fn
 
 
@@ -302,21 +326,33 @@ magnitude_prune = _register_gta(
 # ----------------------------------------------------------------------------- SLERP
 
 
+def slerp_coefficients(t: float, norm0: float, norm1: float, dot: float, dot_threshold: float = 0.9995,
+                       eps: float = 1e-8) -> tuple[float, float]:
+    """c0, c1 of slerp = c0·v0 + c1·v1 from ‖v0‖, ‖v1‖ and v0·v1; linear when nearly (anti)parallel."""
+    norm0 = norm0 if norm0 > eps else 1.0
+    norm1 = norm1 if norm1 > eps else 1.0
+    cos = min(1.0, max(-1.0, dot / (norm0 * norm1)))
+    if abs(cos) > dot_threshold:
+        return 1 - t, t
+    theta = math.acos(cos)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
 def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
                   eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of two flattened tensors; linear when nearly (anti)parallel."""
+    """Spherical interpolation of two tensors (norms and the dot product in float64)."""
     a, b = v0.reshape(-1).double(), v1.reshape(-1).double()
-    na, nb = a.norm(), b.norm()
-    na = na if na > eps else torch.ones_like(na)
-    nb = nb if nb > eps else torch.ones_like(nb)
-    dot = float(((a / na) * (b / nb)).sum().clamp(-1, 1))
-    if abs(dot) > dot_threshold:
-        c0, c1 = 1 - t, t
-    else:
-        theta = math.acos(dot)
-        c0 = math.sin((1 - t) * theta) / math.sin(theta)
-        c1 = math.sin(t * theta) / math.sin(theta)
+    c0, c1 = slerp_coefficients(t, float(a.norm()), float(b.norm()), float(a @ b), dot_threshold, eps)
     return (c0 * v0.float() + c1 * v1.float()).reshape(v0.shape)
+
+
+def _slerp_fused(t, w, theta0, lam, out, t_pos: float = 0.5) -> int:
+    """One pass for the two norms and the dot product, one to write θ₀ + λ·(slerp − θ₀)."""
+    t, w, theta0 = _arrays(t, w, theta0)
+    with_base = t.shape[0] == 1
+    aa, bb, ab = kernels.endpoint_products(t, w, theta0, with_base)
+    c0, c1 = slerp_coefficients(t_pos, math.sqrt(aa), math.sqrt(bb), ab)
+    return kernels.interpolate(t, w, theta0, np.float32(lam), with_base, np.float32(c0), np.float32(c1), out.numpy())
 
 
 @aggregator(
@@ -326,6 +362,7 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: f
                 low=0.0, high=1.0)],
     needs_base=True,
     max_models=2,
+    fused=lambda st, w, theta0, lam, out, t=0.5, **_: _slerp_fused(st, w, theta0, lam, out, t),
     reference="https://en.wikipedia.org/wiki/Slerp",
 )
 def slerp(deltas: torch.Tensor, weights: torch.Tensor, t: float = 0.5, *, base: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from . import kernels
 from .aggregators import tensor_seed
 from .checkpoints import CONFIG_FILES, TOKENIZER_FILES, Checkpoint, StateDict
 from .errors import MergeError
@@ -46,7 +47,7 @@ CHUNK = 1 << 17  # coordinates per slice: a [K, CHUNK] float32 temporary stays i
 
 
 def apply_elementwise(fn, deltas: torch.Tensor, weights: torch.Tensor, kwargs: Mapping[str, Any],
-                      base: torch.Tensor, lam: float) -> torch.Tensor:
+                      base: torch.Tensor, lam: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """θ₀ + λ·fn(deltas) slice by slice over the coordinates, for coordinate-wise aggregators.
 
     Same values as one call on the whole tensor, but the several temporaries each aggregator makes
@@ -54,20 +55,41 @@ def apply_elementwise(fn, deltas: torch.Tensor, weights: torch.Tensor, kwargs: M
     """
     k = deltas.shape[0]
     flat, b = deltas.reshape(k, -1), base.reshape(-1)
-    out = torch.empty_like(b, dtype=torch.float32)
+    out = torch.empty_like(b, dtype=torch.float32) if out is None else out
+    o = out.view(-1)
     for s in range(0, flat.shape[1], CHUNK):
-        torch.add(b[s:s + CHUNK], fn(flat[:, s:s + CHUNK], weights, **kwargs), alpha=lam, out=out[s:s + CHUNK])
+        torch.add(b[s:s + CHUNK], fn(flat[:, s:s + CHUNK], weights, **kwargs), alpha=lam, out=o[s:s + CHUNK])
     return out.view(base.shape)
+
+
+def final_step(agg: Aggregator, stack: torch.Tensor, weights: torch.Tensor, kwargs: Mapping[str, Any],
+               base: torch.Tensor, lam: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int | None]:
+    """θ₀ + λ·U from the (for two-step aggregators: prepared) stack, into `out` if given.
+
+    Runs the fused kernel when there is one, else the torch definition (sliced when coordinate-wise).
+    Returns the tensor and its count of non-finite entries when the kernel counted them (else None).
+    """
+    out = torch.empty(base.shape, dtype=torch.float32) if out is None else out
+    if agg.fused is not None and kernels.enabled():
+        k = stack.shape[0]
+        bad = agg.fused(stack.reshape(k, -1), weights.to(torch.float32), base.reshape(-1), float(lam),
+                        out.view(-1), **kwargs)
+        return out, int(bad)
+    fn = agg.combine if agg.prepare is not None else agg.fn
+    if agg.elementwise or agg.prepare is not None:
+        return apply_elementwise(fn, stack, weights, kwargs, base, lam, out), None
+    torch.add(base, fn(stack, weights, **kwargs), alpha=lam, out=out)
+    return out, None
 
 
 def merge_tensor(agg: Aggregator, name: str, base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor,
                  lam: float, hyper: Mapping[str, Any], update_norms: torch.Tensor | None = None) -> torch.Tensor:
     """θ₀ + λ·U for one tensor, in float32."""
     kwargs = call_kwargs(agg, name, base, hyper, update_norms)
-    if agg.elementwise:
-        return apply_elementwise(agg.fn, deltas, weights, kwargs, base, lam)
     if agg.prepare is not None:
-        return apply_elementwise(agg.combine, agg.prepare(deltas, kwargs), weights, kwargs, base, lam)
+        return final_step(agg, agg.prepare(deltas, kwargs), weights, kwargs, base, lam)[0]
+    if agg.elementwise or agg.fused is not None:
+        return final_step(agg, deltas, weights, kwargs, base, lam)[0]
     update = agg.fn(deltas, weights, **kwargs)
     if update.untyped_storage().data_ptr() == deltas.untyped_storage().data_ptr():
         update = update.clone()  # never scale the shared task vectors in place

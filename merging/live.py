@@ -1,9 +1,12 @@
 """The in-memory engine of the live app: task vectors computed once, merges written in place.
 
 `TaskVectorStack` holds, per tensor, the base and the stacked task vectors of every loaded
-fine-tune (shared read-only between sessions). `LiveModel` owns one model object and writes a
-new merge into its parameters in place: no reload, no new model per merge. Linear aggregators
-whose coefficients change for a single task update by that change alone.
+fine-tune (shared read-only between sessions), and caches the weight-independent step (trim and
+drop masks) of two-step aggregators. `LiveModel` owns one model object and writes each merge into
+its parameters: no reload, no new model per merge. Linear merges (also DARE / Breadcrumbs /
+magnitude pruning over their cached sparsified stack) are one matrix-vector product per tensor,
+and when a single task's coefficient changes, an update by that change alone. Other merges are
+computed into a second set of buffers that is swapped in once every tensor came out finite.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .engine import apply_elementwise, call_kwargs, load_tensor_stack, merge_tensor
+from .engine import call_kwargs, final_step, load_tensor_stack, merge_tensor
 from .errors import MergeError
 from .plan import TRAINING_KEYS, MergePlan, plan_from_objects, training_defaults
 from .registry import AGGREGATORS, LAMBDA, WEIGHT
@@ -108,49 +111,68 @@ class TaskVectorStack:
     def _selected(self, name: str, idx: list[int]) -> torch.Tensor:
         return self.deltas[name] if idx == list(range(len(self))) else self.deltas[name][idx]
 
-    def _prepared(self, req: "MergeRequest", name: str) -> torch.Tensor:
-        """The weight-independent step (trim / drop masks) of two-step aggregators, cached per setting."""
+    def _prepared(self, req: "MergeRequest", name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight-independent step (trim / drop masks) of two-step aggregators, cached per setting.
+
+        Returns the sparsified stack [k, ...] of the selected tasks and its per-task max |entry|.
+        """
         agg = req.agg
-        key = (agg.name, tuple(req.idx), tuple((k, _freeze(req.hyper.get(k))) for k in agg.prepare_params))
         with self._prepare_lock:  # stacks are shared by every session's thread
-            cached = self._prepare_cache.get(key)
+            cached = self._prepare_cache.get(req.prepare_key)
             if cached is None:
                 if len(self._prepare_cache) >= 2:  # keep the last two settings: flat memory
                     self._prepare_cache.pop(next(iter(self._prepare_cache)))
-                cached = self._prepare_cache[key] = {}
+                cached = self._prepare_cache[req.prepare_key] = {}
             if name not in cached:
                 kwargs = call_kwargs(agg, name, self.base[name], req.hyper, req.norms)
-                cached[name] = agg.prepare(self._selected(name, req.idx), kwargs)
+                t = agg.prepare(self._selected(name, req.idx), kwargs)
+                absmax = t.reshape(len(req.idx), -1).abs().amax(1).double() if t.numel() \
+                    else torch.zeros(len(req.idx), dtype=torch.float64)
+                cached[name] = (t, absmax)
             return cached[name]
 
-    def merged_tensor(self, req: "MergeRequest", name: str) -> torch.Tensor:
-        """θ₀ + λ·U for one tensor (float32, a new tensor)."""
+    def merged_tensor(self, req: "MergeRequest", name: str, out: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, int | None]:
+        """θ₀ + λ·U for one tensor (float32; into `out` if given) and its non-finite count if known."""
         agg, base = req.agg, self.base[name]
-        if agg.prepare is not None:
-            kwargs = call_kwargs(agg, name, base, req.hyper, req.norms)
-            return apply_elementwise(agg.combine, self._prepared(req, name), req.weights, kwargs, base, req.lam)
-        return merge_tensor(agg, name, base, self._selected(name, req.idx), req.weights, req.lam, req.hyper, req.norms)
+        if agg.prepare is None and not agg.elementwise and agg.fused is None:
+            merged = merge_tensor(agg, name, base, self._selected(name, req.idx), req.weights, req.lam, req.hyper,
+                                  req.norms)
+            return (merged if out is None else out.copy_(merged)), None
+        kwargs = call_kwargs(agg, name, base, req.hyper, req.norms)
+        stack = self._prepared(req, name)[0] if agg.prepare is not None else self._selected(name, req.idx)
+        return final_step(agg, stack, req.weights, kwargs, base, req.lam, out)
 
     def merged(self, method: str, weights: Sequence[float], lam: float = 1.0, select: Sequence[int] | None = None,
                **hyper: Any) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, merged float32 tensor) for a merge of the selected fine-tunes."""
         req = self.request(method, weights, lam, select, **hyper)
         for name in self.names:
-            yield name, self.merged_tensor(req, name)
+            yield name, self.merged_tensor(req, name)[0]
 
-    def coefficients(self, req: "MergeRequest") -> torch.Tensor:
-        """Linear aggregators: λ·cᵢ over ALL stacked tasks (zero for the unselected)."""
+    # ------------------------------------------------------------------ linear merges
+    def linear_terms(self, req: "MergeRequest") -> tuple[tuple | None, torch.Tensor]:
+        """Linear aggregators: (which stack, λ·cᵢ). The raw stack takes coefficients over ALL
+        tasks (zero for the unselected: no copy of a selection); a prepared one over the selected."""
         kwargs = dict(req.hyper)
         if req.agg.needs_update_norms:
             kwargs["update_norms"] = req.norms
         c = req.agg.coefficients(req.weights, **kwargs).to(torch.float32) * req.lam
+        if req.agg.prepare is not None:
+            return req.prepare_key, c
         full = torch.zeros(len(self), dtype=torch.float32)
         full[req.idx] = c
-        return full
+        return None, full
 
-    def bound(self, name: str, coefficients: torch.Tensor) -> float:
+    def linear_stack(self, req: "MergeRequest", key: tuple | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stack a linear merge sums for one tensor, and its per-task max |entry|."""
+        if key is None:
+            return self.deltas[name], self._absmax[name]
+        return self._prepared(req, name)
+
+    def bound(self, name: str, coefficients: torch.Tensor, absmax: torch.Tensor) -> float:
         """An upper bound of |θ₀ + Σ cᵢτᵢ| for one tensor: finite output guaranteed below float32's max."""
-        return float(self._absmax_base[name] + (coefficients.abs().double() * self._absmax[name]).sum())
+        return float(self._absmax_base[name] + (coefficients.abs().double() * absmax).sum())
 
 
 @dataclass
@@ -161,6 +183,12 @@ class MergeRequest:
     lam: float
     hyper: dict[str, Any]
     norms: torch.Tensor | None
+
+    @property
+    def prepare_key(self) -> tuple:
+        """What the cached prepare step depends on: method, selection and its own hyperparameters."""
+        return (self.agg.name, tuple(self.idx),
+                tuple((k, _freeze(self.hyper.get(k))) for k in self.agg.prepare_params))
 
 
 def _freeze(v: Any) -> Any:
@@ -197,7 +225,9 @@ class LiveModel:
                                  f"the checkpoint {tuple(stack.base[name].shape)}")
             self.targets[name] = param
         self._last: torch.Tensor | None = None  # coefficients of the last linear merge written
+        self._last_key: tuple | None = None  # ... and which stack they multiplied
         self._increments = 0
+        self._spare: dict[str, torch.Tensor] | None = None
 
     @torch.no_grad()
     def apply(self, method: str, weights: Sequence[float], lam: float = 1.0, select: Sequence[int] | None = None,
@@ -205,36 +235,51 @@ class LiveModel:
         """Merge and write into the model. On error the model keeps its previous weights."""
         req = self.stack.request(method, weights, lam, select, **hyper)
         if req.agg.coefficients is not None:
-            self._apply_linear(self.stack.coefficients(req))
+            self._apply_linear(req)
             return
-        merged = {name: self.stack.merged_tensor(req, name) for name in self.stack.names}
-        for name, t in merged.items():
-            if not bool(torch.isfinite(t).all()):
+        spare = self._spare_buffers()
+        for name in self.stack.names:
+            t, bad = self.stack.merged_tensor(req, name, out=spare[name])
+            if bad is None:
+                bad = int((~torch.isfinite(t)).sum())
+            if bad:
                 raise MergeError(f"the merge produced non-finite values in {name} (coefficients too large?)")
-        for name, t in merged.items():
-            self.targets[name].data.copy_(t)
+        for name, param in self.targets.items():  # every tensor is finite: swap the buffers in
+            if spare[name].dtype == param.dtype:
+                param.data, spare[name] = spare[name], param.data
+            else:
+                param.data.copy_(spare[name])
         self._last = None
 
-    def _apply_linear(self, coef: torch.Tensor) -> None:
+    def _spare_buffers(self) -> dict[str, torch.Tensor]:
+        """One float32 buffer per parameter, kept between merges (no model-sized allocation per merge)."""
+        if self._spare is None:
+            self._spare = {name: torch.empty(p.shape, dtype=torch.float32) for name, p in self.targets.items()}
+        return self._spare
+
+    def _apply_linear(self, req: MergeRequest) -> None:
         """θ = θ₀ + Σ cᵢτᵢ straight into the parameters; when one cᵢ changed, add just that change."""
+        key, coef = self.stack.linear_terms(req)
         for name in self.stack.names:
-            if self.stack.bound(name, coef) > 1e38:
+            if self.stack.bound(name, coef, self.stack.linear_stack(req, key, name)[1]) > 1e38:
                 raise MergeError(f"the merge would overflow float32 in {name} (coefficients too large)")
-        changed = None if self._last is None else (coef != self._last).nonzero().flatten().tolist()
+        same_stack = self._last is not None and self._last_key == key and len(self._last) == len(coef)
+        changed = (coef != self._last).nonzero().flatten().tolist() if same_stack else None
         if changed == []:
             return
         if changed is not None and len(changed) == 1 and self._increments < _MAX_INCREMENTS:
             i = changed[0]
             step = float(coef[i] - self._last[i])
             for name, param in self.targets.items():
-                param.data.add_(self.stack.deltas[name][i], alpha=step)
+                param.data.add_(self.stack.linear_stack(req, key, name)[0][i], alpha=step)
             self._increments += 1
         else:
             for name, param in self.targets.items():
-                flat = self.stack.deltas[name].reshape(len(coef), -1)
+                stack = self.stack.linear_stack(req, key, name)[0]
+                flat = stack.reshape(len(coef), -1)
                 torch.addmv(self.stack.base[name].reshape(-1), flat.T, coef, out=param.data.view(-1))
             self._increments = 0
-        self._last = coef.clone()
+        self._last, self._last_key = coef.clone(), key
 
     @torch.no_grad()
     def reset_to_base(self) -> None:

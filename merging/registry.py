@@ -108,6 +108,10 @@ class Aggregator:
     combine: Callable[..., Any] | None = None  # always coordinate-wise
     # U at a coordinate depends only on the K values there: the engine may work in cache-sized slices.
     elementwise: bool = False
+    # The final step (`combine` of two-step aggregators, else `fn`) as one fused pass:
+    # fused(stack [K, n], weights [K], θ₀ [n], λ, out [n], **hp) writes θ₀ + λ·U into `out` and
+    # returns its count of non-finite entries. Same values as the torch definition (tests check).
+    fused: Callable[..., int] | None = None
 
     def param(self, name: str) -> HyperParam:
         for p in self.params:

@@ -1,0 +1,203 @@
+"""Fused kernels: θ₀ + λ·U written in one pass over the stacked task vectors.
+
+The aggregators in aggregators.py are the definitions: small torch functions, each elementwise
+op a full pass over a [K, n] stack. On one CPU core those passes, not memory, bound the
+non-linear methods (TIES's consensus alone is ~8 of them). These numba loops compute the same
+values block by block in cache, read the stack once and write the output once, and count the
+non-finite results on the way so no extra pass checks them.
+
+All take C-contiguous float32 numpy arrays: the stack `t` [K, n], weights `w` [K], the base
+`base` [n] and the output `out` [n], and return the number of non-finite outputs. They release
+the GIL (live sessions merge on their own threads) and run on the calling thread only.
+
+Set FEDMERGE_KERNELS=0 to use the torch definitions instead (benchmarks, bisecting).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+try:
+    import numba
+except ImportError:  # the torch definitions still run; only slower
+    numba = None
+
+BLOCK = 4096  # coordinates per block: K rows of it stay in L1/L2
+
+
+def enabled() -> bool:
+    """Whether the fused kernels run (numba importable and not switched off)."""
+    return numba is not None and os.environ.get("FEDMERGE_KERNELS", "1") != "0"
+
+
+def _jit(fn=None, **options):
+    if fn is None:
+        return lambda f: _jit(f, **options)
+    if numba is None:
+        return fn
+    return numba.njit(nogil=True, cache=True, error_model="numpy", **options)(fn)
+
+
+# Inner loops run over 1-D slices (row = t[i, s0:s0 + m]): LLVM vectorizes those, not 2-D indexing.
+
+
+@_jit
+def consensus(t, w, base, lam, normalize, out):
+    """TIES: elect sign(Σ wᵢτᵢ) (0 counts as +), sum the agreeing wᵢτᵢ, divide by their Σ wᵢ."""
+    k, n = t.shape
+    s_buf = np.empty(BLOCK, np.float32)
+    num_buf = np.empty(BLOCK, np.float32)
+    den_buf = np.empty(BLOCK, np.float32)
+    zero = np.float32(0)
+    bad = 0
+    for s0 in range(0, n, BLOCK):
+        m = min(BLOCK, n - s0)
+        s, num, den = s_buf[:m], num_buf[:m], den_buf[:m]
+        s[:] = 0
+        num[:] = 0
+        den[:] = 0
+        for i in range(k):
+            wi, row = w[i], t[i, s0:s0 + m]
+            for j in range(m):
+                s[j] += wi * row[j]
+        for i in range(k):
+            wi, row = w[i], t[i, s0:s0 + m]
+            for j in range(m):
+                v = wi * row[j]
+                keep = (v > 0) if s[j] >= 0 else (v < 0)
+                num[j] += v if keep else zero
+                den[j] += wi if keep else zero
+        o, b = out[s0:s0 + m], base[s0:s0 + m]
+        for j in range(m):
+            x = num[j]
+            if normalize and den[j] != 0:
+                x = x / den[j]
+            r = b[j] + lam * x
+            o[j] = r
+            if not math.isfinite(r):
+                bad += 1
+    return bad
+
+
+@_jit
+def median(t, w, base, lam, lower, out):
+    """Coordinate-wise median of wᵢτᵢ (odd-even transposition sort of K rows, in cache)."""
+    k, n = t.shape
+    rows = np.empty((k, BLOCK), np.float32)
+    mid = (k - 1) // 2
+    average = k % 2 == 0 and not lower
+    bad = 0
+    for s0 in range(0, n, BLOCK):
+        m = min(BLOCK, n - s0)
+        for i in range(k):
+            wi, row, u = w[i], t[i, s0:s0 + m], rows[i, :m]
+            for j in range(m):
+                u[j] = wi * row[j]
+        for rnd in range(k):
+            for i in range(rnd % 2, k - 1, 2):
+                lo, hi = rows[i, :m], rows[i + 1, :m]
+                for j in range(m):
+                    a, c = lo[j], hi[j]
+                    lo[j] = min(a, c)
+                    hi[j] = max(a, c)
+        o, b, lo, hi = out[s0:s0 + m], base[s0:s0 + m], rows[mid, :m], rows[min(mid + 1, k - 1), :m]
+        for j in range(m):
+            x = (lo[j] + hi[j]) * np.float32(0.5) if average else lo[j]
+            r = b[j] + lam * x
+            o[j] = r
+            if not math.isfinite(r):
+                bad += 1
+    return bad
+
+
+@_jit
+def gradient_masked(t, w, base, lam, rho, out):
+    """FedGMA: Σ wᵢτᵢ times A = |Σ sign(wᵢτᵢ)|/K where A < ρ (1 elsewhere)."""
+    k, n = t.shape
+    s_buf = np.empty(BLOCK, np.float32)
+    agree_buf = np.empty(BLOCK, np.float32)
+    one, zero = np.float32(1), np.float32(0)
+    bad = 0
+    for s0 in range(0, n, BLOCK):
+        m = min(BLOCK, n - s0)
+        s, agree = s_buf[:m], agree_buf[:m]
+        s[:] = 0
+        agree[:] = 0
+        for i in range(k):
+            wi, row = w[i], t[i, s0:s0 + m]
+            sw = one if wi > 0 else (-one if wi < 0 else zero)
+            for j in range(m):
+                x = row[j]
+                s[j] += wi * x
+                agree[j] += sw if x > 0 else (-sw if x < 0 else zero)
+        o, b = out[s0:s0 + m], base[s0:s0 + m]
+        for j in range(m):
+            a = abs(agree[j]) / np.float32(k)
+            x = s[j] if a >= rho else s[j] * a
+            r = b[j] + lam * x
+            o[j] = r
+            if not math.isfinite(r):
+                bad += 1
+    return bad
+
+
+@_jit
+def weighted_sum(t, w, base, lam, out):
+    """θ₀ + λ·Σ wᵢτᵢ (the live app uses BLAS's addmv; the disk merge of sparsified stacks this)."""
+    k, n = t.shape
+    s_buf = np.empty(BLOCK, np.float32)
+    bad = 0
+    for s0 in range(0, n, BLOCK):
+        m = min(BLOCK, n - s0)
+        s = s_buf[:m]
+        s[:] = 0
+        for i in range(k):
+            wi, row = w[i], t[i, s0:s0 + m]
+            for j in range(m):
+                s[j] += wi * row[j]
+        o, b = out[s0:s0 + m], base[s0:s0 + m]
+        for j in range(m):
+            r = b[j] + lam * s[j]
+            o[j] = r
+            if not math.isfinite(r):
+                bad += 1
+    return bad
+
+
+@_jit(fastmath={"reassoc"})  # float64 sums in any order: vectorized
+def endpoint_products(t, w, base, with_base):
+    """SLERP's float64 sums ‖v0‖², ‖v1‖², v0·v1 for v0 = θ₀ (or θ₀ + w₀τ₀), v1 = θ₀ + w₋₁τ₋₁."""
+    k, n = t.shape
+    first, last = t[0], t[k - 1]
+    w0, w1 = w[0], w[k - 1]
+    aa = 0.0
+    bb = 0.0
+    ab = 0.0
+    for j in range(n):
+        x = base[j]
+        a = x if with_base else x + w0 * first[j]
+        c = x + w1 * last[j]
+        aa += float(a) * float(a)
+        bb += float(c) * float(c)
+        ab += float(a) * float(c)
+    return aa, bb, ab
+
+
+@_jit
+def interpolate(t, w, base, lam, with_base, c0, c1, out):
+    """θ₀ + λ·(c0·v0 + c1·v1 − θ₀) with v0, v1 as in endpoint_products."""
+    k, n = t.shape
+    first, last = t[0], t[k - 1]
+    w0, w1 = w[0], w[k - 1]
+    bad = 0
+    for j in range(n):
+        x = base[j]
+        a = x if with_base else x + w0 * first[j]
+        c = x + w1 * last[j]
+        r = x + lam * (c0 * a + c1 * c - x)
+        out[j] = r
+        if not math.isfinite(r):
+            bad += 1
+    return bad
