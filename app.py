@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from evaluation import heterogeneity, plots  # noqa: E402
 from evaluation.search import (compare_all, comparison_chart, comparison_table, search,  # noqa: E402
                                sweep)
-from evaluation.session import Session, default_prompts, push_to_hub, read_zoo  # noqa: E402
+from evaluation.session import Session, default_prompts, default_threads, push_to_hub, read_zoo  # noqa: E402
 from evaluation.tasks import TASKS  # noqa: E402
 from merging.errors import MergeError  # noqa: E402
 from merging.registry import AGGREGATORS  # noqa: E402
@@ -526,7 +526,7 @@ def build_demo() -> gr.Blocks:
 
 
 def main() -> None:
-    torch.set_num_threads(int(os.environ.get("FEDMERGE_THREADS", "1")))  # one core per request: better under load
+    torch.set_num_threads(default_threads())
     demo = build_demo()
     demo.queue(default_concurrency_limit=2)
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

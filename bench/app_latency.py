@@ -64,7 +64,7 @@ def main() -> int:
     from gradio_client import Client
 
     from app import live_args
-    from evaluation.session import default_prompts, read_zoo
+    from evaluation.session import default_prompts, default_threads, read_zoo
 
     specs = [s for s in read_zoo(args.zoo)[1] if not s.variant_of]
     names = [s.name for s in specs]
@@ -73,7 +73,7 @@ def main() -> int:
     port = _port()
     env = {**os.environ, "FEDMERGE_ZOO": str(Path(args.zoo).resolve()), "GRADIO_SERVER_PORT": str(port)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=open(ROOT / "bench" / "_work" / "app_latency.log", "w"))
     try:
         url = f"http://127.0.0.1:{port}/"
         for _ in range(120):
@@ -112,7 +112,8 @@ def main() -> int:
         cmd = "python bench/app_latency.py " + " ".join(sys.argv[1:])
         text = [f"\n## App latency: slider event → updated outputs + scores ({datetime.now(timezone.utc):%Y-%m-%d})\n",
                 f"`{cmd.strip()}` — gradio_client round trips to `python app.py` (127.0.0.1), zoo `{Path(args.zoo).name}`, "
-                f"{k} fine-tunes, {args.n} events per row; each event merges, scores the live validation subset "
+                f"{k} fine-tunes, {len(prompts.splitlines()) or k} prompts, app torch threads "
+                f"{default_threads(args.zoo)}, {args.n} events per row; each event merges, scores the live validation subset "
                 f"(FEDMERGE_LIVE_N={os.environ.get('FEDMERGE_LIVE_N', '12')} per task) and regenerates the prompts table. "
                 f"2-core CPU machine, shared with other jobs.\n",
                 "| event | p50 | p95 |", "|---|---|---|"]

@@ -24,6 +24,7 @@ class EvalResult:
     predictions: dict[str, list[str]]  # task -> one prediction per example
     examples: dict[str, list[Example]] = field(default_factory=dict)
     seconds: float = 0.0
+    generations: list[str] = field(default_factory=list)  # continuations of evaluate(prompts=...)
 
     @property
     def mean_accuracy(self) -> float:
@@ -81,6 +82,7 @@ def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Seque
     """Batched greedy decoding with left padding and the KV cache; returns new ids (stop token excluded).
 
     Rows stop at any of ``stop_ids`` or after their own ``max_new_tokens``; the loop ends when all rows have.
+    Once a quarter of the running rows have stopped they leave the batch and the KV cache.
     """
     b = len(prompt_ids)
     if b == 0:
@@ -98,6 +100,7 @@ def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Seque
     out = torch.full((b, int(limits.max())), pad_id, dtype=torch.long)
     done = limits <= 0
     lengths = torch.zeros(b, dtype=torch.long)
+    rows = torch.arange(b)  # which original row each row of the running batch is
     past = None
     step_ids, step_pos, attn = ids, pos, mask
     for t in range(int(limits.max())):
@@ -108,21 +111,34 @@ def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Seque
             past = res.past_key_values
         nxt = res.logits[:, -1, :].argmax(-1)
         stop = torch.isin(nxt, stops)
-        live = ~done & ~stop
-        out[live, t] = nxt[live]
-        lengths += live.long()
-        done = done | stop | (lengths >= limits)
-        if bool(done.all()):
+        finished = done[rows]
+        live = ~finished & ~stop
+        out[rows[live], t] = nxt[live]
+        lengths[rows[live]] += 1
+        finished = finished | stop | (lengths[rows] >= limits[rows])
+        done[rows] = finished
+        if bool(finished.all()):
             break
         step_ids = nxt.unsqueeze(1)
         step_pos = step_pos[:, -1:] + 1
-        attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype)], dim=1)
+        attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype)], dim=1)
+        keep = (~finished).nonzero().flatten()
+        if keep.numel() <= 0.75 * len(rows) and hasattr(past, "batch_select_indices"):
+            # drop finished rows from the batch (and the KV cache): they no longer cost a forward
+            past.batch_select_indices(keep)
+            rows, step_ids, step_pos, attn = rows[keep], step_ids[keep], step_pos[keep], attn[keep]
     return [out[i, :int(lengths[i])].tolist() for i in range(b)]
 
 
 def evaluate(model, tokenizer, task_names: Sequence[str] | None = None, split: str = "test", n: int = 100,
-             batch_size: int = 1024) -> EvalResult:
-    """Exact-match accuracy of ``model`` on each task's first ``n`` examples of ``split`` (greedy decoding)."""
+             batch_size: int = 1024, prompts: Sequence[str] = (),
+             prompt_limits: Sequence[int] | None = None) -> EvalResult:
+    """Exact-match accuracy of ``model`` on each task's first ``n`` examples of ``split`` (greedy decoding).
+
+    ``prompts`` (free text, each with its own limit in ``prompt_limits``) are decoded in the same
+    batches and returned in ``generations``: the live view scores and fills its prompts table with
+    one decoding loop (on a big model each decoding step reads every weight once, whatever the batch).
+    """
     import time
 
     t0 = time.perf_counter()
@@ -134,6 +150,12 @@ def evaluate(model, tokenizer, task_names: Sequence[str] | None = None, split: s
         rows += ids
         limits += [get_task(name).max_new_tokens] * len(ids)
         owner += [name] * len(ids)
+    if prompts:
+        extra = _encode(tokenizer, prompts)
+        wanted = list(prompt_limits) if prompt_limits is not None else [16] * len(extra)
+        rows += extra
+        limits += [max(1, min(m, _room(model, [r]))) for m, r in zip(wanted, extra)]
+        owner += [None] * len(extra)
     was_training = model.training
     model.eval()
     new: list[list[int]] = []
@@ -149,14 +171,15 @@ def evaluate(model, tokenizer, task_names: Sequence[str] | None = None, split: s
     for i, ids in zip(order, new):
         texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
     preds: dict[str, list[str]] = {name: [] for name in names}
+    generations = []
     for name, text in zip(owner, texts):
-        preds[name].append(text)
+        (preds[name] if name is not None else generations).append(text)
     acc = {}
     for name in names:
         task = get_task(name)
         hits = [task.score(p, e.answer) for p, e in zip(preds[name], exs_by_task[name])]
         acc[name] = sum(hits) / max(1, len(hits))
-    return EvalResult(split, n, acc, preds, exs_by_task, time.perf_counter() - t0)
+    return EvalResult(split, n, acc, preds, exs_by_task, time.perf_counter() - t0, generations)
 
 
 def normalized(acc_merged: Mapping[str, float], acc_finetuned: Mapping[str, float]) -> dict[str, float]:

@@ -15,6 +15,7 @@ per-task accuracies of the base and of each fine-tune are computed once (process
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from merging.cache import CACHE, StackCache
+from merging.checkpoints import Checkpoint
 from merging.errors import MergeError
 from merging.live import LiveModel
 from merging.registry import AGGREGATORS
@@ -71,6 +73,23 @@ def read_zoo(root: str | os.PathLike | None = None) -> tuple[str, list[ModelSpec
     specs = [ModelSpec(e["name"], str(root / e["folder"]), e.get("task"), "zoo", e.get("variant_of"))
              for e in data["finetunes"]]
     return base, specs
+
+
+BIG_MODEL_PARAMS = 20_000_000
+
+
+def default_threads(zoo: str | os.PathLike | None = None) -> int:
+    """Torch threads for the app: FEDMERGE_THREADS if set; else 1 for small models (per-op overhead
+    dominates, and concurrent requests each get a core), every core from BIG_MODEL_PARAMS parameters
+    up (decoding a GPT-2-sized model is compute-bound: two cores nearly halve a live update)."""
+    if os.environ.get("FEDMERGE_THREADS"):
+        return max(1, int(os.environ["FEDMERGE_THREADS"]))
+    try:
+        base = Checkpoint(read_zoo(zoo)[0])
+        n = sum(math.prod(base.shape(k)) for k in base.keys())
+    except (MergeError, OSError, ValueError):
+        return 1
+    return (os.cpu_count() or 1) if n >= BIG_MODEL_PARAMS else 1
 
 
 def allowed_roots(zoo: Path | None = None) -> list[Path]:
@@ -333,11 +352,11 @@ class Session:
             self.apply(method, weights, lam, hyper)
             t2 = time.perf_counter()
             tasks = self.tasks
-            res = evaluate(self.live_model.model, self.tokenizer, tasks, split=LIVE_SPLIT, n=LIVE_N) if tasks else None
+            res = evaluate(self.live_model.model, self.tokenizer, tasks, split=LIVE_SPLIT, n=LIVE_N,
+                           prompts=prompts, prompt_limits=_max_tokens(prompts))  # one decoding loop for both
+            merged_out = res.generations
             t3 = time.perf_counter()
-            merged_out = generate(self.live_model.model, self.tokenizer, prompts, _max_tokens(prompts)) if prompts else []
-            t4 = time.perf_counter()
-        merged_acc = dict(res.accuracy) if res else {}
+        merged_acc = dict(res.accuracy)
         headers = ["prompt", "expected", "base", *[self.specs[i].name for i in self.selected], "merged"]
         rows = []
         for j, p in enumerate(prompts):
@@ -349,7 +368,7 @@ class Session:
             accuracy={"base": base_acc, "fine-tuned (own task)": ft_acc, "merged": merged_acc},
             normalized=normalized(merged_acc, ft_acc),
             headers=headers, rows=rows, seconds=time.perf_counter() - t0,
-            timings={"references": t1 - t0, "merge": t2 - t1, "evaluate": t3 - t2, "generate": t4 - t3},
+            timings={"references": t1 - t0, "merge": t2 - t1, "evaluate + generate": t3 - t2},
         )
 
     # ------------------------------------------------------------------ heterogeneity
@@ -386,17 +405,19 @@ class Session:
         if self.settings is None or self.live_model is None:
             return rep
         idx, k = list(self.selected), len(self.selected)
-        dots = torch.zeros(k, dtype=torch.float64)
-        sq = 0.0
-        with self.lock:
-            for n in self.stack.names:
-                m = (self.live_model.targets[n].detach() - self.stack.base[n]).reshape(-1)
-                dots += (self.stack.deltas[n][idx].reshape(k, -1) @ m).double()
-                sq += float(m.double().pow(2).sum())
         norms = np.asarray(rep.norms, dtype=float)
+        with self.lock:
+            coef = self.live_model.linear_state()
+            if coef is not None and not coef[[i for i in range(len(coef)) if i not in idx]].any():
+                # θ − θ₀ = Σ cᵢτᵢ: its dot products follow from the task vectors' Gram matrix, no pass
+                c = coef[idx].double().numpy()
+                gram = np.nan_to_num(rep.cosine) * np.outer(norms, norms)
+                dots, sq = gram @ c, float(max(c @ gram @ c, 0.0))
+            else:
+                dots, sq = self._merged_dots(idx)
         mnorm = np.sqrt(sq)
         with np.errstate(invalid="ignore", divide="ignore"):
-            row = np.where((norms > 0) & (mnorm > 0), dots.numpy() / (norms * mnorm), np.nan)
+            row = np.where((norms > 0) & (mnorm > 0), dots / (norms * mnorm), np.nan)
         cos = np.full((k + 1, k + 1), np.nan)
         cos[:k, :k] = rep.cosine
         cos[k, :k] = cos[:k, k] = row
@@ -405,6 +426,16 @@ class Session:
         conflict[:k, :k] = rep.sign_conflict
         return SimilarityReport(names=rep.names + ["merged"], cosine=cos, sign_conflict=conflict,
                                 norms=np.append(norms, mnorm), training=rep.training + [{}])
+
+    def _merged_dots(self, idx: list[int]) -> tuple[np.ndarray, float]:
+        """(τᵢ · (θ − θ₀) for the selected i, ‖θ − θ₀‖²) from the model's parameters: one pass."""
+        dots = torch.zeros(len(self.stack), dtype=torch.float64)
+        sq = 0.0
+        for n in self.stack.names:
+            m = (self.live_model.targets[n].detach() - self.stack.base[n]).reshape(-1)
+            dots += (self.stack.deltas[n].reshape(len(self.stack), -1) @ m).double()  # all rows: no copy
+            sq += float(torch.dot(m, m))
+        return dots[idx].numpy(), sq
 
     # ------------------------------------------------------------------ take away
     def export_plan(self):

@@ -227,8 +227,12 @@ def median(deltas: torch.Tensor, weights: torch.Tensor, median_kind: str = "true
 # ----------------------------------------------------------------------------- mergekit family
 
 
-def _trimmed(deltas: torch.Tensor, keep: Callable[[int, torch.Tensor], torch.Tensor], rescale: bool) -> torch.Tensor:
-    return torch.stack([sparsify.apply_mask(d, keep(i, d), rescale) for i, d in enumerate(deltas.unbind(0))])
+def _sparsified(deltas: torch.Tensor, keep: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply a per-task sparsifier `keep(i, τᵢ, out)` row by row into one new stack."""
+    out = torch.empty_like(deltas)
+    for i, d in enumerate(deltas.unbind(0)):
+        keep(i, d, out[i])
+    return out
 
 
 def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
@@ -288,19 +292,20 @@ def _register_gta(name: str, summary: str, params, sparsifier, consensus: bool, 
 
 
 def _magnitude(deltas, k, hp):
-    dens = _per_model(hp.get("density", 1.0), k)
-    return _trimmed(deltas, lambda i, d: sparsify.topk_mask(d, dens[i]), hp.get("rescale", False))
+    dens, rescale = _per_model(hp.get("density", 1.0), k), hp.get("rescale", False)
+    return _sparsified(deltas, lambda i, d, out: sparsify.keep_top(d, dens[i], rescale, out))
 
 
 def _band(deltas, k, hp):
     dens, gam = _per_model(hp.get("density", 1.0), k), _per_model(hp.get("gamma", 0.01), k)
-    return _trimmed(deltas, lambda i, d: sparsify.band_mask(d, dens[i], gam[i]), hp.get("rescale", False))
+    rescale = hp.get("rescale", False)
+    return _sparsified(deltas, lambda i, d, out: sparsify.keep_band(d, dens[i], gam[i], rescale, out))
 
 
 def _random(deltas, k, hp):
-    dens = _per_model(hp.get("density", 1.0), k)
-    gen = torch.Generator().manual_seed(int(hp.get("seed", 0)))
-    return _trimmed(deltas, lambda i, d: sparsify.bernoulli_mask(d, dens[i], gen), hp.get("rescale", True))
+    dens, rescale, seed = _per_model(hp.get("density", 1.0), k), hp.get("rescale", True), int(hp.get("seed", 0))
+    return _sparsified(deltas, lambda i, d, out: sparsify.keep_random(d, dens[i], sparsify.task_seed(seed, i),
+                                                                       rescale, out))
 
 
 ties = _register_gta(

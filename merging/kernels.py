@@ -201,3 +201,89 @@ def interpolate(t, w, base, lam, with_base, c0, c1, out):
         if not math.isfinite(r):
             bad += 1
     return bad
+
+
+# ----------------------------------------------------------------------------- sparsification
+# The weight-independent step of TIES / Breadcrumbs / DARE: exact order statistics of |τ| found
+# from a sample bracket (two counting passes and a small partition instead of a full selection),
+# and the kept entries written with their L1 rescale in one more pass.
+
+SAMPLE = 1 << 16  # entries sampled to bracket an order statistic
+
+
+@_jit
+def abs_order_stat(x, rank):
+    """The `rank`-th smallest |x| (0-based), exactly, for a 1-D float32 array."""
+    n = x.size
+    step = max(1, n // SAMPLE)
+    ns = (n + step - 1) // step
+    sample = np.empty(ns, np.float32)
+    for j in range(ns):
+        sample[j] = abs(x[j * step])
+    sample.sort()
+    f = rank / n
+    margin = 6.0 * math.sqrt(ns * f * (1.0 - f)) + 16.0
+    a = int(f * ns - margin)
+    b = int(f * ns + margin) + 1
+    lo = sample[a] if a > 0 else np.float32(0)
+    hi = sample[b] if b < ns else np.float32(np.inf)
+    below = 0
+    upto = 0
+    for j in range(n):
+        v = abs(x[j])
+        below += 1 if v < lo else 0
+        upto += 1 if v <= hi else 0
+    if not (below <= rank < upto):  # the sample missed (rare): select on everything
+        lo, hi, below, upto = np.float32(0), np.float32(np.inf), 0, n
+    inside = np.empty(upto - below, np.float32)
+    c = 0
+    for j in range(n):
+        v = abs(x[j])
+        if lo <= v <= hi:
+            inside[c] = v
+            c += 1
+    return np.partition(inside, rank - below)[rank - below]
+
+
+@_jit(fastmath={"reassoc"})
+def keep_between(x, lo, hi, rescale, out):
+    """out = x where lo ≤ |x| ≤ hi, else 0; with `rescale`, times Σ|x| / Σ|kept| (L1 kept)."""
+    n = x.size
+    before = 0.0
+    after = 0.0
+    for j in range(n):
+        v = abs(x[j])
+        before += v
+        after += v if lo <= v <= hi else 0.0
+    scale = np.float32(before / after) if rescale and before >= 1e-7 and after >= 1e-7 else np.float32(1)
+    zero = np.float32(0)
+    for j in range(n):
+        v = x[j]
+        out[j] = v * scale if lo <= abs(v) <= hi else zero
+    return scale
+
+
+@_jit
+def _mix(seed, j):
+    """splitmix64 of (seed, index): 24 uniform bits per entry, the same in the numpy fallback."""
+    z = seed + (np.uint64(j) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (z ^ (z >> np.uint64(31))) >> np.uint64(40)
+
+
+@_jit(fastmath={"reassoc"})
+def keep_random(x, threshold, seed, rescale, out):
+    """DARE: keep entry j when mix(seed, j) < threshold (of 2²⁴); with `rescale`, keep the L1 norm."""
+    n = x.size
+    before = 0.0
+    after = 0.0
+    for j in range(n):
+        v = abs(x[j])
+        before += v
+        after += v if _mix(seed, j) < threshold else 0.0
+    scale = np.float32(before / after) if rescale and before >= 1e-7 and after >= 1e-7 else np.float32(1)
+    zero = np.float32(0)
+    for j in range(n):
+        out[j] = x[j] * scale if _mix(seed, j) < threshold else zero
+    return scale

@@ -11,6 +11,7 @@ computed into a second set of buffers that is swapped in once every tensor came 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -238,11 +239,19 @@ class LiveModel:
             self._apply_linear(req)
             return
         spare = self._spare_buffers()
-        for name in self.stack.names:
+
+        def one(name: str) -> int:
             t, bad = self.stack.merged_tensor(req, name, out=spare[name])
-            if bad is None:
-                bad = int((~torch.isfinite(t)).sum())
-            if bad:
+            return int((~torch.isfinite(t)).sum()) if bad is None else bad
+
+        threads = torch.get_num_threads()
+        if threads > 1 and len(self.stack.names) > 1:  # the fused kernels release the GIL: one tensor per core
+            with ThreadPoolExecutor(threads, thread_name_prefix="live-merge") as pool:
+                bad = list(pool.map(one, self.stack.names))
+        else:
+            bad = [one(name) for name in self.stack.names]
+        for name, count in zip(self.stack.names, bad):
+            if count:
                 raise MergeError(f"the merge produced non-finite values in {name} (coefficients too large?)")
         for name, param in self.targets.items():  # every tensor is finite: swap the buffers in
             if spare[name].dtype == param.dtype:
@@ -280,6 +289,11 @@ class LiveModel:
                 torch.addmv(self.stack.base[name].reshape(-1), flat.T, coef, out=param.data.view(-1))
             self._increments = 0
         self._last, self._last_key = coef.clone(), key
+
+    def linear_state(self) -> torch.Tensor | None:
+        """λ·cᵢ over all stacked tasks when the parameters hold θ₀ + Σ cᵢτᵢ of the raw task vectors
+        (the last merge was linear), else None: lets callers reason about the merge without reading it."""
+        return self._last.clone() if self._last is not None and self._last_key is None else None
 
     @torch.no_grad()
     def reset_to_base(self) -> None:

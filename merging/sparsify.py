@@ -1,12 +1,20 @@
-"""Per-tensor sparsification masks (TIES trim, Breadcrumbs band, DARE drop), mergekit's semantics.
+"""Per-tensor sparsification (TIES trim, Breadcrumbs band, DARE drop), mergekit's semantics.
 
-Cut-offs are found with numpy's partition (a selection, O(n)) instead of a full sort: the masks
-equal mergekit's argsort masks except among exactly tied magnitudes.
+The masks are the definitions: cut-offs from numpy's partition (a selection, O(n)) instead of a
+full sort, so they equal mergekit's argsort masks except among exactly tied magnitudes. `keep_top`,
+`keep_band` and `keep_random` return the sparsified (optionally L1-rescaled) tensor: through the
+fused kernels when they are on (same masks, three or four passes instead of a full selection),
+else through the masks.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from . import kernels
+
+_GOLDEN, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+RANDOM_BITS = 24  # DARE keeps entry j when its 24-bit hash is below density · 2²⁴
 
 
 def _abs_np(x: torch.Tensor) -> np.ndarray:
@@ -43,11 +51,29 @@ def band_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     return mask.logical_and_(a <= float(part[hi_rank]))
 
 
-def bernoulli_mask(x: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry with probability `density` (seeded)."""
+def task_seed(seed: int, task: int) -> int:
+    """The 64-bit seed of one task's DARE mask in one tensor (`seed` is already per tensor)."""
+    return (seed * 0x100000001B3 + task + 1) % 2**64
+
+
+def random_bits(n: int, seed: int) -> np.ndarray:
+    """splitmix64 of (seed, j) for j < n, top 24 bits: a counter-based stream, reproducible anywhere."""
+    z = np.uint64(seed) + (np.arange(n, dtype=np.uint64) + np.uint64(1)) * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return (z ^ (z >> np.uint64(31))) >> np.uint64(64 - RANDOM_BITS)
+
+
+def random_threshold(density: float) -> int:
+    return int(density * (1 << RANDOM_BITS))
+
+
+def bernoulli_mask(x: torch.Tensor, density: float, seed: int) -> torch.Tensor:
+    """DARE: keep each entry with probability `density`, from a seeded counter-based hash."""
     if density >= 1:
         return torch.ones_like(x, dtype=torch.bool)
-    return torch.rand(x.shape, generator=generator) < density
+    bits = random_bits(x.numel(), seed)
+    return torch.from_numpy(bits < np.uint64(random_threshold(density))).reshape(x.shape)
 
 
 def apply_mask(x: torch.Tensor, mask: torch.Tensor, rescale_l1: bool, eps: float = 1e-7) -> torch.Tensor:
@@ -60,3 +86,55 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor, rescale_l1: bool, eps: float
     if before < eps or after < eps:
         return kept
     return kept * (before / after)
+
+
+# ----------------------------------------------------------------------------- sparsified tensors
+
+def _fused_ok(x: torch.Tensor) -> bool:
+    return kernels.enabled() and x.dtype == torch.float32 and x.is_contiguous() and x.numel() > 0
+
+
+def keep_top(x: torch.Tensor, density: float, rescale: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x restricted to its top `density` magnitudes (TIES' trim)."""
+    if not _fused_ok(x) or density <= 0 or density >= 1:
+        return _into(apply_mask(x, topk_mask(x, density), rescale), out)
+    n = x.numel()
+    flat = x.reshape(-1).numpy()
+    threshold = kernels.abs_order_stat(flat, n - max(1, int(density * n)))
+    return _keep_between(x, threshold, np.float32(np.inf), rescale, out)
+
+
+def keep_band(x: torch.Tensor, density: float, gamma: float, rescale: bool,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """x restricted to a middle band of magnitudes (Breadcrumbs)."""
+    n = x.numel()
+    target = int(density * n)
+    if not _fused_ok(x) or density >= 1 or target <= 0:
+        return _into(apply_mask(x, band_mask(x, density, gamma), rescale), out)
+    n_top = int(gamma * n)
+    lo_rank = max(0, n - target - n_top)
+    flat = x.reshape(-1).numpy()
+    lo = kernels.abs_order_stat(flat, lo_rank)
+    hi = kernels.abs_order_stat(flat, lo_rank + target - 1)
+    return _keep_between(x, lo, hi, rescale, out)
+
+
+def keep_random(x: torch.Tensor, density: float, seed: int, rescale: bool,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """DARE: x with each entry kept with probability `density` (seeded), optionally L1-rescaled."""
+    if not _fused_ok(x) or density >= 1:
+        return _into(apply_mask(x, bernoulli_mask(x, density, seed), rescale), out)
+    out = torch.empty_like(x) if out is None else out
+    kernels.keep_random(x.reshape(-1).numpy(), np.uint64(random_threshold(density)), np.uint64(seed), rescale,
+                        out.view(-1).numpy())
+    return out
+
+
+def _keep_between(x, lo, hi, rescale, out):
+    out = torch.empty_like(x) if out is None else out
+    kernels.keep_between(x.reshape(-1).numpy(), np.float32(lo), np.float32(hi), rescale, out.view(-1).numpy())
+    return out
+
+
+def _into(t: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return t if out is None else out.copy_(t)

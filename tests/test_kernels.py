@@ -76,3 +76,51 @@ def test_fused_counts_overflow(method):
     kwargs = call_kwargs(agg, "t", base, hp)
     got, bad = final_step(agg, deltas, torch.tensor([1.0, 1.0]), kwargs, base, 1000.0)
     assert bad == int((~torch.isfinite(got)).sum()) > 0
+
+
+# ----------------------------------------------------------------- sparsification kernels
+
+def _magnitudes(n: int, seed: int, quantized: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    return (x * 8).round() / 8 if quantized else x  # quantized: many exact ties at any cut
+
+
+@pytest.mark.parametrize("n", [1, 5, 1000, 3 * kernels.SAMPLE + 123])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_order_statistic_is_exact(n, quantized):
+    x = _magnitudes(n, n, quantized)
+    srt = x.abs().sort().values
+    for rank in {0, n // 3, n // 2, n - 1, max(0, n - 7)}:
+        assert kernels.abs_order_stat(x.numpy(), rank) == srt[rank]
+
+
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.9])
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_keep_top_and_band_equal_the_masks(density, rescale, quantized):
+    from merging import sparsify
+
+    x = _magnitudes(2 * kernels.SAMPLE + 77, 3, quantized)
+    torch.testing.assert_close(sparsify.keep_top(x, density, rescale),
+                               sparsify.apply_mask(x, sparsify.topk_mask(x, density), rescale), rtol=1e-6, atol=0)
+    assert torch.equal(sparsify.keep_top(x, density, False) != 0, (x != 0) & sparsify.topk_mask(x, density))
+    for gamma in (0.0, 0.05):
+        got = sparsify.keep_band(x, density, gamma, rescale)
+        mask = sparsify.band_mask(x, density, gamma)
+        torch.testing.assert_close(got, sparsify.apply_mask(x, mask, rescale), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.77])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_keep_random_equals_the_mask_and_keeps_the_rate(density, rescale):
+    """The kernel's hash stream is bit-identical to the numpy one that defines the DARE mask."""
+    from merging import sparsify
+
+    x = _magnitudes(100_003, 4, False)
+    seed = sparsify.task_seed(12345, 2)
+    mask = sparsify.bernoulli_mask(x, density, seed)
+    got = sparsify.keep_random(x, density, seed, rescale)
+    torch.testing.assert_close(got, sparsify.apply_mask(x, mask, rescale), rtol=1e-6, atol=0)
+    assert abs(float(mask.float().mean()) - density) < 0.01
+    assert not torch.equal(mask, sparsify.bernoulli_mask(x, density, sparsify.task_seed(12345, 3)))

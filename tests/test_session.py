@@ -148,11 +148,14 @@ def test_incompatible_model_is_refused_by_name(zoo, tmp_path, monkeypatch):
 def test_similarity_has_a_merged_row(session):
     k = len(session.selected)
     assert len(session.similarity_live().names) == k  # nothing merged yet
-    session.apply("task_arithmetic", [1.0] * k, 1.0)
-    rep = session.similarity_live()
-    assert rep.names[-1] == "merged" and rep.cosine.shape == (k + 1, k + 1)
-    full = session.similarity(with_merged=True)
-    assert abs(full.cosine[-1, :-1] - rep.cosine[-1, :-1]).max() < 1e-5
+    # linear merges (from the Gram matrix, no pass) and non-linear ones (one pass over the model)
+    for method, hyper in [("task_arithmetic", {}), ("ties", {"density": 0.3}), ("median", {})]:
+        session.apply(method, [1.0, -0.5, 2.0][:k] + [1.0] * (k - 3), 0.7, hyper)
+        rep = session.similarity_live()
+        assert rep.names[-1] == "merged" and rep.cosine.shape == (k + 1, k + 1)
+        full = session.similarity(with_merged=True)
+        assert abs(full.cosine[-1, :-1] - rep.cosine[-1, :-1]).max() < 1e-5, method
+        assert abs(full.norms[-1] - rep.norms[-1]) < 1e-4 * full.norms[-1], method
 
 
 def test_export_yaml_and_merged_folder_match_the_live_model(session, tmp_path):
