@@ -14,30 +14,52 @@ Set FEDMERGE_KERNELS=0 to use the torch definitions instead (benchmarks, bisecti
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import threading
 
 import numpy as np
-
-try:
-    import numba
-except ImportError:  # the torch definitions still run; only slower
-    numba = None
 
 BLOCK = 4096  # coordinates per block: K rows of it stay in L1/L2
 
 
 def enabled() -> bool:
-    """Whether the fused kernels run (numba importable and not switched off)."""
-    return numba is not None and os.environ.get("FEDMERGE_KERNELS", "1") != "0"
+    """Whether the fused kernels run (numba installed and not switched off)."""
+    return _HAVE_NUMBA and os.environ.get("FEDMERGE_KERNELS", "1") != "0"
+
+
+_HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+_PLAIN: dict[str, tuple] = {}  # kernel name -> (python function, numba options), in definition order
+_COMPILE_LOCK = threading.Lock()
 
 
 def _jit(fn=None, **options):
+    """Declare a kernel. numba is imported (0.2 s) and the kernels wrapped at the first call of any
+    of them, so a merge that needs none (Task Arithmetic, linear) does not pay for it."""
     if fn is None:
         return lambda f: _jit(f, **options)
-    if numba is None:
-        return fn
-    return numba.njit(nogil=True, cache=True, error_model="numpy", **options)(fn)
+    _PLAIN[fn.__name__] = (fn, options)
+
+    def first_call(*args):
+        _compile_all()
+        return globals()[fn.__name__](*args)
+
+    first_call.__name__, first_call.__doc__ = fn.__name__, fn.__doc__
+    return first_call
+
+
+def _compile_all() -> None:
+    with _COMPILE_LOCK:
+        if not _HAVE_NUMBA:
+            for name, (fn, _) in _PLAIN.items():  # plain Python: correct, very slow (tests only)
+                globals()[name] = fn
+            return
+        import numba
+
+        for name, (fn, options) in _PLAIN.items():  # helpers first: callers resolve them when compiled
+            if not isinstance(globals()[name], numba.core.registry.CPUDispatcher):
+                globals()[name] = numba.njit(nogil=True, cache=True, error_model="numpy", **options)(fn)
 
 
 # Inner loops run over 1-D slices (row = t[i, s0:s0 + m]): LLVM vectorizes those, not 2-D indexing.
@@ -213,13 +235,19 @@ SAMPLE = 1 << 16  # entries sampled to bracket an order statistic
 
 @_jit
 def abs_order_stat(x, rank):
-    """The `rank`-th smallest |x| (0-based), exactly, for a 1-D float32 array."""
+    """The `rank`-th smallest |x| (0-based), exactly, for a 1-D float32 array.
+
+    A sorted sample brackets the answer in [lo, hi]; one counting pass places `rank` below, at lo,
+    strictly inside, at hi or above; only the entries strictly inside (about 1% of them) are
+    gathered and partitioned. Ties at the bracket ends (the zeros of a sparse task vector) cost
+    nothing. When the sample misses, the bracket widens to everything.
+    """
     n = x.size
     step = max(1, n // SAMPLE)
     ns = (n + step - 1) // step
     sample = np.empty(ns, np.float32)
     for j in range(ns):
-        sample[j] = abs(x[j * step])
+        sample[j] = abs(x[min(n - 1, j * step + (j * 7919) % step)])  # jittered: no aliasing with rows
     sample.sort()
     f = rank / n
     margin = 6.0 * math.sqrt(ns * f * (1.0 - f)) + 16.0
@@ -227,22 +255,33 @@ def abs_order_stat(x, rank):
     b = int(f * ns + margin) + 1
     lo = sample[a] if a > 0 else np.float32(0)
     hi = sample[b] if b < ns else np.float32(np.inf)
-    below = 0
-    upto = 0
-    for j in range(n):
-        v = abs(x[j])
-        below += 1 if v < lo else 0
-        upto += 1 if v <= hi else 0
-    if not (below <= rank < upto):  # the sample missed (rare): select on everything
-        lo, hi, below, upto = np.float32(0), np.float32(np.inf), 0, n
-    inside = np.empty(upto - below, np.float32)
+    for attempt in range(2):
+        below = 0  # |x| < lo
+        at_lo = 0  # |x| == lo
+        upto = 0  # |x| < hi
+        at_hi = 0  # |x| == hi
+        for j in range(n):
+            v = abs(x[j])
+            below += 1 if v < lo else 0
+            at_lo += 1 if v == lo else 0
+            upto += 1 if v < hi else 0
+            at_hi += 1 if v == hi else 0
+        if below <= rank < below + at_lo:
+            return lo
+        if upto <= rank < upto + at_hi:
+            return hi
+        if below + at_lo <= rank < upto:
+            break
+        lo, hi = np.float32(0), np.float32(np.inf)  # the sample missed (rare): bracket everything
+    first = below + at_lo
+    inside = np.empty(upto - first, np.float32)
     c = 0
     for j in range(n):
         v = abs(x[j])
-        if lo <= v <= hi:
+        if lo < v < hi:
             inside[c] = v
             c += 1
-    return np.partition(inside, rank - below)[rank - below]
+    return np.partition(inside, rank - first)[rank - first]
 
 
 @_jit(fastmath={"reassoc"})

@@ -3,14 +3,18 @@
 The safetensors header is computed up front from the planned names, shapes and dtypes, so each
 tensor is written as soon as it is merged: peak memory is one tensor, not one shard. Everything
 goes to a hidden temporary folder beside the target and is renamed into place at the end: a
-failed or killed merge leaves no folder that looks complete.
+failed or killed merge leaves no folder that looks complete. The bytes go out on a background
+thread (a write releases the GIL), so writing one tensor overlaps merging and reading the next;
+at most `_PENDING` merged tensors wait for it.
 """
 from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,6 +26,7 @@ _CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+_PENDING = 2  # merged tensors queued for the writing thread (bounds the extra memory)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -67,6 +72,34 @@ class StreamingModelWriter:
         self._handle = None
         self._open_shard = -1
         self.total_bytes = sum(_nbytes(s, d) for _, s, d in specs)
+        self._queue: queue.Queue = queue.Queue(maxsize=_PENDING)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="safetensors-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        """The writing thread: shard headers and tensor bytes, in order, until the None sentinel."""
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # keep draining so the producer never blocks
+            s, data = item
+            try:
+                if s != self._open_shard:
+                    self._start_shard(s)
+                self._handle.write(memoryview(data))
+            except BaseException as exc:  # reported by the next write() or by finish()
+                self._error = exc
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise MergeError(f"writing {self.tmp}: {err}") from err
 
     def _start_shard(self, s: int) -> None:
         if self._handle is not None:
@@ -90,11 +123,10 @@ class StreamingModelWriter:
         exp_name, shape, dtype = self.specs[i]
         if name != exp_name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
             raise RuntimeError(f"writer expected {exp_name} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        s = self._shard_of[i]
-        if s != self._open_shard:
-            self._start_shard(s)
+        if self._error is not None:
+            self._stop()
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._handle.write(memoryview(data))
+        self._queue.put((self._shard_of[i], data))
         self._next += 1
 
     def add_file(self, name: str, content: str | bytes) -> None:
@@ -109,6 +141,7 @@ class StreamingModelWriter:
         """Close the last shard, write the index, and move the folder into place."""
         if self._next != len(self.specs):
             raise RuntimeError(f"writer got {self._next} of {len(self.specs)} tensors")
+        self._stop()
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -126,6 +159,10 @@ class StreamingModelWriter:
         return self.out_dir
 
     def abort(self) -> None:
+        try:
+            self._stop()
+        except MergeError:
+            pass  # already failing: the first error is the one reported
         if self._handle is not None:
             self._handle.close()
             self._handle = None
