@@ -227,9 +227,10 @@ def median(deltas: torch.Tensor, weights: torch.Tensor, median_kind: str = "true
 # ----------------------------------------------------------------------------- mergekit family
 
 
-def _sparsified(deltas: torch.Tensor, keep: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Apply a per-task sparsifier `keep(i, τᵢ, out)` row by row into one new stack."""
-    out = torch.empty_like(deltas)
+def _sparsified(deltas: torch.Tensor, keep: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply a per-task sparsifier `keep(i, τᵢ, out)` row by row into a new stack (or `out`)."""
+    out = torch.empty_like(deltas) if out is None else out
     for i, d in enumerate(deltas.unbind(0)):
         keep(i, d, out[i])
     return out
@@ -264,8 +265,8 @@ def _register_gta(name: str, summary: str, params, sparsifier, consensus: bool, 
     sparsified stack), so the live app treats it like Task Arithmetic once the masks are cached.
     """
 
-    def prepare(deltas: torch.Tensor, hp) -> torch.Tensor:
-        return deltas if sparsifier is None else sparsifier(deltas, deltas.shape[0], hp)
+    def prepare(deltas: torch.Tensor, hp, out: torch.Tensor | None = None) -> torch.Tensor:
+        return deltas if sparsifier is None else sparsifier(deltas, deltas.shape[0], hp, out)
 
     def combine_fn(deltas: torch.Tensor, weights: torch.Tensor, **hp) -> torch.Tensor:
         return combine(deltas, weights, consensus, hp["normalize"])
@@ -291,21 +292,21 @@ def _register_gta(name: str, summary: str, params, sparsifier, consensus: bool, 
     return fn
 
 
-def _magnitude(deltas, k, hp):
+def _magnitude(deltas, k, hp, out=None):
     dens, rescale = _per_model(hp.get("density", 1.0), k), hp.get("rescale", False)
-    return _sparsified(deltas, lambda i, d, out: sparsify.keep_top(d, dens[i], rescale, out))
+    return _sparsified(deltas, lambda i, d, o: sparsify.keep_top(d, dens[i], rescale, o), out)
 
 
-def _band(deltas, k, hp):
+def _band(deltas, k, hp, out=None):
     dens, gam = _per_model(hp.get("density", 1.0), k), _per_model(hp.get("gamma", 0.01), k)
     rescale = hp.get("rescale", False)
-    return _sparsified(deltas, lambda i, d, out: sparsify.keep_band(d, dens[i], gam[i], rescale, out))
+    return _sparsified(deltas, lambda i, d, o: sparsify.keep_band(d, dens[i], gam[i], rescale, o), out)
 
 
-def _random(deltas, k, hp):
+def _random(deltas, k, hp, out=None):
     dens, rescale, seed = _per_model(hp.get("density", 1.0), k), hp.get("rescale", True), int(hp.get("seed", 0))
-    return _sparsified(deltas, lambda i, d, out: sparsify.keep_random(d, dens[i], sparsify.task_seed(seed, i),
-                                                                       rescale, out))
+    return _sparsified(deltas, lambda i, d, o: sparsify.keep_random(d, dens[i], sparsify.task_seed(seed, i),
+                                                                     rescale, o), out)
 
 
 ties = _register_gta(

@@ -230,12 +230,14 @@ def interpolate(t, w, base, lam, with_base, c0, c1, out):
 # from a sample bracket (two counting passes and a small partition instead of a full selection),
 # and the kept entries written with their L1 rescale in one more pass.
 
-SAMPLE = 1 << 16  # entries sampled to bracket an order statistic
+SAMPLE = 1 << 14  # at most this many entries sampled to bracket an order statistic (sorting it: ~1 ms)
+DIRECT = 1 << 16  # tensors up to this size: numpy's selection on |x| directly
 
 
 @_jit
-def abs_order_stat(x, rank):
-    """The `rank`-th smallest |x| (0-based), exactly, for a 1-D float32 array.
+def _bracket(x, rank):
+    """Locate the `rank`-th smallest |x|: (value, empty array, 0) when it sits at a bracket end,
+    else (nan, the |x| strictly inside the bracket, its rank among them).
 
     A sorted sample brackets the answer in [lo, hi]; one counting pass places `rank` below, at lo,
     strictly inside, at hi or above; only the entries strictly inside (about 1% of them) are
@@ -243,7 +245,7 @@ def abs_order_stat(x, rank):
     nothing. When the sample misses, the bracket widens to everything.
     """
     n = x.size
-    step = max(1, n // SAMPLE)
+    step = max(1, n // min(SAMPLE, max(1024, n // 256)))
     ns = (n + step - 1) // step
     sample = np.empty(ns, np.float32)
     for j in range(ns):
@@ -267,21 +269,29 @@ def abs_order_stat(x, rank):
             upto += 1 if v < hi else 0
             at_hi += 1 if v == hi else 0
         if below <= rank < below + at_lo:
-            return lo
+            return lo, np.empty(0, np.float32), 0
         if upto <= rank < upto + at_hi:
-            return hi
+            return hi, np.empty(0, np.float32), 0
         if below + at_lo <= rank < upto:
             break
         lo, hi = np.float32(0), np.float32(np.inf)  # the sample missed (rare): bracket everything
     first = below + at_lo
-    inside = np.empty(upto - first, np.float32)
+    m = upto - first
+    inside = np.empty(m + 1, np.float32)
     c = 0
-    for j in range(n):
+    for j in range(n):  # branch-free compaction: 6x faster than `if lo < v < hi: ...` here
         v = abs(x[j])
-        if lo < v < hi:
-            inside[c] = v
-            c += 1
-    return np.partition(inside, rank - first)[rank - first]
+        inside[min(c, m)] = v
+        c += 1 if (v > lo) & (v < hi) else 0
+    return np.float32(np.nan), inside[:m], rank - first
+
+
+def abs_order_stat(x, rank):
+    """The `rank`-th smallest |x| (0-based), exactly, for a 1-D float32 array (see _bracket)."""
+    if x.size <= DIRECT:
+        return np.partition(np.abs(x), rank)[rank]
+    value, inside, k = _bracket(x, rank)
+    return value if inside.size == 0 else np.partition(inside, k)[k]  # numpy's SIMD selection
 
 
 @_jit(fastmath={"reassoc"})
@@ -326,3 +336,17 @@ def keep_random(x, threshold, seed, rescale, out):
     for j in range(n):
         out[j] = x[j] * scale if _mix(seed, j) < threshold else zero
     return scale
+
+
+@_jit(fastmath={"reassoc", "nnan"})  # inputs are finite (checked at load); max in any order
+def row_abs_max(t):
+    """max |t[i, :]| per row, float64 (a third of torch's abs().amax(): no [K, n] temporary)."""
+    k, n = t.shape
+    out = np.zeros(k, np.float64)
+    for i in range(k):
+        row = t[i]
+        m = np.float32(0)
+        for j in range(n):
+            m = max(m, abs(row[j]))
+        out[i] = m
+    return out

@@ -103,6 +103,7 @@ class Aggregator:
     coefficients: Callable[..., Any] | None = None  # linear aggregators: cᵢ(weights, **hp), U = Σ cᵢτᵢ
     # Two-step aggregators: fn = combine(prepare(deltas, hp), weights, **hp), where `prepare` (trim or
     # drop masks) does not depend on the weights, so the live app can cache it across slider moves.
+    # prepare(deltas, hp, out=None) may write into `out` (a recycled buffer of the stack's shape).
     prepare: Callable[..., Any] | None = None
     prepare_params: tuple[str, ...] = ()
     combine: Callable[..., Any] | None = None  # always coordinate-wise

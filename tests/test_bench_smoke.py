@@ -24,3 +24,28 @@ def test_written_yaml_is_a_valid_config(tmp_path):
         write_yaml(path, method, tmp_path / "base", models)
         cfg = load_config(path)
         assert cfg.merge_method == method and len(cfg.models) == 4
+
+
+def test_every_benchmark_is_listed_in_the_bench_readme():
+    listed = (BENCH / "README.md").read_text()
+    scripts = [p.name for p in BENCH.glob("*.py") if not p.name.startswith("_")]
+    assert scripts and all(f"bench/{s}" in listed for s in scripts), scripts
+
+
+def test_eval_speed_baseline_agrees_with_the_harness():
+    """The harness's hand-written greedy loop (batch shrinking included) = transformers' generate."""
+    from eval_speed import generate_baseline
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluation.harness import evaluate
+    from evaluation.session import read_zoo
+    from evaluation.tasks import TASKS
+
+    _, specs = read_zoo()
+    for spec in specs[:2]:
+        model = AutoModelForCausalLM.from_pretrained(spec.ref).eval()
+        tok = AutoTokenizer.from_pretrained(spec.ref)
+        tasks = list(TASKS)
+        res = evaluate(model, tok, tasks, split="test", n=12)
+        assert res.predictions == generate_baseline(model, tok, tasks, 12)
+        assert res.accuracy[spec.task] > 0.5  # a real fine-tune: its own task is solved

@@ -86,12 +86,27 @@ def _magnitudes(n: int, seed: int, quantized: bool) -> torch.Tensor:
     return (x * 8).round() / 8 if quantized else x  # quantized: many exact ties at any cut
 
 
-@pytest.mark.parametrize("n", [1, 5, 1000, 3 * kernels.SAMPLE + 123])
+@pytest.mark.parametrize("n", [1, 5, 1000, kernels.DIRECT + 1, 3 * kernels.DIRECT + 123])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_order_statistic_is_exact(n, quantized):
     x = _magnitudes(n, n, quantized)
     srt = x.abs().sort().values
     for rank in {0, n // 3, n // 2, n - 1, max(0, n - 7)}:
+        assert kernels.abs_order_stat(x.numpy(), rank) == srt[rank]
+
+
+def test_order_statistic_when_the_sample_misses():
+    """An adversarial tensor whose sampled entries are all large: the bracket misses, and the
+    fallback (select on everything) still returns the exact value."""
+    n = 4 * kernels.DIRECT + 11
+    step = max(1, n // min(kernels.SAMPLE, max(1024, n // 256)))
+    ns = (n + step - 1) // step
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(n, generator=g) * 1e-3
+    idx = torch.tensor([min(n - 1, j * step + (j * 7919) % step) for j in range(ns)])
+    x[idx] = 1.0 + torch.rand(ns, generator=g)
+    srt = x.abs().sort().values
+    for rank in (n // 2, n // 10, n - ns - 1):
         assert kernels.abs_order_stat(x.numpy(), rank) == srt[rank]
 
 
@@ -101,7 +116,7 @@ def test_order_statistic_is_exact(n, quantized):
 def test_keep_top_and_band_equal_the_masks(density, rescale, quantized):
     from merging import sparsify
 
-    x = _magnitudes(2 * kernels.SAMPLE + 77, 3, quantized)
+    x = _magnitudes(2 * kernels.DIRECT + 77, 3, quantized)
     torch.testing.assert_close(sparsify.keep_top(x, density, rescale),
                                sparsify.apply_mask(x, sparsify.topk_mask(x, density), rescale), rtol=1e-6, atol=0)
     assert torch.equal(sparsify.keep_top(x, density, False) != 0, (x != 0) & sparsify.topk_mask(x, density))
