@@ -60,6 +60,7 @@ class TaskVectorStack:
         self._prepare_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self._prepare_lock = threading.Lock()
         self._recycled: dict[str, torch.Tensor] = {}  # buffers of an evicted prepare setting, reused
+        self.reused_buffers = 0  # how many prepared tensors were written into recycled buffers
         for j, name in enumerate(self.names):
             b, d = load_tensor_stack(self.plan, name)
             self.base[name], self.deltas[name] = b, d
@@ -112,7 +113,10 @@ class TaskVectorStack:
         return MergeRequest(agg, idx, w, LAMBDA.check(lam), hp, norms)
 
     def _selected(self, name: str, idx: list[int]) -> torch.Tensor:
-        return self.deltas[name] if idx == list(range(len(self))) else self.deltas[name][idx]
+        """The selected rows of one stack: a view when they are consecutive (no copy), else a copy."""
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            return self.deltas[name][idx[0]:idx[0] + len(idx)]
+        return self.deltas[name][idx]
 
     def _prepared(self, req: "MergeRequest", name: str, with_absmax: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -134,6 +138,7 @@ class TaskVectorStack:
                 out = self._recycled.pop(name, None)
                 if out is not None and out.shape != selected.shape:
                     out = None
+                self.reused_buffers += out is not None
                 t = agg.prepare(selected, kwargs, out=out)
                 cached[name] = (t, None)
             t, absmax = cached[name]
@@ -147,7 +152,8 @@ class TaskVectorStack:
         costs a fifth of faulting in fresh pages (a cold re-trim of GPT-2 small: 2 GB)."""
         for name in list(entry):
             t, _ = entry.pop(name)
-            if sys.getrefcount(t) == 2:  # `t` and the call's argument: no merge in flight still reads it
+            shared = t.untyped_storage().data_ptr() == self.deltas[name].untyped_storage().data_ptr()
+            if sys.getrefcount(t) == 2 and not shared:  # 2: `t` and the call's argument (none in flight)
                 self._recycled[name] = t
             del t
 

@@ -79,3 +79,18 @@ def test_sliced_merge_equals_one_call_across_slice_boundaries(method):
     hp = agg.check_params({"density": 0.4} if agg.prepare else {}, 4)
     expected = base + 0.7 * agg.fn(deltas, w, **call_kwargs(agg, "t", base, hp))
     torch.testing.assert_close(merge_tensor(agg, "t", base, deltas, w, 0.7, hp), expected)
+
+
+def test_recycled_prepare_buffers_never_alias_the_task_vectors(live):
+    """Moving the density slider evicts old trim settings; their buffers are reused, but the raw
+    task vectors (shared by every session) must stay untouched and every merge stay exact."""
+    stack = live.stack
+    raw = {n: t.clone() for n, t in stack.deltas.items()}
+    for density in (0.9, 0.7, 0.5, 0.3, 0.2):
+        for method in ("ties", "magnitude_prune"):
+            live.apply(method, [1.0, 0.5], lam=1.0, select=[0, 1], density=density)
+            got = params(live)
+            for n, t in reference(live, method, [1.0, 0.5], 1.0, select=[0, 1], density=density).items():
+                torch.testing.assert_close(got[n], t)
+    assert stack.reused_buffers > 0  # the eviction path ran and its buffers were written again
+    assert all(torch.equal(stack.deltas[n], raw[n]) for n in raw)
