@@ -94,6 +94,7 @@ class Checkpoint:
         self._files: dict[str, Path] = {}  # tensor name -> file
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype code)
         self._bin: dict[str, torch.Tensor] | None = None
+        self._spans: dict[str, tuple[int, int]] = {}  # name -> byte range in its file's data section
         self._index_files()
         if not trust_remote_code and self.config.get("auto_map"):
             raise MergeError(f"{self.ref}: this model needs trust_remote_code (custom code in its repository); "
@@ -116,6 +117,7 @@ class Checkpoint:
                 for key, info in read_safetensors_header(f).items():
                     self._files[key] = f
                     self._meta[key] = (tuple(info["shape"]), info["dtype"])
+                    self._spans[key] = tuple(info.get("data_offsets", (0, 0)))
         elif files[0].suffix == ".bin":
             self._load_bin(files)
         else:
@@ -170,6 +172,23 @@ class Checkpoint:
                 n *= s
             total += n * (_DTYPES.get(code, torch.float32).itemsize)
         return total
+
+    def read_into(self, key: str, out: torch.Tensor) -> bool:
+        """Read a safetensors tensor's bytes straight into `out` (same dtype and size, contiguous):
+        one copy from the page cache, no intermediate tensor. False where that does not apply."""
+        if key not in self._spans or not out.is_contiguous() or self.dtype(key) != out.dtype:
+            return False
+        begin, end = self._spans[key]
+        if end - begin != out.numel() * out.element_size():
+            return False
+        path = self._files[key]
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + n + begin)
+            got = f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
+        if got != end - begin:
+            raise MergeError(f"{path}: truncated: tensor {key} needs {end - begin} bytes, the file has {got}")
+        return True
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self._meta:

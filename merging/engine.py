@@ -110,16 +110,28 @@ def _stack_bytes(plan: MergePlan, name: str) -> int:
     return 4 * (len(plan.sources) + 1) * math.prod(plan.base.shape(name))
 
 
+def _read_into(checkpoint, name: str, out: torch.Tensor) -> bool:
+    reader = getattr(checkpoint, "read_into", None)  # StateDicts (in-memory) have none
+    return bool(reader and reader(name, out))
+
+
 def load_tensor_stack(plan: MergePlan, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The base tensor and the stacked task vectors [K, ...] of one tensor, float32, checked finite."""
-    raw = plan.base.get(name)
-    _check_finite_fast(name, raw, plan.base.ref)
-    base = raw.float()
+    base = torch.empty(plan.base.shape(name), dtype=torch.float32)
+    if not _read_into(plan.base, name, base):
+        base = plan.base.get(name)
+        _check_finite_fast(name, base, plan.base.ref)
+        base = base.float()
+    else:
+        _check_finite_fast(name, base, plan.base.ref)
     deltas = torch.empty((len(plan.sources), *base.shape), dtype=torch.float32)
     for i, src in enumerate(plan.sources):
         if isinstance(src, FullFinetune) and src.checkpoint.dtype(name) != torch.float64:
             # θᵢ − θ₀ written straight into the stack, no temporary (f16/bf16 → f32 is exact)
-            torch.sub(src.checkpoint.get(name), base, out=deltas[i])
+            if _read_into(src.checkpoint, name, deltas[i]):
+                deltas[i].sub_(base)
+            else:
+                torch.sub(src.checkpoint.get(name), base, out=deltas[i])
             _check_finite_fast(name, deltas[i], src.name)
         else:
             d = src.delta(name, base)
