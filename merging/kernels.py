@@ -235,63 +235,114 @@ DIRECT = 1 << 16  # tensors up to this size: numpy's selection on |x| directly
 
 
 @_jit
-def _bracket(x, rank):
-    """Locate the `rank`-th smallest |x|: (value, empty array, 0) when it sits at a bracket end,
-    else (nan, the |x| strictly inside the bracket, its rank among them).
-
-    A sorted sample brackets the answer in [lo, hi]; one counting pass places `rank` below, at lo,
-    strictly inside, at hi or above; only the entries strictly inside (about 1% of them) are
-    gathered and partitioned. Ties at the bracket ends (the zeros of a sparse task vector) cost
-    nothing. When the sample misses, the bracket widens to everything.
-    """
+def _sorted_sample(x):
+    """A sorted sample of |x|: jittered stride (no aliasing with row lengths), up to SAMPLE entries."""
     n = x.size
     step = max(1, n // min(SAMPLE, max(1024, n // 256)))
     ns = (n + step - 1) // step
     sample = np.empty(ns, np.float32)
     for j in range(ns):
-        sample[j] = abs(x[min(n - 1, j * step + (j * 7919) % step)])  # jittered: no aliasing with rows
+        sample[j] = abs(x[min(n - 1, j * step + (j * 7919) % step)])
     sample.sort()
+    return sample
+
+
+@_jit
+def _ends(sample, n, rank):
+    """[lo, hi] holding the `rank`-th smallest |x| with overwhelming probability (6 sigma)."""
+    ns = sample.size
     f = rank / n
     margin = 6.0 * math.sqrt(ns * f * (1.0 - f)) + 16.0
     a = int(f * ns - margin)
     b = int(f * ns + margin) + 1
-    lo = sample[a] if a > 0 else np.float32(0)
-    hi = sample[b] if b < ns else np.float32(np.inf)
-    for attempt in range(2):
-        below = 0  # |x| < lo
-        at_lo = 0  # |x| == lo
-        upto = 0  # |x| < hi
-        at_hi = 0  # |x| == hi
-        for j in range(n):
-            v = abs(x[j])
-            below += 1 if v < lo else 0
-            at_lo += 1 if v == lo else 0
-            upto += 1 if v < hi else 0
-            at_hi += 1 if v == hi else 0
-        if below <= rank < below + at_lo:
-            return lo, np.empty(0, np.float32), 0
-        if upto <= rank < upto + at_hi:
-            return hi, np.empty(0, np.float32), 0
-        if below + at_lo <= rank < upto:
-            break
-        lo, hi = np.float32(0), np.float32(np.inf)  # the sample missed (rare): bracket everything
-    first = below + at_lo
-    m = upto - first
+    return (sample[a] if a > 0 else np.float32(0)), (sample[b] if b < ns else np.float32(np.inf))
+
+
+@_jit
+def _where(rank, below, at_lo, upto, at_hi):
+    """0: the value is lo, 1: hi, 2: strictly inside (lo, hi), 3: outside (the sample missed)."""
+    if below <= rank < below + at_lo:
+        return 0
+    if upto <= rank < upto + at_hi:
+        return 1
+    if below + at_lo <= rank < upto:
+        return 2
+    return 3
+
+
+@_jit
+def _gather(x, lo, hi, m):
+    """The m entries with lo < |x| < hi (branch-free compaction: 6x faster than an `if` here)."""
     inside = np.empty(m + 1, np.float32)
     c = 0
-    for j in range(n):  # branch-free compaction: 6x faster than `if lo < v < hi: ...` here
+    for j in range(x.size):
         v = abs(x[j])
         inside[min(c, m)] = v
         c += 1 if (v > lo) & (v < hi) else 0
-    return np.float32(np.nan), inside[:m], rank - first
+    return inside[:m]
+
+
+@_jit
+def _brackets(x, r1, r2):
+    """Locate the r1-th and r2-th smallest |x| with one sample and one counting pass.
+
+    For each: (value, empty, 0) when it sits at a bracket end (the zeros of a sparse task vector
+    cost nothing), else (nan, the |x| strictly inside the bracket, its rank among them). When the
+    sample misses, that bracket widens to everything.
+    """
+    n = x.size
+    sample = _sorted_sample(x)
+    lo1, hi1 = _ends(sample, n, r1)
+    lo2, hi2 = _ends(sample, n, r2)
+    for attempt in range(2):
+        b1 = a1 = u1 = h1 = 0
+        b2 = a2 = u2 = h2 = 0
+        for j in range(n):
+            v = abs(x[j])
+            b1 += 1 if v < lo1 else 0
+            a1 += 1 if v == lo1 else 0
+            u1 += 1 if v < hi1 else 0
+            h1 += 1 if v == hi1 else 0
+            b2 += 1 if v < lo2 else 0
+            a2 += 1 if v == lo2 else 0
+            u2 += 1 if v < hi2 else 0
+            h2 += 1 if v == hi2 else 0
+        w1 = _where(r1, b1, a1, u1, h1)
+        w2 = _where(r2, b2, a2, u2, h2)
+        if w1 != 3 and w2 != 3:
+            break
+        if w1 == 3:
+            lo1, hi1 = np.float32(0), np.float32(np.inf)
+        if w2 == 3:
+            lo2, hi2 = np.float32(0), np.float32(np.inf)
+    empty = np.empty(0, np.float32)
+    nan = np.float32(np.nan)
+    v1, in1, k1 = (lo1 if w1 == 0 else hi1), empty, 0
+    if w1 == 2:
+        v1, in1, k1 = nan, _gather(x, lo1, hi1, u1 - b1 - a1), r1 - b1 - a1
+    v2, in2, k2 = (lo2 if w2 == 0 else hi2), empty, 0
+    if w2 == 2:
+        if r2 == r1:
+            v2, in2, k2 = v1, in1, k1
+        else:
+            v2, in2, k2 = nan, _gather(x, lo2, hi2, u2 - b2 - a2), r2 - b2 - a2
+    return v1, in1, k1, v2, in2, k2
+
+
+def abs_order_stats(x, r1, r2):
+    """The r1-th and r2-th smallest |x| (0-based), exactly, for a 1-D float32 array."""
+    if x.size <= DIRECT:
+        part = np.partition(np.abs(x), [r1, r2])
+        return part[r1], part[r2]
+    v1, in1, k1, v2, in2, k2 = _brackets(x, r1, r2)
+    v1 = v1 if in1.size == 0 else np.partition(in1, k1)[k1]  # numpy's SIMD selection on ~1%
+    v2 = v2 if in2.size == 0 else np.partition(in2, k2)[k2]
+    return v1, v2
 
 
 def abs_order_stat(x, rank):
-    """The `rank`-th smallest |x| (0-based), exactly, for a 1-D float32 array (see _bracket)."""
-    if x.size <= DIRECT:
-        return np.partition(np.abs(x), rank)[rank]
-    value, inside, k = _bracket(x, rank)
-    return value if inside.size == 0 else np.partition(inside, k)[k]  # numpy's SIMD selection
+    """The `rank`-th smallest |x| (0-based), exactly, for a 1-D float32 array."""
+    return abs_order_stats(x, rank, rank)[0]
 
 
 @_jit(fastmath={"reassoc"})

@@ -114,8 +114,7 @@ def keep_band(x: torch.Tensor, density: float, gamma: float, rescale: bool,
     n_top = int(gamma * n)
     lo_rank = max(0, n - target - n_top)
     flat = x.reshape(-1).numpy()
-    lo = kernels.abs_order_stat(flat, lo_rank)
-    hi = kernels.abs_order_stat(flat, lo_rank + target - 1)
+    lo, hi = kernels.abs_order_stats(flat, lo_rank, lo_rank + target - 1)  # one counting pass for both
     return _keep_between(x, lo, hi, rescale, out)
 
 
