@@ -227,8 +227,9 @@ def interpolate(t, w, base, lam, with_base, c0, c1, out):
 
 # ----------------------------------------------------------------------------- sparsification
 # The weight-independent step of TIES / Breadcrumbs / DARE: exact order statistics of |τ| found
-# from a sample bracket (two counting passes and a small partition instead of a full selection),
-# and the kept entries written with their L1 rescale in one more pass.
+# from a sample bracket (one counting pass, one gathering pass and numpy's selection on the ~1%
+# inside, instead of a selection on everything), then the kept entries written with their L1
+# rescale (one pass to sum, one to write).
 
 SAMPLE = 1 << 14  # at most this many entries sampled to bracket an order statistic (sorting it: ~1 ms)
 DIRECT = 1 << 16  # tensors up to this size: numpy's selection on |x| directly

@@ -202,3 +202,23 @@ def test_lora_adapter_in_a_yaml_merge(tiny_zoo, tmp_path):
     out = load_sd(merge_to_dir(plan_from_config(cfg), tmp_path / "o"))
     for k, v in out.items():
         torch.testing.assert_close(v, merged[k], atol=1e-6, rtol=1e-5)
+
+
+def test_linear_soup_reads_the_models_not_the_base():
+    """`linear` (normalised, λ = 1) is Σ cᵢθᵢ: the base's values are never read, like mergekit's
+    linear. A base tensor full of NaN would be refused on any path that read it."""
+    g = torch.Generator().manual_seed(0)
+    fts = [{"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)} for _ in range(3)]
+    good_base = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+    weights = [0.2, 0.5, 0.3]
+    soup = merge_state_dicts({k: torch.full_like(v, float("nan")) for k, v in good_base.items()}, fts, "linear",
+                             weights=weights)
+    for k in good_base:
+        expected = sum(w * ft[k] for w, ft in zip(weights, fts)) / sum(weights)
+        torch.testing.assert_close(soup[k], expected)
+        # λ ≠ 1 takes the task-vector path: θ₀ + λ·Σcᵢτᵢ
+        via_base = merge_state_dicts(good_base, fts, "linear", weights=weights, lam=0.5)
+        torch.testing.assert_close(via_base[k], good_base[k] + 0.5 * (expected - good_base[k]))
+    with pytest.raises(MergeError, match="non-finite|NaN"):  # Σwᵢ ≠ 1: θ₀ is part of the result
+        merge_state_dicts({k: torch.full_like(v, float("nan")) for k, v in good_base.items()}, fts,
+                          "task_arithmetic", weights=[1.0, 1.0, 1.0])
