@@ -6,7 +6,9 @@ Baselines, measured in the same run:
   prompts (one batch per task, greedy, the same limits and stop tokens); the two must agree on
   every prediction;
 - `evaluation.search.search` (the update U computed once per setting, each λ only rewrites
-  θ₀ + λ·U) against the plain loop: for each λ a full `Session.apply` merge, then the same scoring.
+  θ₀ + λ·U; then the best setting scored on test) against the plain loop: for each λ a full
+  `Session.apply` merge, then the same validation scoring. The first search also scores every
+  fine-tune on validation and test (the normalisation); it is reported separately.
 
 Targets (issue #5): all tasks × 100 under 2 s; a 40-value λ search under 90 s.
 
@@ -88,6 +90,9 @@ def main(argv=None) -> int:
     print(rows[-1], flush=True)
 
     s0 = time.perf_counter()
+    search(session, "task_arithmetic", lambdas=LAMBDAS)  # first: also scores each fine-tune (cached after)
+    first = time.perf_counter() - s0
+    s0 = time.perf_counter()
     result = search(session, "task_arithmetic", lambdas=LAMBDAS)
     ours = time.perf_counter() - s0
 
@@ -98,8 +103,8 @@ def main(argv=None) -> int:
 
     theirs, _ = best_of(plain_loop, 1)
     rows.append(f"search task_arithmetic, {len(LAMBDAS)} λ   {ours:7.2f} s   per-λ merge loop {theirs:7.2f} s   "
-                f"ratio {ours / theirs:.2f}   best λ {result.best_lambda:g}   target < 90 s: "
-                f"{'met' if ours < 90 else 'NOT met'}")
+                f"ratio {ours / theirs:.2f}   (first search, scoring the references too: {first:.2f} s)   "
+                f"best λ {result.best_lambda:g}   target < 90 s: {'met' if first < 90 else 'NOT met'}")
     print(rows[-1], flush=True)
     if not args.no_record:
         append_results("eval_speed", ["python", "bench/eval_speed.py", *(argv or sys.argv[1:])],
