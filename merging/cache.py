@@ -131,10 +131,15 @@ class StackCache:
 
 
 def _load_model(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "activation_function", None) == "gelu_new":
+            # the same tanh-approximated GELU as one fused op: transformers' gelu_new is six
+            # elementwise passes, a quarter of a decoding step of GPT-2 on the CPU
+            config.activation_function = "gelu_pytorch_tanh"
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype="float32")
     except Exception as exc:  # unknown architecture, broken config: one line for the user
         raise MergeError(f"{Path(path).name}: cannot load it as a causal language model "
                          f"({str(exc).splitlines()[0][:200]})") from None
