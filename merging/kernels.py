@@ -66,6 +66,30 @@ def _compile_all() -> None:
 
 
 @_jit
+def _weighted(t, w, s0, s):
+    """s = Σ wᵢ·t[i, s0:s0 + len(s)]: the weighted sum of one block."""
+    m = s.size
+    s[:] = 0
+    for i in range(t.shape[0]):
+        wi, row = w[i], t[i, s0:s0 + m]
+        for j in range(m):
+            s[j] += wi * row[j]
+
+
+@_jit
+def _emit(x, base, lam, out, s0):
+    """out[s0:] = base[s0:] + λ·x for one block; returns how many results are not finite."""
+    m = x.size
+    o, b = out[s0:s0 + m], base[s0:s0 + m]
+    bad = 0
+    for j in range(m):
+        r = b[j] + lam * x[j]
+        o[j] = r
+        bad += 0 if math.isfinite(r) else 1
+    return bad
+
+
+@_jit
 def consensus(t, w, base, lam, normalize, out):
     """TIES: elect sign(Σ wᵢτᵢ) (0 counts as +), sum the agreeing wᵢτᵢ, divide by their Σ wᵢ."""
     k, n = t.shape
@@ -77,13 +101,9 @@ def consensus(t, w, base, lam, normalize, out):
     for s0 in range(0, n, BLOCK):
         m = min(BLOCK, n - s0)
         s, num, den = s_buf[:m], num_buf[:m], den_buf[:m]
-        s[:] = 0
+        _weighted(t, w, s0, s)
         num[:] = 0
         den[:] = 0
-        for i in range(k):
-            wi, row = w[i], t[i, s0:s0 + m]
-            for j in range(m):
-                s[j] += wi * row[j]
         for i in range(k):
             wi, row = w[i], t[i, s0:s0 + m]
             for j in range(m):
@@ -91,15 +111,10 @@ def consensus(t, w, base, lam, normalize, out):
                 keep = (v > 0) if s[j] >= 0 else (v < 0)
                 num[j] += v if keep else zero
                 den[j] += wi if keep else zero
-        o, b = out[s0:s0 + m], base[s0:s0 + m]
-        for j in range(m):
-            x = num[j]
-            if normalize and den[j] != 0:
-                x = x / den[j]
-            r = b[j] + lam * x
-            o[j] = r
-            if not math.isfinite(r):
-                bad += 1
+        if normalize:
+            for j in range(m):
+                num[j] = num[j] / den[j] if den[j] != 0 else num[j]
+        bad += _emit(num, base, lam, out, s0)
     return bad
 
 
@@ -124,13 +139,11 @@ def median(t, w, base, lam, lower, out):
                     a, c = lo[j], hi[j]
                     lo[j] = min(a, c)
                     hi[j] = max(a, c)
-        o, b, lo, hi = out[s0:s0 + m], base[s0:s0 + m], rows[mid, :m], rows[min(mid + 1, k - 1), :m]
-        for j in range(m):
-            x = (lo[j] + hi[j]) * np.float32(0.5) if average else lo[j]
-            r = b[j] + lam * x
-            o[j] = r
-            if not math.isfinite(r):
-                bad += 1
+        lo, hi = rows[mid, :m], rows[min(mid + 1, k - 1), :m]
+        if average:
+            for j in range(m):
+                lo[j] = (lo[j] + hi[j]) * np.float32(0.5)
+        bad += _emit(lo, base, lam, out, s0)
     return bad
 
 
@@ -147,44 +160,30 @@ def gradient_masked(t, w, base, lam, rho, out):
         s, agree = s_buf[:m], agree_buf[:m]
         s[:] = 0
         agree[:] = 0
-        for i in range(k):
+        for i in range(k):  # both sums in one read of the block
             wi, row = w[i], t[i, s0:s0 + m]
             sw = one if wi > 0 else (-one if wi < 0 else zero)
             for j in range(m):
                 x = row[j]
                 s[j] += wi * x
                 agree[j] += sw if x > 0 else (-sw if x < 0 else zero)
-        o, b = out[s0:s0 + m], base[s0:s0 + m]
         for j in range(m):
             a = abs(agree[j]) / np.float32(k)
-            x = s[j] if a >= rho else s[j] * a
-            r = b[j] + lam * x
-            o[j] = r
-            if not math.isfinite(r):
-                bad += 1
+            s[j] = s[j] if a >= rho else s[j] * a
+        bad += _emit(s, base, lam, out, s0)
     return bad
 
 
 @_jit
 def weighted_sum(t, w, base, lam, out):
     """θ₀ + λ·Σ wᵢτᵢ (the live app uses BLAS's addmv; the disk merge of sparsified stacks this)."""
-    k, n = t.shape
+    n = t.shape[1]
     s_buf = np.empty(BLOCK, np.float32)
     bad = 0
     for s0 in range(0, n, BLOCK):
-        m = min(BLOCK, n - s0)
-        s = s_buf[:m]
-        s[:] = 0
-        for i in range(k):
-            wi, row = w[i], t[i, s0:s0 + m]
-            for j in range(m):
-                s[j] += wi * row[j]
-        o, b = out[s0:s0 + m], base[s0:s0 + m]
-        for j in range(m):
-            r = b[j] + lam * s[j]
-            o[j] = r
-            if not math.isfinite(r):
-                bad += 1
+        s = s_buf[:min(BLOCK, n - s0)]
+        _weighted(t, w, s0, s)
+        bad += _emit(s, base, lam, out, s0)
     return bad
 
 
