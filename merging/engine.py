@@ -130,11 +130,8 @@ def load_tensor_stack(plan: MergePlan, name: str, buffer: torch.Tensor | None = 
     shape = tuple(plan.base.shape(name))
     base = _carve(buffer, shape)
     if not _read_into(plan.base, name, base):
-        base = plan.base.get(name)
-        _check_finite_fast(name, base, plan.base.ref)
-        base = base.float()
-    else:
-        _check_finite_fast(name, base, plan.base.ref)
+        base = plan.base.get(name).float()
+    _check_finite_fast(name, base, plan.base.ref)
     deltas = _carve(buffer, (len(plan.sources), *shape), math.prod(shape))
     for i, src in enumerate(plan.sources):
         if isinstance(src, FullFinetune) and src.checkpoint.dtype(name) != torch.float64:
