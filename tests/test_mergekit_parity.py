@@ -1,0 +1,65 @@
+"""mergekit's own configs (bench/fixtures/mergekit) against mergekit 0.1.5's stored outputs.
+
+The expected tensors in tests/data/mergekit_expected were written by real mergekit on the same
+generated models (`python bench/mergekit_fixtures.py --arch llama-tiny --write-expected ...`, layer
+tensors kept); here only our merge runs. bfloat16 results must be bit-equal, float32 within 1e-6.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from mergekit_fixtures import FIXTURES, SHAPES, make_models, render  # noqa: E402
+
+from merging import load_config, merge_to_dir, plan_from_config  # noqa: E402
+
+EXPECTED = Path(__file__).resolve().parent / "data" / "mergekit_expected"
+CASES = sorted(p.stem for p in EXPECTED.glob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return make_models(tmp_path_factory.mktemp("mk"), "llama-tiny")
+
+
+def test_every_stored_case_has_its_fixture():
+    assert len(CASES) >= 15
+    for case in CASES:
+        assert (FIXTURES / f"{case.rsplit('-', 1)[0]}.yml").exists()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fixture_equals_mergekit(case, models, tmp_path):
+    name, dtype = case.rsplit("-", 1)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(render(FIXTURES / f"{name}.yml", models, dtype, SHAPES["llama-tiny"]["num_hidden_layers"]))
+    out = merge_to_dir(plan_from_config(load_config(cfg), allow_hub=False), tmp_path / "out")
+    ours = load_file(out / "model.safetensors")
+    expected = load_file(EXPECTED / f"{case}.safetensors")
+    assert expected and set(expected) <= set(ours)
+    for k, theirs in expected.items():
+        mine = ours[k]
+        assert mine.dtype == getattr(torch, dtype), k
+        if dtype == "float32":
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6, msg=f"{case}: {k}")
+        else:  # bit-equal (mergekit writes arcee_fusion's float32 result for a bfloat16 config: round it)
+            assert torch.equal(mine, theirs.to(mine.dtype)), f"{case}: {k} differs"
+
+
+def test_bfloat16_is_computed_in_bfloat16_unless_compute_dtype_says_float32(models, tmp_path):
+    """`dtype: bfloat16` computes in bfloat16 like mergekit; `compute_dtype: float32` accumulates in
+    float32 and only rounds the result (ties' trim then keeps other entries: the outputs differ)."""
+    text = render(FIXTURES / "ties.yml", models, "bfloat16", 2)
+    outs = {}
+    for tag, extra in (("mk", ""), ("f32", "compute_dtype: float32\n")):
+        cfg = tmp_path / f"{tag}.yml"
+        cfg.write_text(text + extra)
+        outs[tag] = load_file(merge_to_dir(plan_from_config(load_config(cfg)), tmp_path / tag) / "model.safetensors")
+    expected = load_file(EXPECTED / "ties-bfloat16.safetensors")
+    k = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(outs["mk"][k], expected[k])
+    assert outs["f32"][k].dtype == torch.bfloat16 and not torch.equal(outs["f32"][k], expected[k])
