@@ -222,7 +222,7 @@ def slices_to_models(data: dict, source: str = "config") -> dict:
     else:
         if data.get("merge_method") != "passthrough":
             raise MergeError(f"{source}: slices: several slices (layer stacking) work only with passthrough; "
-                             "merge each slice separately")
+                             "merging slice by slice with another method is not supported")
         if any(len(sl["sources"]) != 1 for sl in slices):
             raise MergeError(f"{source}: slices: passthrough takes exactly one source per slice")
         out["models"] = [{"model": slices[0]["sources"][0]["model"]}]

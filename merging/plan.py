@@ -155,6 +155,8 @@ def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=
     """Resolve the config's models, drop the base from the task list, validate compatibility."""
     method = AGGREGATORS[cfg.merge_method]
     opts = dict(allow_hub=allow_hub, allowed_roots=allowed_roots)
+    if cfg.slices and len(cfg.slices) > 1:
+        return plan_stacked(cfg, opts, trust_remote_code)
     entries = list(cfg.models)
     if cfg.base_model:
         base = Checkpoint(cfg.base_model, trust_remote_code=trust_remote_code, **opts)
@@ -194,12 +196,39 @@ def num_layers(config: Mapping[str, Any]) -> int | None:
     return None
 
 
+def plan_stacked(cfg: MergeConfig, opts: Mapping[str, Any], trust_remote_code: bool) -> MergePlan:
+    """Several slices with passthrough: one virtual checkpoint of the stacked layers, copied."""
+    from .slices import StackedLayers, layer_count
+    from .task_vectors import FullFinetune
+
+    parts, seen = [], {}
+    for i, sl in enumerate(cfg.slices):
+        src = sl["sources"][0]
+        if src.get("parameters") or sl.get("parameters"):
+            raise MergeError(f"slices[{i}]: parameters on stacked slices are not supported; give them globally")
+        ref = str(src["model"])
+        ck = seen.get(ref) or Checkpoint(ref, trust_remote_code=trust_remote_code, **opts)
+        seen[ref] = ck
+        a, b = src.get("layer_range") or [0, layer_count(ck.config) or 0]
+        parts.append((ck, a, b))
+    first = parts[0][0]
+    warnings = check_compatible(first, [FullFinetune(ck) for ck in seen.values() if ck is not first])
+    stacked = StackedLayers(parts)
+    dtype = cfg.out_dtype or cfg.dtype
+    plan = MergePlan(
+        method=AGGREGATORS["passthrough"], base=stacked, sources=[FullFinetune(stacked, "stacked layers")],
+        global_settings=dict(cfg.parameters), model_settings=[{}],
+        out_dtype=getattr(torch, dtype) if dtype else None, tokenizer_source=cfg.tokenizer_from, config=cfg,
+        compute_dtype=getattr(torch, cfg.compute), no_base=True, chat_template=cfg.chat_template, warnings=warnings,
+    )
+    check_tokenizer(plan, opts)
+    plan.params_for(plan.tensor_names[0])
+    return plan
+
+
 def check_slices(cfg: MergeConfig, plan: MergePlan) -> None:
-    """A single slice must cover every layer of every source (a plain merge); layer stacking
-    (several slices, passthrough) is not built yet."""
-    if len(cfg.slices) > 1:
-        raise MergeError("slices: layer stacking (several slices with passthrough) is not supported yet; "
-                         "use mergekit for it")
+    """A single slice must cover every layer of every source: it is a plain merge (several slices
+    are layer stacking: plan_stacked)."""
     n = num_layers(plan.base.config)
     for j, src in enumerate(cfg.slices[0]["sources"]):
         rng = src.get("layer_range")

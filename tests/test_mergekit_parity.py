@@ -63,3 +63,35 @@ def test_bfloat16_is_computed_in_bfloat16_unless_compute_dtype_says_float32(mode
     k = "model.layers.1.mlp.up_proj.weight"
     assert torch.equal(outs["mk"][k], expected[k])
     assert outs["f32"][k].dtype == torch.bfloat16 and not torch.equal(outs["f32"][k], expected[k])
+
+
+def test_passthrough_slices_stack_layers(models, tmp_path):
+    """examples/orcamini-platy-44layer.yml: layers [0, 2) of A then [1, 2) of B — a 3-layer model whose
+    embeddings come from A and final norm and head from B; transformers loads it."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(render(FIXTURES / "orcamini_platy_layers.yml", models, "float32", 2))
+    out = merge_to_dir(plan_from_config(load_config(cfg), allow_hub=False), tmp_path / "out")
+    merged = load_file(out / "model.safetensors")
+    a, b = load_file(models["MODEL_A"] / "model.safetensors"), load_file(models["MODEL_B"] / "model.safetensors")
+    for k in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
+        assert torch.equal(merged[f"model.layers.0.{k}"], a[f"model.layers.0.{k}"])
+        assert torch.equal(merged[f"model.layers.1.{k}"], a[f"model.layers.1.{k}"])
+        assert torch.equal(merged[f"model.layers.2.{k}"], b[f"model.layers.1.{k}"])
+    assert torch.equal(merged["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.equal(merged["model.norm.weight"], b["model.norm.weight"])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 3
+
+
+def test_unsupported_slices_are_refused_by_name(models, tmp_path):
+    from merging import MergeError, parse_config
+
+    with pytest.raises(MergeError, match="only with passthrough"):
+        parse_config({"merge_method": "ties", "base_model": "x", "slices": [
+            {"sources": [{"model": "a", "layer_range": [0, 1]}]}, {"sources": [{"model": "b", "layer_range": [1, 2]}]}]})
+    cfg = parse_config({"merge_method": "linear", "slices": [{"sources": [
+        {"model": str(models["MODEL_A"]), "layer_range": [0, 1]}, {"model": str(models["MODEL_B"]), "layer_range": [0, 1]}]}]})
+    with pytest.raises(MergeError, match="not the whole model"):
+        plan_from_config(cfg)
