@@ -85,7 +85,7 @@ def nuslerp(base, models, weights, nuslerp_flatten: bool = True, nuslerp_row_wis
     "multislerp",
     "Multi-SLERP: barycentric interpolation of any number of models (or task vectors) on the hypersphere.",
     [HyperParam("normalize_weights", bool, True, "Divide the weights by their sum."),
-     HyperParam("eps", float, 1e-8, "Small constant for numerical stability.", low=1e-12, high=1.0)],
+     HyperParam("eps", float, 1e-8, "Small constant for numerical stability.", low=1e-12)],
     base_optional=True,
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
 )
@@ -129,7 +129,7 @@ def multislerp(base, models, weights, normalize_weights: bool = True, eps: float
     "karcher",
     "Karcher mean: the Riemannian (geodesic) mean of the models' directions, scaled by their mean norm.",
     [HyperParam("max_iter", int, 10, "Iterations of the fixed-point update.", low=1, high=1000),
-     HyperParam("tol", float, 1e-5, "Convergence tolerance.", low=1e-12, high=1.0)],
+     HyperParam("tol", float, 1e-5, "Convergence tolerance.", low=1e-12)],
     base_optional=True,
     reference="https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean",
 )
@@ -211,7 +211,7 @@ def model_stock(base, models, weights, filter_wise: bool = False):
 @model_method(
     "nearswap",
     "NearSwap: take the fine-tune's value where it is within t of the base's, blend toward the base elsewhere.",
-    [HyperParam("t", float, 0.5, "Similarity threshold (absolute difference).", low=0.0, low_open=True, high=1e6)],
+    [HyperParam("t", float, 0.5, "Similarity threshold (absolute difference).", low=0.0, low_open=True)],
     min_models=1, max_models=1,
     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
 )
@@ -277,8 +277,7 @@ def sce(base, models, weights, select_topk: float = 1.0):
 @model_method(
     "passthrough",
     "Passthrough: copy one model's tensors (optionally scaled); with `slices`, stack layers of several models.",
-    [HyperParam("scale", float, 1.0, "Multiply the tensor by this factor.", low=-1000.0, high=1000.0,
-                per_model=True)],
+    [HyperParam("scale", float, 1.0, "Multiply the tensor by this factor.", per_model=True)],
     min_models=1, max_models=1, base_optional=True,
     reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
 )

@@ -95,3 +95,36 @@ def test_unsupported_slices_are_refused_by_name(models, tmp_path):
         {"model": str(models["MODEL_A"]), "layer_range": [0, 1]}, {"model": str(models["MODEL_B"]), "layer_range": [0, 1]}]}]})
     with pytest.raises(MergeError, match="not the whole model"):
         plan_from_config(cfg)
+
+
+def test_tokenizer_union_chat_template_and_refusals(models, tmp_path):
+    """`tokenizer: {}` means union (mergekit's default); with one shared tokenizer that is the base's.
+    `chat_template: chatml` lands in tokenizer_config.json. Different vocabularies are refused."""
+    import json
+    import shutil
+
+    from merging import MergeError
+
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(render(FIXTURES / "tokenizer_union.yml", models, "float32", 2))
+    out = merge_to_dir(plan_from_config(load_config(cfg)), tmp_path / "out")
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tok_cfg["chat_template"]
+    assert (out / "tokenizer.json").read_bytes() == (models["MODEL_C"] / "tokenizer.json").read_bytes()
+
+    other = tmp_path / "other"
+    shutil.copytree(models["MODEL_B"], other)
+    tj = json.loads((other / "tokenizer.json").read_text())
+    tj["model"]["vocab"]["extra"] = len(tj["model"]["vocab"])
+    (other / "tokenizer.json").write_text(json.dumps(tj))
+    cfg.write_text(render(FIXTURES / "tokenizer_union.yml", {**models, "MODEL_B": other}, "float32", 2))
+    with pytest.raises(MergeError, match="tokenizer differs"):
+        plan_from_config(load_config(cfg))
+    with pytest.raises(MergeError, match="chat_template"):
+        load_config_text(tmp_path, cfg.read_text().replace("chatml", "vicuna"))
+
+
+def load_config_text(tmp_path, text):
+    p = tmp_path / "t.yml"
+    p.write_text(text)
+    return load_config(p)
