@@ -1,14 +1,14 @@
 """mergekit's own test and example configs (ported as bench/fixtures/mergekit/*.yml) through both tools.
 
 Small generated models (llama- and GPT-2-shaped: a base MODEL_C and three fine-tunes of it, each
-folder with a real tokenizer), every fixture in float32 and in bfloat16 (the YAML's `dtype`
-overridden). mergekit runs all configs in one process of its own venv (bench/_mergekit_runner.py,
+folder with a real tokenizer), every fixture in float32, bfloat16 and float16 (the YAML's
+`dtype` overridden). mergekit runs all configs in one process of its own venv (bench/_mergekit_runner.py,
 HF_HUB_OFFLINE=1); ours runs in this process through the same path as the CLI. Deterministic
 configs: max |Δ| per tool output (float32 target ≤ 1e-6; bfloat16: bit-equal or ≤ 1 ulp). Random
 ones (DARE, DELLA; different generators): the kept fraction of each tensor, as a z-score against
 the binomial spread, and the L1 norm of the update.
 
-    python bench/mergekit_fixtures.py [--arch llama,gpt2] [--dtypes float32,bfloat16] [--only ties,slerp]
+    python bench/mergekit_fixtures.py [--arch llama,gpt2] [--dtypes float32,bfloat16,float16] [--only ties,slerp]
                                       [--write-expected tests/data/mergekit_expected] [--no-record]
 """
 from __future__ import annotations
@@ -179,7 +179,7 @@ def verdict(r: dict, dtype: str, stochastic: bool) -> tuple[str, bool]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="llama,gpt2")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,bfloat16,float16")
     ap.add_argument("--only", default="", help="comma-separated fixture names")
     ap.add_argument("--write-expected", default="", help="store mergekit's outputs (llama-tiny) for the tests here")
     ap.add_argument("--no-record", action="store_true")
@@ -233,7 +233,8 @@ def main(argv=None) -> int:
             dest = Path(args.write_expected)
             dest.mkdir(parents=True, exist_ok=True)
             save_file(_tensors(out_mk), str(dest / f"{name}-{dtype}.safetensors"))
-    summary = f"{n_ok}/{n_all} within target (deterministic: float32 ≤ 1e-6, bfloat16 ≤ 1 ulp; random: z ≤ 5, L1 gap ≤ 5%)"
+    summary = (f"{n_ok}/{n_all} within target (deterministic: float32 ≤ 1e-6, bfloat16 / float16 ≤ 1 ulp; random: "
+               "z ≤ 5 for the kept fraction of each tensor of ≥ 512 entries, L1 norm of the update within 5%)")
     print(summary)
     if not args.no_record:
         append_results("mergekit_fixtures", ["python", "bench/mergekit_fixtures.py", *(argv or sys.argv[1:])],

@@ -128,3 +128,20 @@ def load_config_text(tmp_path, text):
     p = tmp_path / "t.yml"
     p.write_text(text)
     return load_config(p)
+
+
+def test_della_keep_probability_follows_the_magnitude_rank():
+    """DELLA (mergekit's della_magprune): keep probability density − ε for the smallest magnitude of a
+    row up to density + ε for the largest; with rescale the row keeps its L1 norm."""
+    from merging.sparsify import exact_della
+
+    x = torch.randn(32, 4096, generator=torch.Generator().manual_seed(0))
+    kept = exact_della(x, 0.5, 0.2, seed=7, rescale=False) != 0
+    n = kept.numel()
+    assert abs(float(kept.float().mean()) - 0.5) < 5 * (0.25 / n) ** 0.5
+    order = x.abs().argsort(dim=1)
+    top = kept.gather(1, order[:, -400:]).float().mean()  # ranks ≥ 0.9: p ≈ 0.5 + 0.2·0.95
+    low = kept.gather(1, order[:, :400]).float().mean()
+    assert abs(float(top) - 0.69) < 0.03 and abs(float(low) - 0.31) < 0.03
+    r = exact_della(x, 0.5, 0.2, seed=7, rescale=True)
+    torch.testing.assert_close(r.abs().sum(), x.abs().sum(), rtol=1e-4, atol=0)
