@@ -144,7 +144,9 @@ class MergeConfig(BaseModel):
 
     def to_yaml(self) -> str:
         data = self.model_dump(exclude_none=True, exclude_defaults=False, mode="json")
-        for m in data["models"]:
+        if data.get("slices"):  # written as the user wrote it: slices, not the models read from them
+            data.pop("models", None)
+        for m in data.get("models", []):
             if not m.get("parameters"):
                 m.pop("parameters", None)
         if not data.get("parameters"):

@@ -145,3 +145,13 @@ def test_della_keep_probability_follows_the_magnitude_rank():
     assert abs(float(top) - 0.69) < 0.03 and abs(float(low) - 0.31) < 0.03
     r = exact_della(x, 0.5, 0.2, seed=7, rescale=True)
     torch.testing.assert_close(r.abs().sum(), x.abs().sum(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("fixture", ["gradient_slerp", "orcamini_platy_layers"])
+def test_merge_config_of_a_slices_merge_reproduces_it(fixture, models, tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(render(FIXTURES / f"{fixture}.yml", models, "bfloat16", 2))
+    first = merge_to_dir(plan_from_config(load_config(cfg)), tmp_path / "a")
+    again = merge_to_dir(plan_from_config(load_config(first / "merge_config.yml")), tmp_path / "b")
+    a, b = load_file(first / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
