@@ -170,6 +170,8 @@ def affine_coefficients(plan: MergePlan, name: str, norms: torch.Tensor | None) 
     p = plan.params_for(name)
     kwargs = call_kwargs(agg, name, None, p.hyper, norms)
     c = agg.coefficients(p.weights, **kwargs).double() * p.lam
+    if not agg.exact_reads_base and p.lam == 1:  # linear: mergekit's Σ cᵢθᵢ whatever Σ cᵢ
+        return c.float()
     return c.float() if abs(float(c.sum()) - 1.0) <= 1e-6 else None
 
 
@@ -189,11 +191,17 @@ def update_norms(plan: MergePlan, progress: Progress | None = None) -> torch.Ten
 def uses_exact(plan: MergePlan) -> bool:
     """The exact path (mergekit's definition, in the compute dtype) runs for methods defined on the
     models, and for any method with an exact form when the compute dtype is not float32; full
-    fine-tunes only (a LoRA update has no stored θᵢ to load in that dtype)."""
+    fine-tunes only (a LoRA update has no stored θᵢ to load in that dtype). In float32, `linear` at
+    λ = 1 takes the prefetching affine path instead (Σ cᵢθᵢ read from the models: the same sum)."""
     agg = plan.method
     if agg.exact is None or not all(isinstance(s, FullFinetune) for s in plan.sources):
         return False
-    return agg.models_only or plan.compute_dtype != torch.float32
+    if plan.compute_dtype != torch.float32:
+        return True
+    if agg.models_only and agg.coefficients is not None:
+        lam = plan.global_settings.get("lambda", 1.0)
+        return not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam == 1)
+    return agg.models_only
 
 
 def exact_tensor(plan: MergePlan, name: str) -> torch.Tensor:
