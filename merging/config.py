@@ -60,8 +60,10 @@ class ModelEntry(BaseModel):
 class TokenizerSpec(BaseModel):
     """mergekit's `tokenizer:` block; its `source` defaults to `union`, as in mergekit."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     source: str = "union"
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+    tokens: dict[str, Any] | None = None  # per-token embedding sources: refused at plan time
 
 
 class MergeConfig(BaseModel):

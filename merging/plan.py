@@ -185,6 +185,7 @@ def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=
     if cfg.slices:
         check_slices(cfg, plan)
     check_tokenizer(plan, opts)
+    resize_vocabulary(plan, cfg)
     plan.params_for(plan.tensor_names[0])  # fail on bad hyperparameters before any work
     return plan
 
@@ -222,6 +223,7 @@ def plan_stacked(cfg: MergeConfig, opts: Mapping[str, Any], trust_remote_code: b
         compute_dtype=getattr(torch, cfg.compute), no_base=True, chat_template=cfg.chat_template, warnings=warnings,
     )
     check_tokenizer(plan, opts)
+    resize_vocabulary(plan, cfg)
     plan.params_for(plan.tensor_names[0])
     return plan
 
@@ -272,6 +274,36 @@ def check_tokenizer(plan: MergePlan, opts: Mapping[str, Any]) -> None:
         raise MergeError(f"tokenizer_source: {src} has a vocabulary of {vt}, the merged model {vb}; resizing the "
                          "embedding rows to another vocabulary is not supported")
     plan.tokenizer_source = str(ck.path)
+
+
+def resize_vocabulary(plan: MergePlan, cfg: MergeConfig) -> None:
+    """With a tokenizer chosen (`tokenizer_source` or `tokenizer:`), mergekit writes one embedding row
+    per token of that tokenizer (padded with the mean row to `pad_to_multiple_of`): cut or pad the
+    token-indexed tensors of every input the same way (vocab.VocabView)."""
+    from .checkpoints import TOKENIZER_FILES
+    from .task_vectors import FullFinetune
+    from .validation import _vocab
+    from .vocab import VocabView, output_rows
+
+    if cfg.tokenizer is None and cfg.tokenizer_source is None:
+        return
+    if cfg.tokenizer is not None and cfg.tokenizer.tokens:
+        raise MergeError("tokenizer.tokens: per-token embedding sources are not supported")
+    rows = _vocab(plan.base.config)
+    source = plan.base if plan.tokenizer_source == "base" else Checkpoint(plan.tokenizer_source)
+    if rows is None or not source.side_files(TOKENIZER_FILES):
+        plan.warnings.append("tokenizer: no tokenizer files to size the embedding by; its rows are kept")
+        return
+    sizes = output_rows(source.folder, rows, cfg.tokenizer.pad_to_multiple_of if cfg.tokenizer else None)
+    if sizes is None:
+        return
+    if not all(isinstance(s, FullFinetune) for s in plan.sources):
+        raise MergeError("tokenizer: resizing the embedding rows is not supported with LoRA adapters")
+    n, size = sizes
+    plan.base = VocabView(plan.base, rows, n, size, plan.compute_dtype)
+    for s in plan.sources:
+        s.checkpoint = VocabView(s.checkpoint, rows, n, size, plan.compute_dtype)
+    plan.warnings.append(f"tokenizer: {n} tokens, so the embedding rows go from {rows} to {size} (as mergekit)")
 
 
 def plan_from_objects(base: Checkpoint, sources: list[TaskVectorSource], method: str,

@@ -155,3 +155,21 @@ def test_merge_config_of_a_slices_merge_reproduces_it(fixture, models, tmp_path)
     again = merge_to_dir(plan_from_config(load_config(first / "merge_config.yml")), tmp_path / "b")
     a, b = load_file(first / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tokenizer_cuts_a_padded_vocabulary_to_its_tokens(tmp_path):
+    """Embedding rows beyond the tokenizer's tokens (a padded vocabulary) are dropped when a tokenizer
+    is chosen, as mergekit does; the kept rows are the merge's rows (task arithmetic works per entry)."""
+    padded = make_models(tmp_path / "m", "llama-padded")
+    outs = {}
+    for tag, extra in (("plain", ""), ("union", "tokenizer_source: union\n")):
+        cfg = tmp_path / f"{tag}.yml"
+        cfg.write_text(render(FIXTURES / "task_arithmetic.yml", padded, "float32", 2) + extra)
+        outs[tag] = merge_to_dir(plan_from_config(load_config(cfg)), tmp_path / tag)
+    plain, cut = (load_file(outs[t] / "model.safetensors") for t in ("plain", "union"))
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert plain[k].shape[0] == 100 and cut[k].shape[0] == 96
+        assert torch.equal(cut[k], plain[k][:96])
+    import json
+
+    assert json.loads((outs["union"] / "config.json").read_text())["vocab_size"] == 96
