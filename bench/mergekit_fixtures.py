@@ -8,7 +8,7 @@ configs: max |Δ| per tool output (float32 target ≤ 1e-6; bfloat16: bit-equal 
 ones (DARE, DELLA; different generators): the kept fraction of each tensor, as a z-score against
 the binomial spread, and the L1 norm of the update.
 
-    python bench/mergekit_fixtures.py [--arch llama,gpt2] [--dtypes float32,bfloat16,float16] [--only ties,slerp]
+    python bench/mergekit_fixtures.py [--arch llama,gpt2,llama-padded] [--dtypes float32,bfloat16,float16] [--only ties,slerp]
                                       [--write-expected tests/data/mergekit_expected] [--no-record]
 """
 from __future__ import annotations
@@ -186,7 +186,7 @@ def verdict(r: dict, dtype: str, stochastic: bool) -> tuple[str, bool]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="llama,gpt2")
+    ap.add_argument("--arch", default="llama,gpt2,llama-padded")
     ap.add_argument("--dtypes", default="float32,bfloat16,float16")
     ap.add_argument("--only", default="", help="comma-separated fixture names")
     ap.add_argument("--write-expected", default="", help="store mergekit's outputs (llama-tiny) for the tests here")
