@@ -25,6 +25,16 @@ LAMBDAS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 41))  # 
 SEARCH_N = 20  # validation examples per task when tuning (the live view scores fewer)
 QUICK_LAMBDAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1 … 2.0
 Progress = Callable[[float, str], None]
+# Aggregators whose update U averages the task vectors instead of summing them: at λ = 1 each task
+# gets a 1/K share (FedNova's K̄/(K·Kᵢ) weights sum to 1; a median is one update's size). Their λ grid
+# is stretched by K so that, like Task Arithmetic's, it reaches every task vector at full strength
+# (on the zoo Task Arithmetic's best λ is near 1, beyond an unstretched grid's 2/K).
+AVERAGING = frozenset({"fednova", "median"})
+
+
+def method_lambdas(method: str, k: int, lambdas: Sequence[float]) -> list[float]:
+    """The λ values searched for `method` on `k` models (see AVERAGING)."""
+    return [round(l * k, 6) for l in lambdas] if method in AVERAGING else list(lambdas)
 
 
 @dataclass
@@ -122,6 +132,7 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
         raise MergeError("select at least one fine-tuned model")
     agg = AGGREGATORS[method]
     agg.check_model_count(k)
+    lambdas = method_lambdas(method, k, lambdas)
     weights = [1.0] * k if weights is None else [float(w) for w in weights]
     tasks = session.tasks
     if not tasks:
