@@ -44,7 +44,8 @@ class ExportStore:
 
     def __init__(self, root: str | os.PathLike | None = None):
         self._root = Path(root).resolve() if root is not None else None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._active: set[Path] = set()  # exports being written: never swept
         self._sweeper: threading.Thread | None = None
 
     @property
@@ -66,18 +67,28 @@ class ExportStore:
             owner_dir = self.root / _safe(owner)
             owner_dir.mkdir(parents=True, exist_ok=True)
             folder = Path(tempfile.mkdtemp(prefix="export-", dir=owner_dir))
+            self._active.add(folder)
         try:
             yield folder
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        finally:
+            with self._lock:
+                self._active.discard(folder)
+                os.utime(folder) if folder.exists() else None  # its TTL runs from when it is ready
 
     def release(self, owner: str) -> None:
         """Delete every export of `owner` (its session ended)."""
-        shutil.rmtree(self.root / _safe(owner), ignore_errors=True)
+        with self._lock:
+            shutil.rmtree(self.root / _safe(owner), ignore_errors=True)
 
     def sweep(self, ttl: float) -> int:
         """Delete exports older than `ttl` seconds (and emptied session folders); returns how many."""
+        with self._lock:  # not while an export creates its folder
+            return self._sweep(ttl)
+
+    def _sweep(self, ttl: float) -> int:
         root, now, n = self.root, time.time(), 0
         if not root.exists():
             return 0
@@ -85,6 +96,8 @@ class ExportStore:
             if not owner_dir.is_dir():
                 continue
             for export in list(owner_dir.iterdir()):
+                if export in self._active:
+                    continue
                 try:
                     old = now - export.stat().st_mtime > ttl
                 except OSError:

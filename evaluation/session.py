@@ -270,6 +270,7 @@ class Session:
             self._sim = self._sim_key = None
             self.closed = True
         self.exports.release(self.id)
+        release_memory()
 
     @contextmanager
     def job(self, what: str):
@@ -592,6 +593,19 @@ class Session:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS after a session's model is dropped: glibc keeps them
+    in its per-thread arenas otherwise, and a server's RSS would only ever grow."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
 
 def clean_hyper(method: str, hyper: Mapping[str, Any], k: int) -> dict[str, Any]:
     """Keep only `method`'s hyperparameters; per-model lists cut/padded to the K selected models."""
