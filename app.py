@@ -12,6 +12,7 @@ for _k, _v in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_OFFLINE", "1"), (
     os.environ.setdefault(_k, _v)
 
 import functools  # noqa: E402
+import threading  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -127,8 +128,9 @@ def _session(state: Session | None, progress=None) -> Session:
 
 
 def _free(state):
-    if state is not None:
-        state.close()
+    """Gradio's delete_callback (TTL or unload): runs on the event loop, so the work goes to a thread."""
+    if state is not None and not state.closed:
+        threading.Thread(target=state.close, name="fedmerge-free", daemon=True).start()
 
 
 def _fail(exc: Exception) -> str:

@@ -179,7 +179,7 @@ def display_roots(zoo: str | os.PathLike | None = None) -> list[tuple[str, str]]
     import tempfile
 
     roots: list[tuple[str, str]] = []
-    if zoo is not None:
+    if zoo is not None and not Path(zoo).resolve().is_relative_to(Path.cwd()):  # else: relative to the cwd
         roots.append((str(Path(zoo).resolve()), "zoo"))
     for p in os.environ.get("FEDMERGE_ALLOWED_DIRS", "").split(os.pathsep):
         if p.strip():

@@ -554,16 +554,23 @@ class Session:
                 v = s["hyper"].get(key)
                 if isinstance(v, (list, tuple)):
                     params[key] = v[k]
-            models.append({"model": self.specs[i].ref, "parameters": params})
+            models.append({"model": self.public_ref(self.specs[i].ref), "parameters": params})
         glob = {k: v for k, v in s["hyper"].items() if not isinstance(v, (list, tuple)) and v is not None}
         glob["lambda"] = s["lam"]
-        return parse_config({"merge_method": s["method"], "base_model": str(self.base_ref), "models": models,
+        return parse_config({"merge_method": s["method"], "base_model": self.public_ref(self.base_ref), "models": models,
                              "parameters": glob, "dtype": "float32"}, "app")
 
-    def write_merged(self, out_dir: str | os.PathLike, progress=None) -> Path:
+    def public_ref(self, ref: str | None) -> str:
+        """A model reference as users may see it: relative to the working directory or the zoo."""
+        return _limits.scrub_paths(str(ref), _limits.display_roots(self.zoo))
+
+    def write_merged(self, out_dir: str | os.PathLike, progress=None, plan=None) -> Path:
+        from merging.card import model_card
         from merging.engine import merge_to_dir
 
-        return merge_to_dir(self.export_plan(), out_dir, overwrite=True, progress=progress)
+        plan = plan or self.export_plan()
+        card = _limits.scrub_paths(model_card(plan), _limits.display_roots(self.zoo))  # no server paths
+        return merge_to_dir(plan, out_dir, overwrite=True, progress=progress, card=card)
 
     def export_bytes(self) -> int:
         """About what a zip export puts on disk at its peak (the folder and its zip)."""
@@ -576,9 +583,7 @@ class Session:
 
         plan = self.export_plan()
         with self.job("export"), self.exports.export(self.id, self.export_bytes()) as folder:
-            from merging.engine import merge_to_dir
-
-            merged = merge_to_dir(plan, folder / "merged-model", overwrite=True, progress=progress)
+            merged = self.write_merged(folder / "merged-model", progress, plan)
             archive = shutil.make_archive(str(folder / ".merged-model"), "zip", merged)
             shutil.rmtree(merged)
             return Path(archive).rename(folder / "merged-model.zip")
@@ -594,17 +599,34 @@ class Session:
 
 # ---------------------------------------------------------------------------- helpers
 
+_TRIM = threading.Event()
+
+
 def release_memory() -> None:
-    """Hand freed heap pages back to the OS after a session's model is dropped: glibc keeps them
-    in its per-thread arenas otherwise, and a server's RSS would only ever grow."""
+    """Hand freed heap pages back to the OS soon after a session's model is dropped (glibc keeps
+    them in its per-thread arenas otherwise, and a server's RSS would only ever grow). One daemon
+    thread does it, at most once a second, never on the caller's thread (Gradio's event loop)."""
+    if not _TRIM.is_set():
+        _TRIM.set()
+        if not any(t.name == "fedmerge-trim" for t in threading.enumerate()):
+            threading.Thread(target=_trim_loop, name="fedmerge-trim", daemon=True).start()
+
+
+def _trim_loop() -> None:
     import ctypes
     import gc
 
-    gc.collect()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc
-        pass
+        trim = None
+    while True:
+        _TRIM.wait()
+        time.sleep(1.0)  # sessions ending together: one pass
+        _TRIM.clear()
+        gc.collect()
+        if trim is not None:
+            trim(0)
 
 
 def clean_hyper(method: str, hyper: Mapping[str, Any], k: int) -> dict[str, Any]:

@@ -167,14 +167,20 @@ def test_nan_weight_refused_by_the_session(tmp_path_factory):
 
 # ---------------------------------------------------------------------------- exports and sessions
 
-def test_exports_live_in_the_session_folder_and_go_with_the_session(app_url):
+def test_exports_live_in_the_session_folder_and_go_with_the_session(app_url, zoo_root):
+    import zipfile
+
     from app import live_args
     from evaluation.exports import EXPORTS
 
     c = client(app_url)
     c.predict(*live_args(lam=0.5, weights=[1.0] * 7), api_name="/live")
     zipped = _path(c.predict(api_name="/zip"))
-    yml = _path(c.predict(api_name="/yaml")[0])
+    yml, text = c.predict(api_name="/yaml")
+    yml = _path(yml)
+    card = zipfile.ZipFile(zipped).read("README.md").decode()
+    for shown in (text, card):  # the model references, without the server's install path
+        assert str(zoo_root) not in shown and "zoo/reverse" in shown
     root = EXPORTS.root
     assert zipped.is_relative_to(root) and yml.is_relative_to(root)
     session_dir = root / zipped.relative_to(root).parts[0]
