@@ -133,27 +133,33 @@ class StackCache:
                 self.hits += 1
                 return self._stacks[key]
             gate = self._loading.setdefault(key, threading.Lock())
-        with gate:  # two sessions asking for the same selection load it once
+        try:
+            with gate:  # two sessions asking for the same selection load it once
+                return self._load_stack(key, base, sources, progress)
+        finally:
             with self._lock:
-                if key in self._stacks:
-                    self._stacks.move_to_end(key)
-                    self.hits += 1
-                    return self._stacks[key]
-            need = estimate_stack_bytes(base, sources)
-            if need > self.budget:
-                raise MergeError(
-                    f"this selection needs about {_fmt(need)} of memory for its task vectors "
-                    f"({base.name} + {', '.join(s.name for s in sources)}), more than this app's budget of "
-                    f"{_fmt(self.budget)}; select fewer or smaller models")
-            with self._lock:
-                self._evict_for(need)
-            stack = TaskVectorStack(base, sources, progress=progress)  # MergeError for incompatible models
-            with self._lock:
-                self.misses += 1
-                self._stacks[key] = stack
-                self._loading.pop(key, None)
-                self._evict_for(0)
-            return stack
+                self._loading.pop(key, None)  # also after a refusal: the dict stays bounded
+
+    def _load_stack(self, key, base, sources, progress) -> TaskVectorStack:
+        with self._lock:
+            if key in self._stacks:
+                self._stacks.move_to_end(key)
+                self.hits += 1
+                return self._stacks[key]
+        need = estimate_stack_bytes(base, sources)
+        if need > self.budget:
+            raise MergeError(
+                f"this selection needs about {_fmt(need)} of memory for its task vectors "
+                f"({base.name} + {', '.join(s.name for s in sources)}), more than this app's budget of "
+                f"{_fmt(self.budget)}; select fewer or smaller models")
+        with self._lock:
+            self._evict_for(need)
+        stack = TaskVectorStack(base, sources, progress=progress)  # MergeError for incompatible models
+        with self._lock:
+            self.misses += 1
+            self._stacks[key] = stack
+            self._evict_for(0)
+        return stack
 
     def _evict_for(self, need: int, keep_model: str | None = None) -> None:
         """Drop least-recently-used stacks, then base-model templates (not `keep_model`), until `need` fits."""

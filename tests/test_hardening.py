@@ -179,8 +179,9 @@ def test_exports_live_in_the_session_folder_and_go_with_the_session(app_url, zoo
     yml, text = c.predict(api_name="/yaml")
     yml = _path(yml)
     card = zipfile.ZipFile(zipped).read("README.md").decode()
-    for shown in (text, card):  # the model references, without the server's install path
-        assert str(zoo_root) not in shown and "zoo/reverse" in shown
+    # the model references, without the server's install path
+    assert str(zoo_root) not in text and "model: zoo/reverse" in text and "base_model: zoo/base" in text
+    assert str(zoo_root) not in card and "base model: `zoo/base`" in card
     root = EXPORTS.root
     assert zipped.is_relative_to(root) and yml.is_relative_to(root)
     session_dir = root / zipped.relative_to(root).parts[0]
