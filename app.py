@@ -154,7 +154,8 @@ def _guard(fn):
         except gr.Error:
             raise
         except Exception as exc:
-            raise gr.Error(limits.user_message(exc, read_zoo_root(), fn.__name__)) from None
+            typed = [a for a in (*args, *kwargs.values()) if isinstance(a, str)]  # shown as typed
+            raise gr.Error(limits.user_message(exc, read_zoo_root(), fn.__name__, typed)) from None
     return wrapper
 
 

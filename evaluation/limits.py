@@ -190,11 +190,20 @@ def display_roots(zoo: str | os.PathLike | None = None) -> list[tuple[str, str]]
     return roots
 
 
-def user_message(exc: BaseException, zoo: str | os.PathLike | None = None, action: str = "") -> str:
-    """One line for the user: a MergeError's own message without server paths; for anything
-    else a generic line (the traceback goes to the server log, not to the user)."""
+def user_message(exc: BaseException, zoo: str | os.PathLike | None = None, action: str = "",
+                 typed: Iterable[Any] = ()) -> str:
+    """One line for the user: a MergeError's own message without server paths (what the user
+    typed, `typed`, is shown as typed); for anything else a generic line (the traceback goes to
+    the server log, not to the user)."""
     if isinstance(exc, MergeError):
         text = str(exc).splitlines()[0] if str(exc) else "invalid input"
-        return scrub_paths(text, display_roots(zoo))[:400]
+        kept = sorted({t.strip() for t in typed if isinstance(t, str) and "/" in t and 0 < len(t.strip()) <= 512},
+                      key=len, reverse=True)
+        for i, t in enumerate(kept):
+            text = text.replace(t, f"\x00{i}\x00")
+        text = scrub_paths(text, display_roots(zoo))
+        for i, t in enumerate(kept):
+            text = text.replace(f"\x00{i}\x00", t)
+        return text[:600]
     log.error("unexpected error%s", f" in {action}" if action else "", exc_info=exc)
     return f"internal error{f' in {action}' if action else ''}; it was logged. Try again or reload the page."
