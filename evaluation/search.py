@@ -71,9 +71,10 @@ def hyper_grid(method: str, norms: Sequence[float] | None = None, quick: bool = 
         rhos = [0.1, 0.3, 0.5, 0.7, 0.9] if quick else [round(0.1 * i, 1) for i in range(1, 10)]
         return [{"rho": r} for r in rhos]
     if method == "cclip":
+        norms = [float(n) for n in (norms or []) if n > 0 and np.isfinite(n)]  # ρ = 0 is no radius
         if not norms:
             return [{}]
-        lo, hi = float(min(norms)), float(max(norms))
+        lo, hi = min(norms), max(norms)
         if hi <= lo:
             return [{"rho": hi}]
         steps = 4 if quick else 8
@@ -134,6 +135,8 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
     agg.check_model_count(k)
     lambdas = method_lambdas(method, k, lambdas)
     weights = [1.0] * k if weights is None else [float(w) for w in weights]
+    if len(weights) != k or not all(np.isfinite(weights)):  # before any work, not after the first merge
+        raise MergeError(f"weights: need {k} finite numbers, one per selected model")
     tasks = session.tasks
     if not tasks:
         raise MergeError("the selected models have no known task to score (add models with a task)")
@@ -147,9 +150,17 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
     done = 0
     scores: list[list[float]] = []
     per_task: list[list[dict[str, float]]] = []
+    skipped: list[str] = []
     for g in grid:
         hyper = {**fixed, **g}
-        update = scratch.update(method, weights, select, hyper)
+        try:
+            update = scratch.update(method, weights, select, hyper)
+        except MergeError as exc:  # one setting the data does not allow: report it, try the others
+            skipped.append(f"{_desc(g) or method}: {exc}")
+            scores.append([float("nan")] * len(lambdas))
+            per_task.append([{t: float("nan") for t in tasks} for _ in lambdas])
+            done += len(lambdas)
+            continue
         row, accs = [], []
         for lam in lambdas:
             scratch.write(update, lam)
@@ -161,7 +172,10 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
                 progress(done / total, f"{method} {_desc(g)} λ={lam:g}: {row[-1]:.2f}")
         scores.append(row)
         per_task.append(accs)
+    if len(skipped) == len(grid):
+        raise MergeError(f"{method}: no setting could be merged ({skipped[0]})")
     arr = np.nan_to_num(np.array(scores, dtype=float), nan=-1.0)
+    arr[[i for i, r in enumerate(scores) if all(np.isnan(r))]] = -2.0  # a skipped setting never wins
     gi, li = np.unravel_index(int(arr.argmax()), arr.shape)  # first best: smallest λ / first setting on ties
     best_hyper, best_lambda = {**fixed, **grid[gi]}, float(lambdas[li])
     scratch.write(scratch.update(method, weights, select, best_hyper), best_lambda)
@@ -175,7 +189,7 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
         curves=curves, best_lambda=best_lambda, best_hyper=dict(grid[gi]), best_score=float(scores[gi][li]),
         val_accuracy=dict(per_task[gi][li]), test_accuracy=dict(test.accuracy),
         test_normalized=normalized(test.accuracy, ft_test), evaluations=done + 1,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, extra={"skipped": skipped} if skipped else {},
     )
 
 
@@ -193,8 +207,10 @@ def sweep(session, method: str, weights: Sequence[float] | None = None, hyper: M
 
 def compare_all(session, methods: Sequence[str] | None = None, weights: Sequence[float] | None = None,
                 quick: bool = True, progress: Progress | None = None, n_val: int | None = None,
-                n_test: int = 50) -> list[SearchResult]:
-    """Tune every applicable aggregator (coarser grids when `quick`) and return their results."""
+                n_test: int = 50, failed: list[tuple[str, str]] | None = None) -> list[SearchResult]:
+    """Tune every applicable aggregator (coarser grids when `quick`) and return their results.
+
+    A method that cannot run on this selection is skipped, with its reason appended to `failed`."""
     k = len(session.selected)
     methods = [m for m in (methods or list(AGGREGATORS))
                if AGGREGATORS[m].min_models <= k and (AGGREGATORS[m].max_models is None or k <= AGGREGATORS[m].max_models)]
@@ -203,8 +219,15 @@ def compare_all(session, methods: Sequence[str] | None = None, weights: Sequence
         def sub(frac, text, j=j):
             if progress:
                 progress((j + frac) / len(methods), text)
-        out.append(search(session, m, weights, lambdas=QUICK_LAMBDAS if quick else LAMBDAS, quick=quick,
-                          progress=sub, n_val=n_val, n_test=n_test))
+        try:
+            out.append(search(session, m, weights, lambdas=QUICK_LAMBDAS if quick else LAMBDAS, quick=quick,
+                              progress=sub, n_val=n_val, n_test=n_test))
+        except MergeError as exc:
+            if failed is not None:
+                failed.append((m, str(exc)))
+    if not out:
+        raise MergeError("no aggregator could be run on this selection" +
+                         (f" ({failed[0][0]}: {failed[0][1]})" if failed else ""))
     return out
 
 
