@@ -220,7 +220,10 @@ class Session:
             if isinstance(x, int):
                 idx.append(x)
             else:
-                idx.append(next(i for i, s in enumerate(self.specs) if s.name == x))
+                found = [i for i, s in enumerate(self.specs) if s.name == x]
+                if not found:
+                    raise MergeError(f"no model named {x!r} in this session")
+                idx.append(found[0])
         self.selected = sorted(set(idx))
 
     @property
@@ -446,7 +449,9 @@ class Session:
             raise MergeError("nothing merged yet")
         s = self.settings
         sources = [self.stack.plan.sources[i] for i in s["select"]]
-        return plan_from_objects(self.stack.plan.base, sources, s["method"], s["weights"], s["lam"], s["hyper"])
+        plan = plan_from_objects(self.stack.plan.base, sources, s["method"], s["weights"], s["lam"], s["hyper"])
+        plan.config = self.export_config()  # written as merge_config.yml: re-run it to reproduce the merge
+        return plan
 
     def export_config(self):
         """The last applied merge as a mergekit-style MergeConfig."""
@@ -464,16 +469,16 @@ class Session:
                 v = s["hyper"].get(key)
                 if isinstance(v, (list, tuple)):
                     params[key] = v[k]
-            models.append({"model": self.specs[i].ref, "parameters": params})
+            models.append({"model": portable_ref(self.specs[i].ref), "parameters": params})
         glob = {k: v for k, v in s["hyper"].items() if not isinstance(v, (list, tuple)) and v is not None}
         glob["lambda"] = s["lam"]
-        return parse_config({"merge_method": s["method"], "base_model": str(self.base_ref), "models": models,
+        return parse_config({"merge_method": s["method"], "base_model": portable_ref(str(self.base_ref)), "models": models,
                              "parameters": glob, "dtype": "float32"}, "app")
 
-    def write_merged(self, out_dir: str | os.PathLike, progress=None) -> Path:
+    def write_merged(self, out_dir: str | os.PathLike, progress=None, card: str | None = None) -> Path:
         from merging.engine import merge_to_dir
 
-        return merge_to_dir(self.export_plan(), out_dir, overwrite=True, progress=progress)
+        return merge_to_dir(self.export_plan(), out_dir, overwrite=True, progress=progress, card=card)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -492,6 +497,24 @@ def clean_hyper(method: str, hyper: Mapping[str, Any], k: int) -> dict[str, Any]
                 raise MergeError(f"{p.name}: needs one value per selected model ({k})")
         out[p.name] = v
     return out
+
+
+def portable_ref(ref: str) -> str:
+    """How a model is named in an exported config: a path relative to the repository for the zoo and
+    other folders inside it, the folder's own name for other local folders (never a server path),
+    a Hub id as it is."""
+    path = Path(os.path.expanduser(ref))
+    if not path.exists():
+        return ref  # a Hub id
+    path = path.resolve()
+    try:
+        return path.relative_to(ROOT).as_posix()
+    except ValueError:
+        pass
+    try:
+        return (Path(zoo_dir().name) / path.relative_to(zoo_dir())).as_posix()
+    except ValueError:
+        return path.name
 
 
 def _mark(output: str, answer: str | None) -> str:
