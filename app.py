@@ -7,8 +7,10 @@ and the work lives in evaluation/ and merging/.
 
 One merge per user action: every control fires on `.input` (user changes only, never the
 programmatic updates a scenario or page load makes) with trigger_mode="always_last", sends only
-the value it changed, and the server holds the rest. The per-model sliders and the aggregator's
-widgets are drawn by one @gr.render, re-run when the selection or the aggregator changes.
+the value it changed, and the server holds the rest. The per-model sliders are native range inputs
+in one HTML panel (drawn server-side for the current selection, however many models; their `change`
+fires once per release or key press); each aggregator's widgets are built once from the registry
+and only the current method's group is visible.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ import logging  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -32,9 +33,9 @@ import torch  # noqa: E402
 
 from evaluation import heterogeneity, landscape, plots, scenarios  # noqa: E402
 from evaluation.learn import learn_markdown  # noqa: E402
-from evaluation.playground import (DEFAULT_LAMBDA, DEFAULT_METHOD, LAMBDA_RANGE,  # noqa: E402
-                                   OUTPUTS_CSS, WEIGHT_RANGE, Cancelled, Playground, View, add_model, method_label,
-                                   model_card)
+from evaluation.playground import (DEFAULT_LAMBDA, DEFAULT_METHOD, LAMBDA_RANGE, OUTPUTS_CSS,  # noqa: E402
+                                   PANEL_CSS, PANEL_JS, Cancelled, Playground, View, add_model, method_label,
+                                   model_card, panel_html)
 from evaluation.search import (LAMBDAS, QUICK_LAMBDAS, SEARCH_N, compare_all, comparison_chart,  # noqa: E402
                                comparison_table, hyper_grid, search, sweep)
 from evaluation.session import default_threads, push_to_hub, read_zoo  # noqa: E402
@@ -63,7 +64,9 @@ class ClampedSlider(gr.Slider):
 # ---------------------------------------------------------------------------- handlers (plain functions)
 
 N_VIEW = 4  # table, accuracy plot, heatmap, status
-N_CONTROLS = 6  # models, method, λ, prompts, scenario text, render revision
+# every aggregator's hyperparameter widget, in registry order (per-model optional ones: an "auto" checkbox)
+HYPER_SLOTS = [(m, p) for m, agg in AGGREGATORS.items() for p in agg.params]
+N_CONTROLS = 6 + len(AGGREGATORS) + len(HYPER_SLOTS)  # models, method, λ, prompts, scenario, panel, groups, widgets
 
 
 def message(exc: Exception) -> str:
@@ -92,12 +95,25 @@ def scenario_markdown(pg: Playground) -> str:
     return f"### {sc.title}\n{sc.explain}\n\n**Claim** (checked by a test on the shipped zoo): {sc.claim_text()}."
 
 
+def hyper_updates(pg: Playground) -> list:
+    """Visibility of each aggregator's group and the current value of every hyperparameter widget."""
+    out: list = [gr.Group(visible=m == pg.method) for m in AGGREGATORS]
+    for m, p in HYPER_SLOTS:
+        if p.per_model and p.optional:
+            out.append(gr.Checkbox(value=not isinstance(pg.hyper.get(m, {}).get(p.name), dict)))
+        else:
+            out.append(gr.update(value=pg.hyper_value(p.name, m)))
+    return out
+
+
 def controls_out(pg: Playground, render: bool = True, prompts: bool = True) -> list:
-    """Every Merge-tab control from the playground's state (rev: a new value re-runs the render)."""
+    """Every Merge-tab control from the playground's state (`render`: also the panel and the method's widgets)."""
     names = [s.name for s in pg.session.specs]
-    return [gr.CheckboxGroup(choices=names, value=pg.selected), gr.Dropdown(value=pg.method),
-            gr.Slider(value=pg.lam), "\n".join(pg.prompt_list()) if prompts else gr.skip(), scenario_markdown(pg),
-            time.monotonic_ns() if render else gr.skip()]
+    out = [gr.CheckboxGroup(choices=names, value=pg.selected), gr.Dropdown(value=pg.method),
+           gr.Slider(value=pg.lam), "\n".join(pg.prompt_list()) if prompts else gr.skip(), scenario_markdown(pg)]
+    if render:
+        return [*out, panel_html(pg), *hyper_updates(pg)]
+    return [*out, *[gr.skip()] * (N_CONTROLS - len(out))]
 
 
 def skip_controls() -> list:
@@ -167,17 +183,29 @@ def on_lambda(pg: Playground, value: float) -> list:
     return out
 
 
-def on_weight(pg: Playground, value: float, name: str) -> list:
-    """One coefficient slider (its own, clamped, value goes back into it)."""
-    out = run(pg, partial(pg.set_weight, name, value))
-    return [*out, gr.Slider(value=pg.weights.get(name, 1.0))]
+def on_panel(pg: Playground, evt: gr.EventData) -> list:
+    """A coefficient slider or a per-model hyperparameter box of the panel: {name, value, hp}."""
+    data = getattr(evt, "_data", None) or {}
+    name, value, hp = data.get("name"), data.get("value"), data.get("hp")
+    if hp:
+        out = run(pg, partial(pg.set_hyper, hp, value, name))
+        out[6] = panel_html(pg)  # the checked (clamped) value back into its box
+        return out
+    return run(pg, partial(pg.set_weight, str(name), value))
 
 
-def on_hyper(pg: Playground, value: Any, name: str, model: str | None = None) -> list:
-    return run(pg, partial(pg.set_hyper, name, value, model))
+def on_hyper(pg: Playground, value: Any, name: str, method: str) -> list:
+    if method != pg.method:  # a stale widget of another method: ignore
+        return [pg, *skip_controls(), *view_out(None)]
+    out = run(pg, partial(pg.set_hyper, name, value))
+    i = 1 + 6 + len(AGGREGATORS) + [(m, p.name) for m, p in HYPER_SLOTS].index((method, name))
+    out[i] = gr.update(value=pg.hyper_value(name))  # clamped
+    return out
 
 
-def on_auto(pg: Playground, auto: bool, name: str) -> list:
+def on_auto(pg: Playground, auto: bool, name: str, method: str) -> list:
+    if method != pg.method:
+        return [pg, *skip_controls(), *view_out(None)]
     return run(pg, partial(pg.set_auto, name, bool(auto)), render=True)
 
 
@@ -436,7 +464,6 @@ def build_demo() -> gr.Blocks:
     live_opts = dict(trigger_mode="always_last", show_progress="hidden", concurrency_limit=4, concurrency_id="live")
     with gr.Blocks(title="FedMerge Playground") as demo:
         state = gr.State(None, time_to_live=SESSION_TTL, delete_callback=_free)
-        rev = gr.State(0)
         gr.Markdown("# FedMerge Playground\nMerge fine-tuned models live: Task Arithmetic is one round of FedAvg, "
                     "so try Federated Learning's aggregators on it. Every change re-merges and re-scores.",
                     elem_classes="fm-title")
@@ -463,27 +490,11 @@ def build_demo() -> gr.Blocks:
                         lam = ClampedSlider(*LAMBDA_RANGE, value=DEFAULT_LAMBDA, step=0.05, label="λ (global scale)",
                                             info="merged = θ₀ + λ·U", elem_id="fm-lambda")
 
-                        @gr.render(inputs=[state], triggers=[rev.change])
-                        def per_model_controls(pg):
-                            if pg is None or pg.closed:
-                                return
-                            view_outputs = [state, *controls, table, acc_plot, heat_live, status]
-                            with gr.Accordion(f"Per-model coefficients wᵢ ({len(pg.selected)})", open=True):
-                                for spec in pg.session.selected_specs:
-                                    s = ClampedSlider(*WEIGHT_RANGE, value=pg.weights.get(spec.name, 1.0), step=0.05,
-                                                      label=f"w · {spec.name}" + (f"  ({spec.task})" if spec.task else ""),
-                                                      key=f"w-{spec.name}", preserved_by_key=None,
-                                                      elem_id=f"fm-w-{slug(spec.name)}", elem_classes="fm-w")
-                                    s.input(partial(on_weight, name=spec.name), inputs=[state, s],
-                                            outputs=[*view_outputs, s], **live_opts)
-                            agg = AGGREGATORS[pg.method]
-                            with gr.Accordion(f"{pg.method} hyperparameters", open=True):
-                                if not agg.params:
-                                    gr.Markdown(f"*{pg.method} has no hyperparameters besides the coefficients and λ.*")
-                                for p in agg.params:
-                                    hyper_widgets(pg, p, state, view_outputs, live_opts)
-
-                    controls = [models, method, lam, prompts, scenario_md, rev]
+                        panel = gr.HTML(panel_placeholder(), elem_id="fm-panel", js_on_load=PANEL_JS,
+                                        css_template=PANEL_CSS)
+                        with gr.Accordion("Aggregator hyperparameters", open=True):
+                            groups, hyper_comps = build_hyper_widgets()
+                    controls = [models, method, lam, prompts, scenario_md, panel, *groups, *hyper_comps]
             with gr.Tab("Heterogeneity", id="hetero") as hetero_tab:
                 gr.Markdown("Data heterogeneity shows as low or negative cosine similarity and many sign conflicts "
                             "between task vectors; training heterogeneity as very different norms next to the "
@@ -577,6 +588,10 @@ def build_demo() -> gr.Blocks:
         method.input(on_method, inputs=[state, method], outputs=main_out, **live_opts)
         lam.input(on_lambda, inputs=[state, lam], outputs=main_out, **live_opts)
         prompts.blur(on_prompts, inputs=[state, prompts], outputs=main_out, **live_opts)
+        panel.input(on_panel, inputs=[state], outputs=main_out, **live_opts)
+        for (m, p), comp in zip(HYPER_SLOTS, hyper_comps):
+            fn = on_auto if (p.per_model and p.optional) else on_hyper
+            comp.input(partial(fn, name=p.name, method=m), inputs=[state, comp], outputs=main_out, **live_opts)
         api_btn.click(live_api, inputs=[state, api_sel, api_method, api_lam, api_weights, api_hyper, api_prompts],
                       outputs=[state, *view, api_data], api_name="live", concurrency_limit=4, concurrency_id="live")
 
@@ -619,35 +634,38 @@ def build_demo() -> gr.Blocks:
     return demo
 
 
-def hyper_widgets(pg: Playground, p, state, outputs: list, opts: dict) -> None:
-    """The current method's widget for hyperparameter `p`, built from the registry (inside the render)."""
-    method = pg.method
-    kw = dict(info=p.help, interactive=True, elem_id=f"hp-{method}-{p.name}", key=f"hp-{method}-{p.name}",
-              preserved_by_key=None)
-    if p.per_model and p.optional:  # fednova's steps / learning rates: auto from training.json, or one per model
-        cur = pg.hyper.get(method, {}).get(p.name)
-        auto = gr.Checkbox(value=not isinstance(cur, dict), label=f"{p.name}: auto (from training metadata)", **kw)
-        auto.input(partial(on_auto, name=p.name), inputs=[state, auto], outputs=outputs, **opts)
-        if isinstance(cur, dict):
-            for name in pg.selected:
-                num = gr.Number(value=cur.get(name), label=f"{p.name} · {name}", minimum=p.low,
-                                precision=0 if p.type is int else None, key=f"hp-{method}-{p.name}-{name}",
-                                preserved_by_key=None)
-                num.input(partial(on_hyper, name=p.name, model=name), inputs=[state, num], outputs=outputs, **opts)
-        return
-    value = pg.hyper_value(p.name)
+def panel_placeholder() -> str:
+    return "<div class='fm-panel'><i>Loading the models…</i></div>"
+
+
+def _widget(p, method: str):
+    """The widget of one hyperparameter, from its registry description."""
     label = p.name + (" (every model)" if p.per_model else "")
+    kw = dict(info=p.help, interactive=True, elem_id=f"hp-{method}-{p.name}")
+    if p.per_model and p.optional:  # fednova's steps / learning rates: auto, or one box per model in the panel
+        return gr.Checkbox(value=True, label=f"{p.name}: auto (from training metadata)", **kw)
     if p.type is bool:
-        w = gr.Checkbox(value=bool(value), label=label, **kw)
-    elif p.type is str and p.choices:
-        w = gr.Radio(choices=list(p.choices), value=value, label=label, **kw)
-    elif p.type is float and p.low is not None and p.high is not None and p.high != float("inf"):
+        return gr.Checkbox(value=bool(p.default), label=label, **kw)
+    if p.type is str and p.choices:
+        return gr.Radio(choices=list(p.choices), value=p.default, label=label, **kw)
+    if p.type is float and p.low is not None and p.high is not None and p.high != float("inf"):
         step = 0.01 if p.high - p.low <= 2 else (p.high - p.low) / 100
-        w = ClampedSlider(minimum=p.low, maximum=p.high, value=value, step=step, label=label, **kw)
-    else:
-        w = gr.Number(value=value, label=f"{label} (empty = auto)" if p.optional else label,
-                      precision=0 if p.type is int else None, **kw)
-    w.input(partial(on_hyper, name=p.name), inputs=[state, w], outputs=outputs, **opts)
+        return ClampedSlider(minimum=p.low, maximum=p.high, value=p.default, step=step, label=label, **kw)
+    return gr.Number(value=p.default, label=f"{label} (empty = auto)" if p.optional else label,
+                     precision=0 if p.type is int else None, **kw)
+
+
+def build_hyper_widgets() -> tuple[list, list]:
+    """One group per aggregator (only the current one visible), its widgets in HYPER_SLOTS order."""
+    groups, comps = [], []
+    for name, agg in AGGREGATORS.items():
+        with gr.Group(visible=name == DEFAULT_METHOD) as g:
+            if not agg.params:
+                gr.Markdown(f"*{name} has no hyperparameters besides the coefficients and λ.*")
+            for p in agg.params:
+                comps.append(_widget(p, name))
+        groups.append(g)
+    return groups, comps
 
 
 def main() -> None:

@@ -362,3 +362,50 @@ def model_card(pg: Playground) -> str:
     lines += ["", "## Reproduce", "", "```yaml", cfg.to_yaml().rstrip(), "```", "",
               "`python -m merging merge merge_config.yml OUT_DIR` (from the FedMerge repository root)."]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- the per-model panel
+
+PANEL_JS = ("element.addEventListener('input', (e) => { const t = e.target; if (t.type === 'range') { "
+            "const o = t.parentElement.querySelector('output'); if (o) { o.textContent = Number(t.value).toFixed(2); } } });"
+            "element.addEventListener('change', (e) => { const t = e.target; if (t.dataset && t.dataset.name) { "
+            "trigger('input', {name: t.dataset.name, hp: t.dataset.hp || null, value: parseFloat(t.value)}); } });")
+PANEL_CSS = """
+.fm-panel .fm-w {display: grid; grid-template-columns: 1fr 3.2em; gap: 0 6px; align-items: center; margin: 2px 0 6px}
+.fm-panel .fm-w label {grid-column: 1 / span 2; font-size: 0.85em; font-weight: 600}
+.fm-panel .fm-w input[type=range] {width: 100%; accent-color: #4f46e5}
+.fm-panel .fm-w output {font-family: ui-monospace, monospace; font-size: 0.85em; text-align: right}
+.fm-panel .fm-hp input {width: 6em}
+.fm-panel h4 {margin: 4px 0}
+"""
+
+
+def _slug(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
+def panel_html(pg: Playground) -> str:
+    """One coefficient slider per selected model (however many), plus per-model hyperparameter boxes
+    when the method has them and they are not on auto. Native inputs: their `change` fires once per
+    release or key press, so one user action is one request."""
+    lo, hi = WEIGHT_RANGE
+    rows = [f"<h4>Per-model coefficients wᵢ ({len(pg.selected)})</h4>"]
+    for spec in pg.session.selected_specs:
+        w = pg.weights.get(spec.name, 1.0)
+        label = _esc(spec.name) + (f" <small>({_esc(spec.task)})</small>" if spec.task else "")
+        rows.append(f"<div class='fm-w' id='fm-w-{_slug(spec.name)}'><label for='fm-wi-{_slug(spec.name)}'>w · {label}"
+                    f"</label><input type='range' id='fm-wi-{_slug(spec.name)}' min='{lo}' max='{hi}' step='0.05' "
+                    f"value='{w}' data-name='{_esc(spec.name)}' aria-label='coefficient of {_esc(spec.name)}'>"
+                    f"<output>{w:.2f}</output></div>")
+    for p in AGGREGATORS[pg.method].params:
+        cur = pg.hyper.get(pg.method, {}).get(p.name)
+        if p.per_model and p.optional and isinstance(cur, dict):
+            rows.append(f"<h4>{_esc(p.name)} per model</h4>")
+            for name in pg.selected:
+                v = cur.get(name)
+                rows.append(f"<div class='fm-hp'><label>{_esc(p.name)} · {_esc(name)} <input type='number' "
+                            f"data-name='{_esc(name)}' data-hp='{_esc(p.name)}' value='{'' if v is None else v}' "
+                            f"min='{p.low if p.low is not None else ''}'></label></div>")
+    return "<div class='fm-panel'>" + "".join(rows) + "</div>"
