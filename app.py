@@ -109,7 +109,7 @@ def hyper_updates(pg: Playground) -> list:
 def controls_out(pg: Playground, render: bool = True, prompts: bool = True) -> list:
     """Every Merge-tab control from the playground's state (`render`: also the panel and the method's widgets)."""
     names = [s.name for s in pg.session.specs]
-    out = [gr.CheckboxGroup(choices=names, value=pg.selected), gr.Dropdown(value=pg.method),
+    out = [gr.CheckboxGroup(choices=names, value=pg.selected), gr.update(value=pg.method),
            gr.Slider(value=pg.lam), "\n".join(pg.prompt_list()) if prompts else gr.skip(), scenario_markdown(pg)]
     if render:
         return [*out, panel_html(pg), *hyper_updates(pg)]

@@ -147,10 +147,13 @@ class Playground:
     def check_count(self, method: str, k: int) -> None:
         agg = AGGREGATORS[method]
         if k < agg.min_models or (agg.max_models is not None and k > agg.max_models):
-            raise MergeError(f"{method_label(method).split(' · ')[0]} merges "
-                             + (f"exactly {agg.max_models}" if agg.max_models == agg.min_models else
-                                f"{agg.min_models}–{agg.max_models or 'any number of'}")
-                             + f" fine-tuned models; {k} are selected")
+            if agg.max_models == agg.min_models:
+                need = f"exactly {agg.max_models}"
+            elif agg.max_models is not None:
+                need = f"at most {agg.max_models}" if agg.min_models <= 1 else f"{agg.min_models} to {agg.max_models}"
+            else:
+                need = f"at least {agg.min_models}"
+            raise MergeError(f"{method} merges {need} fine-tuned models; {k} are selected")
 
     def set_method(self, method: str) -> str:
         if method not in AGGREGATORS:
