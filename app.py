@@ -106,10 +106,11 @@ def hyper_updates(pg: Playground) -> list:
     return out
 
 
-def controls_out(pg: Playground, render: bool = True, prompts: bool = True) -> list:
-    """Every Merge-tab control from the playground's state (`render`: also the panel and the method's widgets)."""
+def controls_out(pg: Playground, render: bool = True, prompts: bool = True, models: bool = True) -> list:
+    """Every Merge-tab control from the playground's state (`render`: also the panel and the method's widgets;
+    `models`: the checkboxes too; not after the user's own click, which may be followed by more clicks)."""
     names = [s.name for s in pg.session.specs]
-    out = [gr.CheckboxGroup(choices=names, value=pg.selected), gr.update(value=pg.method),
+    out = [gr.CheckboxGroup(choices=names, value=pg.selected) if models else gr.skip(), gr.update(value=pg.method),
            gr.Slider(value=pg.lam), "\n".join(pg.prompt_list()) if prompts else gr.skip(), scenario_markdown(pg)]
     if render:
         return [*out, panel_html(pg), *hyper_updates(pg)]
@@ -149,14 +150,14 @@ def on_load(pg: Playground | None, request: gr.Request | None = None, progress=g
     return out
 
 
-def run(pg: Playground, change=None, render: bool = False, prompts: bool = False) -> list:
+def run(pg: Playground, change=None, render: bool = False, prompts: bool = False, models: bool = True) -> list:
     """Apply one change and merge once (`render`: the selection or method changed, redraw the controls).
     On a refusal every control goes back to the server's state, with one warning."""
     try:
         view = pg.act(change)
     except Exception as exc:
         return [pg, *controls_out(pg, render=True, prompts=False), *[gr.skip()] * 3, warn(exc)]
-    controls = controls_out(pg, render=True, prompts=prompts) if render else skip_controls()
+    controls = controls_out(pg, render=True, prompts=prompts, models=models) if render else skip_controls()
     return [pg, *controls, *view_out(view)]
 
 
@@ -170,7 +171,7 @@ def on_scenario(pg: Playground | None, scenario_id: str) -> list:
 
 
 def on_select(pg: Playground, names: list[str]) -> list:
-    return run(pg, partial(pg.select, names or []), render=True, prompts=pg.prompts is None)
+    return run(pg, partial(pg.select, names or []), render=True, prompts=pg.prompts is None, models=False)
 
 
 def on_method(pg: Playground, method: str) -> list:
@@ -259,6 +260,13 @@ def live_api(pg: Playground | None, selection: list[str], method: str, lam: floa
     res = view.result
     data = {"headers": res.headers, "rows": res.rows, "accuracy": res.accuracy, "normalized": res.normalized}
     return [pg, *view_out(view), data]
+
+
+def live_kwargs(method: str = DEFAULT_METHOD, lam: float = 1.0, weights: list[float] | None = None,
+                hyper: dict[str, Any] | None = None, prompts: str = "", selection: list[str] | None = None) -> dict:
+    """Keyword arguments of the /live endpoint for gradio_client: `client.predict(**live_kwargs(...), api_name="/live")`."""
+    return dict(selection=list(selection or []), method=method, lam=float(lam), weights=list(weights or []),
+                hyper=dict(hyper or {}), prompts=prompts)
 
 
 def hetero(pg: Playground | None, layer_name: str, metric_name: str) -> list:
@@ -461,7 +469,8 @@ def build_demo() -> gr.Blocks:
     except MergeError as exc:
         log.warning("scenarios not loaded: %s", exc)
         scenario_list = []
-    live_opts = dict(trigger_mode="always_last", show_progress="hidden", concurrency_limit=4, concurrency_id="live")
+    live_opts = dict(trigger_mode="always_last", show_progress="hidden", concurrency_limit=4, concurrency_id="live",
+                     api_visibility="undocumented")  # the UI's own calls; API users have /live
     with gr.Blocks(title="FedMerge Playground") as demo:
         state = gr.State(None, time_to_live=SESSION_TTL, delete_callback=_free)
         gr.Markdown("# FedMerge Playground\nMerge fine-tuned models live: Task Arithmetic is one round of FedAvg, "
