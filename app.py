@@ -367,7 +367,7 @@ def do_compare(pg: Playground, progress=gr.Progress()) -> list:
         return [gr.skip(), gr.skip(), warn(exc)]
     headers, rows = comparison_table(results)
     note = f" Skipped: {'; '.join(skipped)}." if skipped else ""
-    return [pd.DataFrame(rows, columns=headers), comparison_chart(results),
+    return [gr.Dataframe(value=pd.DataFrame(rows, columns=headers), visible=True), comparison_chart(results),
             f"Compared {len(results)} aggregators (λ step 0.1, coarse hyperparameter grids).{note}"]
 
 
@@ -541,7 +541,7 @@ def build_demo() -> gr.Blocks:
                                          css_template=landscape.LANDSCAPE_CSS)
                 sweep_plot = gr.Plot(label="λ sweep")
                 compare_table = gr.Dataframe(label="Aggregators, each tuned on validation", interactive=False,
-                                             visible=True, value=None)
+                                             visible=False)  # shown with the first comparison
                 compare_plot = gr.Plot(label="Comparison")
             with gr.Tab("Models", id="models"):
                 gr.Markdown("Add a fine-tune or a LoRA adapter of the same base, by Hugging Face Hub id or by a local "
