@@ -454,6 +454,11 @@ CSS = """
 .fm-title h1 {margin-bottom: 0.1em}
 .fm-status {min-height: 1.5em}
 #fm-scenarios button {flex: 1 1 auto}
+@media (max-width: 640px) {
+  #fm-scenarios {flex-direction: row !important; flex-wrap: wrap !important; gap: 4px !important}
+  #fm-scenarios > button {flex: 1 1 45% !important; min-width: 45% !important; margin: 0 !important}
+  #fm-scenario {font-size: 0.9em}
+}
 """
 
 
