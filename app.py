@@ -284,7 +284,7 @@ def hetero(pg: Playground | None, layer_name: str, metric_name: str) -> list:
 
 # ---------------------------------------------------------------------------- long jobs
 
-def job_estimate(pg: Playground | None, kind: str) -> str:
+def job_estimate(pg: Playground | None, kind: str, methods: list[str] | None = None) -> str:
     """Before a long job: how many merges, about how long, and that Cancel stops it."""
     pg = ensure(pg)
     k = len(pg.selected)
@@ -294,6 +294,10 @@ def job_estimate(pg: Playground | None, kind: str) -> str:
         n, n_val = len(hyper_grid(pg.method)) * len(LAMBDAS) + 1, SEARCH_N
     elif kind == "landscape":
         n, n_val = len(landscape.GRID) ** 2, None
+    elif kind == "study":
+        groups = k * (k - 1) // 2 + (k if k > 2 else 0)
+        m = len([x for x in (methods or heterogeneity.DEFAULT_METHODS) if AGGREGATORS[x].max_models is None])
+        n, n_val = groups * m * (len(heterogeneity.STUDY_LAMBDAS) + 1), 12
     else:
         ok = [m for m in AGGREGATORS if _fits(m, k)]
         n, n_val = sum(len(hyper_grid(m, quick=True)) * len(QUICK_LAMBDAS) + 1 for m in ok), SEARCH_N
@@ -379,6 +383,21 @@ def do_landscape(pg: Playground, progress=gr.Progress()) -> list:
     except Exception as exc:
         return [gr.skip(), warn(exc)]
     return [landscape.to_html(ls), f"Landscape of **{ls.names[0]}** × **{ls.names[1]}**: {ls.seconds:.1f} s."]
+
+
+def do_study(pg: Playground | None, methods_chosen: list[str], progress=gr.Progress()) -> list:
+    """The heterogeneity study on the current selection (stoppable between its searches)."""
+    methods_chosen = [m for m in methods_chosen or [] if AGGREGATORS[m].max_models is None]
+    if not methods_chosen:
+        return [gr.skip(), warn(MergeError("choose at least one aggregator that takes any number of models"))]
+    pg = ensure(pg)
+    try:
+        study = _job(pg, lambda tick: heterogeneity.run(pg.session, methods_chosen, progress=tick), progress)
+    except Cancelled:
+        return [gr.skip(), "Cancelled: the study stopped; the selection is as it was."]
+    except Exception as exc:
+        return [gr.skip(), warn(exc)]
+    return [heterogeneity.scatter_figures(study, methods_chosen), heterogeneity.to_markdown(study, methods_chosen)]
 
 
 def do_cancel(pg: Playground | None) -> str:
@@ -529,6 +548,7 @@ def build_demo() -> gr.Blocks:
                     study_methods = gr.CheckboxGroup(choices=list(AGGREGATORS), value=list(heterogeneity.DEFAULT_METHODS),
                                                      label="Aggregators in the study")
                     study_btn = gr.Button("Run the study", variant="primary")
+                    study_cancel = gr.Button("Cancel", variant="stop")
                 study_plot = gr.Plot(label="Drop vs heterogeneity, per pair")
                 study_md = gr.Markdown()
             with gr.Tab("Explore", id="explore"):
@@ -629,18 +649,11 @@ def build_demo() -> gr.Blocks:
         cancel_btn.click(do_cancel, inputs=[state], outputs=[explore_md], queue=False)
         landscape_html.click(on_landscape_click, inputs=[state], outputs=main_out, **live_opts)
 
-        def do_study(pg, methods_chosen, progress=gr.Progress()):
-            methods_chosen = [m for m in methods_chosen or [] if AGGREGATORS[m].max_models is None]
-            if not methods_chosen:
-                return gr.skip(), warn(MergeError("choose at least one aggregator that takes any number of models"))
-            try:
-                study = heterogeneity.run(ensure(pg).session, methods_chosen, progress=lambda f, d: progress(f, desc=d))
-            except Exception as exc:
-                return gr.skip(), warn(exc)
-            return heterogeneity.scatter_figures(study, methods_chosen), heterogeneity.to_markdown(study, methods_chosen)
-
-        study_btn.click(do_study, inputs=[state, study_methods], outputs=[study_plot, study_md], concurrency_limit=1,
-                        api_name="heterogeneity")
+        study_btn.click(lambda pg, ms: job_estimate(pg, "study", ms), inputs=[state, study_methods], outputs=[study_md],
+                        show_progress="hidden", api_visibility="undocumented").then(
+            do_study, inputs=[state, study_methods], outputs=[study_plot, study_md], concurrency_limit=1,
+            concurrency_id="jobs", api_name="heterogeneity")
+        study_cancel.click(do_cancel, inputs=[state], outputs=[study_md], queue=False)
 
         zip_btn.click(do_zip, inputs=[state], outputs=[zip_file], concurrency_limit=2)
         yaml_btn.click(do_yaml, inputs=[state], outputs=[yaml_file, yaml_code], api_name="yaml")

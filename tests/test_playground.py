@@ -236,3 +236,22 @@ def test_scenario_file_is_checked(tmp_path):
     f.write_text(json.dumps({"scenarios": [good["scenarios"][0], good["scenarios"][0]]}))
     with pytest.raises(MergeError, match="share an id"):
         scenarios.load(f)
+
+
+def test_study_estimate_and_cancel(pg, monkeypatch):
+    import app
+    from evaluation.playground import Playground
+
+    pg.act(lambda: pg.select(["upper", "add", "sort"]))
+    text = app.job_estimate(pg, "study", ["task_arithmetic", "slerp"])  # slerp is left out of the study
+    assert text.startswith(f"⏳ About {(3 + 3) * 1 * 11} merges")
+    # Cancel pressed while the job runs (here: as it starts): it stops at the next check, selection restored
+    real = Playground.progress_checker
+
+    def pressed(self, progress=None):
+        self.cancel.set()
+        return real(self, progress)
+    monkeypatch.setattr(Playground, "progress_checker", pressed)
+    out = app.do_study(pg, ["task_arithmetic"], progress=lambda *a, **k: None)
+    assert out[-1].startswith("Cancelled")
+    assert set(pg.selected) == {"upper", "add", "sort"}
