@@ -48,15 +48,21 @@ class Page:
     def status(self) -> str:
         return self.page.locator("#fm-status").inner_text()
 
-    def settle(self, before: str, timeout: float = 30) -> str:
-        """Wait for the status to change from `before`, then for the requests to stop."""
+    def busy(self) -> bool:
+        return any("processing" in self.page.locator(sel).inner_text() for sel in ("#fm-status", "#fm-scenario"))
+
+    def settle(self, before: str, expect: str | None = None, timeout: float = 90) -> str:
+        """Wait for a finished status other than `before` (containing `expect`), then for the requests to stop."""
         t0 = time.time()
-        while self.status() == before and time.time() - t0 < timeout:
+        while time.time() - t0 < timeout:
+            st = self.status()
+            if not self.busy() and st != before and (expect is None or expect in st):
+                break
             time.sleep(0.1)
         n = -1
-        while n != len(self.joins):
+        while n != len(self.joins) or self.busy():
             n = len(self.joins)
-            time.sleep(1.0)
+            time.sleep(1.5)
         return self.status()
 
     def toasts(self) -> list[str]:
@@ -99,7 +105,7 @@ def test_scenario_by_link_and_by_button(browser, app_url, scenario, tmp_path):
     try:
         before = p.status()
         p.page.locator(f"#fm-sc-{scenario.id}").click()
-        p.settle(before)
+        p.settle(before, expect=f"{len(scenario.models)} model(s)")
         assert scenario.title in p.page.locator("#fm-scenario").inner_text()
         merged_column_check(p.page, PHONE["width"])
         p.page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
@@ -122,8 +128,9 @@ def test_requests_per_action(browser, app_url):
         assert 1 <= len(p.joins) - n <= 2, p.joins[n:]
         n = len(p.joins)
         box = slider.bounding_box()
+        before = p.status()
         p.page.mouse.click(box["x"] + box["width"] * 0.8, box["y"] + box["height"] / 2)
-        p.settle(p.status(), timeout=5)
+        p.settle(before, timeout=30)
         assert 1 <= len(p.joins) - n <= 2, p.joins[n:]
         # λ: keyboard
         n = len(p.joins)
@@ -131,13 +138,13 @@ def test_requests_per_action(browser, app_url):
         before = p.status()
         lam.focus()
         lam.press("ArrowLeft")
-        assert "λ = 0.25" in p.settle(before)
+        assert "λ = 0.25" in p.settle(before, expect="λ = 0.25")
         assert 1 <= len(p.joins) - n <= 2
         # a checkbox
         n = len(p.joins)
         before = p.status()
         p.page.locator("#fm-models label", has_text="sort_desc").click()
-        assert "6 model(s)" in p.settle(before)
+        assert "6 model(s)" in p.settle(before, expect="6 model(s)")
         assert 1 <= len(p.joins) - n <= 2, p.joins[n:]
         assert p.page.locator("#fm-panel input[type=range]").count() == 6
         # switching the aggregator shows only its registry-built widgets
@@ -148,7 +155,7 @@ def test_requests_per_action(browser, app_url):
         box.press("ArrowDown")
         box.press("Enter")
         p.page.locator("#hp-fedgma-rho").wait_for(state="visible", timeout=15_000)
-        assert "fedgma" in p.settle(before)
+        assert "fedgma" in p.settle(before, expect="fedgma")
         assert not p.page.locator("#hp-ties-density").is_visible()
         assert not [t for t in p.toasts() if "rror" in t]
     finally:
@@ -165,9 +172,7 @@ def test_race_lambda_then_checkbox_shows_no_error(browser, app_url):
         lam.press("ArrowRight")
         p.page.wait_for_timeout(100)
         p.page.locator("#fm-models label", has_text="reverse-long").click()
-        final = p.settle(before)
-        time.sleep(1.0)
-        final = p.status()
+        final = p.settle(before, expect="8 model(s)")
         assert "8 model(s)" in final and "λ = 0.35" in final and "⚠️" not in final, final
         assert not p.toasts(), p.toasts()
         # deselecting every model: one message, the selection comes back
@@ -204,7 +209,7 @@ def test_models_tab_refusals_leave_the_merge_tab_working(browser, app_url):
         assert p.page.get_by_text("Error", exact=True).count() == 0
         before = p.status()
         p.page.locator("#fm-models label", has_text="add").first.click()
-        assert "6 model(s)" in p.settle(before)
+        assert "6 model(s)" in p.settle(before, expect="6 model(s)")
     finally:
         p.close()
 
@@ -226,7 +231,7 @@ def test_twelve_models(browser, app_url, tmp_path, monkeypatch):
         p.page.get_by_role("tab", name="Merge").click()
         before = p.status()
         p.page.locator("#fm-models label", has_text="reverse-long").click()
-        final = p.settle(before)
+        final = p.settle(before, expect="12 model(s)")
         assert "12 model(s)" in final and "⚠️" not in final, final
         assert p.page.locator("#fm-panel input[type=range]").count() == 12
         before = p.status()
