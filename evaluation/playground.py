@@ -61,9 +61,9 @@ def method_label(name: str) -> str:
     agg = AGGREGATORS[name]
     need = ""
     if agg.max_models is not None and agg.max_models == agg.min_models:
-        need = f" · exactly {agg.max_models} models"
+        need = f" · exactly {agg.max_models} model{'' if agg.max_models == 1 else 's'}"
     elif agg.max_models is not None:
-        need = f" · at most {agg.max_models} models"
+        need = f" · at most {agg.max_models} model{'' if agg.max_models == 1 else 's'}"
     elif agg.min_models > 1:
         need = f" · {agg.min_models}+ models"
     return f"{name} · {agg.family}{need}"
@@ -153,7 +153,8 @@ class Playground:
                 need = f"at most {agg.max_models}" if agg.min_models <= 1 else f"{agg.min_models} to {agg.max_models}"
             else:
                 need = f"at least {agg.min_models}"
-            raise MergeError(f"{method} merges {need} fine-tuned models; {k} are selected")
+            raise MergeError(f"{method} merges {need} fine-tuned model{'' if need.endswith(' 1') else 's'}; "
+                             f"{k} {'is' if k == 1 else 'are'} selected")
 
     def set_method(self, method: str) -> str:
         if method not in AGGREGATORS:

@@ -18,6 +18,7 @@ from . import kernels, sparsify
 from .errors import MergeError
 from .registry import Aggregator, AGGREGATORS, HyperParam, aggregator
 
+
 # ----------------------------------------------------------------------------- shared pieces
 
 NORMALIZE_OFF = HyperParam("normalize", bool, False, "Divide the weighted sum by the sum of the weights.")
@@ -31,6 +32,11 @@ GAMMA = HyperParam(
     per_model=True,
 )
 RESCALE = HyperParam("rescale", bool, True, "Rescale kept entries so each task vector keeps its L1 norm.")
+RESCALE_OFF = HyperParam("rescale", bool, False, "Rescale kept entries so each task vector keeps its L1 norm.")
+EPSILON = HyperParam(
+    "epsilon", float, 0.15, "DELLA: keep probabilities spread over density ± epsilon by magnitude rank.",
+    low=0.0, high=0.5, per_model=True,
+)
 SEED = HyperParam("seed", int, 0, "Seed of the random drop (mixed with the tensor name).", low=0, high=2**31 - 1)
 
 
@@ -76,6 +82,46 @@ def tensor_seed(seed: int, tensor_name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(tensor_name.encode())) % (2**31 - 1)
 
 
+def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
+    """TIES election: mask of entries whose sign agrees with sign(Σ) (a zero sum counts as +)."""
+    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    return weighted.sign() == elected
+
+
+def gta_exact(sparsify_one: Callable | None, consensus: bool) -> Callable:
+    """mergekit's generalized task arithmetic op for op, in the dtype of its inputs: δᵢ = θᵢ − θ₀,
+    sparsify, weight, (elect), sum, normalise, scale by λ, add θ₀ — each step rounded as mergekit
+    rounds it, so a bfloat16 merge equals mergekit's bit for bit (up to the random masks)."""
+
+    def exact(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float], lam: float = 1.0,
+              **hp) -> torch.Tensor:
+        k = len(models)
+        if k == 0:
+            return base
+        deltas = base.new_empty((k, *base.shape))
+        for i, m in enumerate(models):
+            d = m - base
+            deltas[i] = d if sparsify_one is None else sparsify_one(d, i, k, hp)
+        w = torch.tensor([float(x) for x in weights], dtype=deltas.dtype).reshape(-1, *([1] * base.dim()))
+        deltas.mul_(w)
+        if consensus:
+            mask = sign_consensus(deltas)
+            mixed = (deltas * mask).sum(dim=0)
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = deltas.sum(dim=0)
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if hp.get("normalize", False):
+            mixed /= divisor
+        if lam != 1:
+            mixed *= lam
+        return (base + mixed).to(base.dtype)
+
+    return exact
+
+
 def linear_aggregator(name: str, summary: str, params: Sequence[HyperParam] = (), **flags):
     """Register a linear aggregator from its coefficient function cᵢ(weights, **hp)."""
 
@@ -101,17 +147,39 @@ def linear_aggregator(name: str, summary: str, params: Sequence[HyperParam] = ()
     "θ₀ + λ·Σ wᵢτᵢ: Task Arithmetic, i.e. one round of FedAvg.",
     [NORMALIZE_OFF],
     family="federated",
+    inert=("density", "rescale"),  # mergekit takes them on every task-arithmetic method; no effect here
+    exact=gta_exact(None, False),
     reference="https://arxiv.org/abs/2212.04089",
 )
-def task_arithmetic(weights: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+def task_arithmetic(weights: torch.Tensor, normalize: bool = False, **_) -> torch.Tensor:
     """FedAvg: the weighted sum of the updates."""
     return weights / _normalizer(weights) if normalize else weights.clone()
+
+
+def linear_exact(base, models, weights, lam: float = 1.0, normalize: bool = True, **_) -> torch.Tensor:
+    """mergekit's linear: Σ wᵢθᵢ (/ Σ wᵢ) accumulated in float32 (float64 for float64 models), in the
+    models' order, rounded once to the compute dtype. Reads no base; λ ≠ 1 scales the step from it."""
+    first = models[0]
+    acc = torch.float64 if first.dtype == torch.float64 else torch.float32
+    w = torch.tensor([float(x) for x in weights], dtype=acc)
+    out = torch.zeros(first.shape, dtype=acc)
+    for m, c in zip(models, w.unbind(0)):
+        out.addcmul_(m, c)
+    if normalize:
+        out.div_(w.sum())
+    if lam != 1 and base is not None:
+        out = base.to(acc) + lam * (out - base.to(acc))
+    return out.to(first.dtype)
 
 
 @linear_aggregator(
     "linear",
     "Model soup: Σ wᵢθᵢ / Σ wᵢ (needs no base model).",
     [NORMALIZE_ON],
+    exact=linear_exact,
+    models_only=True,
+    exact_reads_base=False,
+    base_optional=True,
     reference="https://arxiv.org/abs/2203.05482",
 )
 def linear(weights: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -236,12 +304,6 @@ def _sparsified(deltas: torch.Tensor, keep: Callable[[int, torch.Tensor, torch.T
     return out
 
 
-def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
-    """TIES election: mask of entries whose sign agrees with sign(Σ) (a zero sum counts as +)."""
-    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    return weighted.sign() == elected
-
-
 def combine(deltas: torch.Tensor, weights: torch.Tensor, consensus: bool, normalize: bool) -> torch.Tensor:
     """mergekit's generalized task arithmetic after sparsification: weight, elect, sum, normalise."""
     if not consensus:  # linear in the weights: one matrix-vector product, no [K, ...] temporary
@@ -258,8 +320,9 @@ def combine(deltas: torch.Tensor, weights: torch.Tensor, consensus: bool, normal
     return mixed
 
 
-def _register_gta(name: str, summary: str, params, sparsifier, consensus: bool, reference: str):
-    """Declare one member of the TIES / DARE / Breadcrumbs family: sparsify, then combine.
+def _register_gta(name: str, summary: str, params, sparsifier, consensus: bool, reference: str,
+                  exact_sparsifier=None):
+    """Declare one member of the TIES / DARE / Breadcrumbs / DELLA family: sparsify, then combine.
 
     Without the sign consensus the combine step is linear in the weights (coefficients over the
     sparsified stack), so the live app treats it like Task Arithmetic once the masks are cached.
@@ -285,10 +348,11 @@ def _register_gta(name: str, summary: str, params, sparsifier, consensus: bool, 
 
     fn.__name__ = name
     fn.__doc__ = summary
-    depends = tuple(p.name for p in params if p.name in ("density", "gamma", "rescale", "seed"))
+    depends = tuple(p.name for p in params if p.name in ("density", "gamma", "epsilon", "rescale", "seed"))
     AGGREGATORS.register(Aggregator(name=name, fn=fn, summary=summary, params=tuple(params), reference=reference,
                                     prepare=prepare, prepare_params=depends, combine=combine_fn, fused=fused,
-                                    coefficients=None if consensus else coefficients))
+                                    coefficients=None if consensus else coefficients,
+                                    exact=gta_exact(exact_sparsifier, consensus)))
     return fn
 
 
@@ -309,24 +373,54 @@ def _random(deltas, k, hp, out=None):
                                                                      rescale, o), out)
 
 
+def _della(deltas, k, hp, out=None):
+    return _sparsified(deltas, lambda i, d, o: o.copy_(_della_one(d, i, k, hp)), out)
+
+
+# The same selections as mergekit's, one task vector at a time, in the compute dtype (the exact path).
+def _top_one(d, i, k, hp):
+    return sparsify.exact_top(d, _per_model(hp.get("density", 1.0), k)[i], hp.get("rescale", False))
+
+
+def _band_one(d, i, k, hp):
+    return sparsify.exact_band(d, _per_model(hp.get("density", 1.0), k)[i], _per_model(hp.get("gamma", 0.01), k)[i],
+                               hp.get("rescale", False))
+
+
+def _random_one(d, i, k, hp):
+    return sparsify.exact_random(d, _per_model(hp.get("density", 1.0), k)[i],
+                                 sparsify.task_seed(int(hp.get("seed", 0)), i), hp.get("rescale", True))
+
+
+def _della_one(d, i, k, hp):
+    return sparsify.exact_della(d, _per_model(hp.get("density", 1.0), k)[i], _per_model(hp.get("epsilon", 0.15), k)[i],
+                                sparsify.task_seed(int(hp.get("seed", 0)), i), hp.get("rescale", True))
+
+
 ties = _register_gta(
     "ties", "TIES: trim each task vector to its top `density`, elect signs, average the agreeing entries.",
-    [DENSITY, NORMALIZE_ON], _magnitude, True, "https://arxiv.org/abs/2306.01708")
+    [DENSITY, NORMALIZE_ON, RESCALE_OFF], _magnitude, True, "https://arxiv.org/abs/2306.01708", _top_one)
 dare_linear = _register_gta(
     "dare_linear", "DARE: randomly drop 1 − density of each task vector, rescale, then sum.",
-    [DENSITY, RESCALE, NORMALIZE_OFF, SEED], _random, False, "https://arxiv.org/abs/2311.03099")
+    [DENSITY, RESCALE, NORMALIZE_OFF, SEED], _random, False, "https://arxiv.org/abs/2311.03099", _random_one)
 dare_ties = _register_gta(
     "dare_ties", "DARE drop and rescale, then TIES sign consensus.",
-    [DENSITY, RESCALE, NORMALIZE_OFF, SEED], _random, True, "https://arxiv.org/abs/2311.03099")
+    [DENSITY, RESCALE, NORMALIZE_OFF, SEED], _random, True, "https://arxiv.org/abs/2311.03099", _random_one)
 breadcrumbs = _register_gta(
     "breadcrumbs", "Model Breadcrumbs: keep a middle band of magnitudes (drop outliers and the smallest).",
-    [DENSITY, GAMMA, NORMALIZE_OFF], _band, False, "https://arxiv.org/abs/2312.06795")
+    [DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF], _band, False, "https://arxiv.org/abs/2312.06795", _band_one)
 breadcrumbs_ties = _register_gta(
     "breadcrumbs_ties", "Breadcrumbs band, then TIES sign consensus.",
-    [DENSITY, GAMMA, NORMALIZE_OFF], _band, True, "https://arxiv.org/abs/2312.06795")
+    [DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF], _band, True, "https://arxiv.org/abs/2312.06795", _band_one)
 magnitude_prune = _register_gta(
     "magnitude_prune", "Keep each task vector's top `density` magnitudes, then a weighted sum (PEFT).",
-    [DENSITY, NORMALIZE_OFF], _magnitude, False, "https://arxiv.org/abs/2306.01708")
+    [DENSITY, NORMALIZE_OFF], _magnitude, False, "https://arxiv.org/abs/2306.01708", _top_one)
+della = _register_gta(
+    "della", "DELLA: drop entries at random, less likely the larger their magnitude rank; rescale; TIES consensus.",
+    [DENSITY, EPSILON, RESCALE, NORMALIZE_ON, SEED], _della, True, "https://arxiv.org/abs/2406.11617", _della_one)
+della_linear = _register_gta(
+    "della_linear", "DELLA's magnitude-ranked random drop and rescale, then a weighted sum.",
+    [DENSITY, EPSILON, RESCALE, NORMALIZE_OFF, SEED], _della, False, "https://arxiv.org/abs/2406.11617", _della_one)
 
 
 # ----------------------------------------------------------------------------- SLERP
@@ -352,8 +446,50 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: f
     return (c0 * v0.float() + c1 * v1.float()).reshape(v0.shape)
 
 
-def _slerp_fused(t, w, theta0, lam, out, t_pos: float = 0.5) -> int:
+SLERP_CHUNK = 1 << 20  # elements per pass, as mergekit: the chunked norms round as mergekit's do
+
+
+def slerp_exact(base, models, weights, lam: float = 1.0, t: float = 0.5, weighted: bool = False, **_):
+    """mergekit's slerp(t, θ₀, θ₁) op for op: norms, dot and coefficients in float32 (float64 for
+    float64 inputs), the result stored in the inputs' dtype. Per-model weights are ignored, as in
+    mergekit, unless `weighted` (ours: θᵢ becomes θ₀ + wᵢτᵢ first). With two fine-tunes and no
+    role for the base (ours), it interpolates between them."""
+    ends = list(models)
+    if weighted:
+        ends = [base + float(w) * (m - base) for m, w in zip(ends, weights)]
+    v0, v1 = (base, ends[0]) if len(ends) == 1 else (ends[0], ends[1])
+    acc = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    tt = torch.tensor([float(t)]).reshape(-1, 1).to(acc)
+    n = a.shape[1]
+    if not n:
+        return v0
+    chunks = [(s, s + SLERP_CHUNK) for s in range(0, n, SLERP_CHUNK)]
+    na = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, i:j].to(acc), dim=1, keepdim=True)
+                                               for i, j in chunks]), dim=0)
+    nb = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, i:j].to(acc), dim=1, keepdim=True)
+                                               for i, j in chunks]), dim=0)
+    na, nb = torch.where(na > 1e-8, na, 1), torch.where(nb > 1e-8, nb, 1)
+    dot = torch.stack([((a[:, i:j].to(acc) / na) * (b[:, i:j].to(acc) / nb)).sum(dim=1, keepdim=True)
+                       for i, j in chunks]).sum(dim=0).clamp(-1, 1)
+    lin = dot.abs() > 0.9995
+    theta = torch.acos(torch.where(lin, 0, dot))
+    sin_theta = torch.sin(theta)
+    ca = torch.where(lin, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    cb = torch.where(lin, tt, torch.sin(tt * theta) / sin_theta)
+    out = torch.empty_like(a)
+    for i, j in chunks:
+        out[:, i:j] = ca * a[:, i:j].to(acc) + cb * b[:, i:j].to(acc)
+    out = out.reshape(v0.shape)
+    if lam != 1:
+        out = (base + lam * (out - base)).to(v0.dtype)
+    return out
+
+
+def _slerp_fused(t, w, theta0, lam, out, t_pos: float = 0.5, weighted: bool = False) -> int:
     """One pass for the two norms and the dot product, one to write θ₀ + λ·(slerp − θ₀)."""
+    if not weighted:
+        w = torch.ones_like(w)
     t, w, theta0 = _arrays(t, w, theta0)
     with_base = t.shape[0] == 1
     aa, bb, ab = kernels.endpoint_products(t, w, theta0, with_base)
@@ -365,15 +501,25 @@ def _slerp_fused(t, w, theta0, lam, out, t_pos: float = 0.5) -> int:
     "slerp",
     "SLERP between two models (or the base and one model) at position t.",
     [HyperParam("t", float, 0.5, "Interpolation position: 0 is the first model (or the base), 1 the second.",
-                low=0.0, high=1.0)],
+                low=0.0, high=1.0),
+     HyperParam("weighted", bool, False, "Apply the per-model weights first (θ₀ + wᵢτᵢ; FedMerge's option). "
+                "Off, as in mergekit, the weights are ignored.")],
     needs_base=True,
     max_models=2,
-    fused=lambda st, w, theta0, lam, out, t=0.5, **_: _slerp_fused(st, w, theta0, lam, out, t),
+    exact=slerp_exact,
+    models_only=True,
+    fused=lambda st, w, theta0, lam, out, t=0.5, weighted=False, **_: _slerp_fused(st, w, theta0, lam, out, t,
+                                                                                   weighted),
     reference="https://en.wikipedia.org/wiki/Slerp",
 )
-def slerp(deltas: torch.Tensor, weights: torch.Tensor, t: float = 0.5, *, base: torch.Tensor) -> torch.Tensor:
-    """With one fine-tune: slerp(θ₀, θ₀ + w₁τ₁); with two: slerp(θ₀ + w₁τ₁, θ₀ + w₂τ₂). Returns it − θ₀."""
-    u = deltas * _col(weights, deltas)
+def slerp(deltas: torch.Tensor, weights: torch.Tensor, t: float = 0.5, weighted: bool = False, *,
+          base: torch.Tensor) -> torch.Tensor:
+    """With one fine-tune: slerp(θ₀, θ₁); with two: slerp(θ₁, θ₂). Returns it − θ₀. With `weighted`,
+    θᵢ is θ₀ + wᵢτᵢ."""
+    u = deltas * _col(weights, deltas) if weighted else deltas
     base = base.float()
     v0, v1 = (base, base + u[0]) if deltas.shape[0] == 1 else (base + u[0], base + u[1])
     return slerp_tensors(t, v0, v1) - base
+
+
+from . import model_methods  # noqa: E402,F401  (registers mergekit's methods defined on the models)

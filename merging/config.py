@@ -58,12 +58,21 @@ class ModelEntry(BaseModel):
 
 
 class TokenizerSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    source: str = "base"
+    """mergekit's `tokenizer:` block; its `source` defaults to `union`, as in mergekit."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+    tokens: dict[str, Any] | None = None  # per-token embedding sources: refused at plan time
 
 
 class MergeConfig(BaseModel):
-    """A merge as mergekit's YAML describes it (one output model, no slices)."""
+    """A merge as mergekit's YAML describes it (`slices` are read into `models` by parse_config).
+
+    `dtype` is mergekit's: the models are loaded in it and the merge is computed in it. `compute_dtype`
+    (FedMerge's) overrides the dtype the merge is computed in, e.g. float32 accumulation for a
+    bfloat16 output. Without either, the merge is computed in float32.
+    """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     merge_method: str
@@ -72,9 +81,12 @@ class MergeConfig(BaseModel):
     parameters: dict[str, Setting] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
+    compute_dtype: str | None = None
     tokenizer_source: str | None = None
     tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
     name: str | None = None
+    slices: list[dict[str, Any]] | None = None  # the YAML's slices, kept for the record (merge_config.yml)
 
     @field_validator("merge_method")
     @classmethod
@@ -83,44 +95,60 @@ class MergeConfig(BaseModel):
             raise ValueError(f"unknown merge method {v!r}; known: {', '.join(AGGREGATORS)}")
         return v
 
-    @field_validator("dtype", "out_dtype")
+    @field_validator("dtype", "out_dtype", "compute_dtype")
     @classmethod
     def _dtype(cls, v: str | None) -> str | None:
         if v is not None and v not in DTYPES:
             raise ValueError(f"{v!r} is not one of {', '.join(DTYPES)}")
         return v
 
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("auto", "chatml") and "{" not in v:
+            raise ValueError(f"{v!r} is neither a Jinja template nor one of auto, chatml")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "MergeConfig":
         agg = AGGREGATORS[self.merge_method]
-        known = UNIVERSAL | IGNORED | {p.name for p in agg.params}
+        ignored = IGNORED | set(agg.inert)
+        known = UNIVERSAL | ignored | {p.name for p in agg.params}
         for where, params in [("parameters", self.parameters)] + [
             (f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models)
         ]:
             for key, setting in params.items():
                 if key not in known:
                     raise ValueError(f"{where}.{key}: {self.merge_method} has no parameter {key!r}; "
-                                     f"it takes: {', '.join(sorted(known - IGNORED))}")
-                spec = UNIVERSAL_PARAMS.get(key) or (None if key in IGNORED else agg.param(key))
+                                     f"it takes: {', '.join(sorted(known - ignored))}")
+                spec = UNIVERSAL_PARAMS.get(key) or (None if key in ignored else agg.param(key))
                 for leaf in _leaves(setting):
                     if spec is not None:
                         try:
                             spec.check(leaf)
                         except MergeError as exc:
                             raise ValueError(f"{where}.{key}: {str(exc).removeprefix(key + ': ')}") from None
-        if self.merge_method != "linear" and not self.base_model:
+        if not agg.base_optional and not self.base_model:
             raise ValueError(f"base_model: {self.merge_method} needs a base model")
         return self
 
     @property
     def tokenizer_from(self) -> str:
+        """mergekit's choice of tokenizer: `tokenizer.source` (default union), else `tokenizer_source`,
+        else the base model's tokenizer."""
         if self.tokenizer is not None:
             return self.tokenizer.source
         return self.tokenizer_source or "base"
 
+    @property
+    def compute(self) -> str:
+        return self.compute_dtype or self.dtype or "float32"
+
     def to_yaml(self) -> str:
         data = self.model_dump(exclude_none=True, exclude_defaults=False, mode="json")
-        for m in data["models"]:
+        if data.get("slices"):  # written as the user wrote it: slices, not the models read from them
+            data.pop("models", None)
+        for m in data.get("models", []):
             if not m.get("parameters"):
                 m.pop("parameters", None)
         if not data.get("parameters"):
@@ -147,11 +175,62 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
     if not isinstance(data, dict):
         raise MergeError(f"{source}: expected a mapping of merge settings, got {type(data).__name__}")
     if "slices" in data:
-        raise MergeError(f"{source}: slices: per-layer slices are not supported; list `models` instead")
+        data = slices_to_models(data, source)
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as err:
         raise MergeError(f"{source}: {_pretty(err)}") from None
+
+
+def slices_to_models(data: dict, source: str = "config") -> dict:
+    """mergekit's `slices:` as `models:` plus each source's layer range (checked against the models at
+    plan time). One slice whose sources share one layer range is a plain merge; several slices are
+    layer stacking, which only passthrough does."""
+    slices = data.get("slices")
+    if "models" in data:
+        raise MergeError(f"{source}: give either `slices` or `models`, not both")
+    if not isinstance(slices, list) or not slices or not all(isinstance(s, dict) for s in slices):
+        raise MergeError(f"{source}: slices: expected a list of slices, each with `sources`")
+    out = {k: v for k, v in data.items() if k != "slices"}
+    out["slices"] = slices
+    models = []
+    for i, sl in enumerate(slices):
+        extra = set(sl) - {"sources", "parameters", "base_model"}
+        if extra:
+            raise MergeError(f"{source}: slices[{i}]: unknown key {sorted(extra)[0]!r}")
+        sources = sl.get("sources")
+        if not isinstance(sources, list) or not sources:
+            raise MergeError(f"{source}: slices[{i}].sources: expected a list of {{model, layer_range}}")
+        for j, src in enumerate(sources):
+            if not isinstance(src, dict) or "model" not in src:
+                raise MergeError(f"{source}: slices[{i}].sources[{j}]: expected a mapping with `model`")
+            rng = src.get("layer_range")
+            if rng is not None and (not isinstance(rng, list) or len(rng) != 2
+                                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in rng)
+                                    or not 0 <= rng[0] < rng[1]):
+                raise MergeError(f"{source}: slices[{i}].sources[{j}].layer_range: expected [start, end) with "
+                                 "0 ≤ start < end")
+            unknown = set(src) - {"model", "layer_range", "parameters"}
+            if unknown:
+                raise MergeError(f"{source}: slices[{i}].sources[{j}]: unknown key {sorted(unknown)[0]!r}")
+    if len(slices) == 1:
+        sl = slices[0]
+        params = dict(data.get("parameters") or {})
+        params.update(sl.get("parameters") or {})  # the slice's settings win over the global ones
+        if params:
+            out["parameters"] = params
+        if sl.get("base_model"):
+            out["base_model"] = sl["base_model"]
+        out["models"] = [{"model": s["model"], **({"parameters": s["parameters"]} if s.get("parameters") else {})}
+                         for s in sl["sources"]]
+    else:
+        if data.get("merge_method") != "passthrough":
+            raise MergeError(f"{source}: slices: several slices (layer stacking) work only with passthrough; "
+                             "merging slice by slice with another method is not supported")
+        if any(len(sl["sources"]) != 1 for sl in slices):
+            raise MergeError(f"{source}: slices: passthrough takes exactly one source per slice")
+        out["models"] = [{"model": slices[0]["sources"][0]["model"]}]
+    return out
 
 
 def load_config(path: str | Path) -> MergeConfig:

@@ -170,6 +170,8 @@ def affine_coefficients(plan: MergePlan, name: str, norms: torch.Tensor | None) 
     p = plan.params_for(name)
     kwargs = call_kwargs(agg, name, None, p.hyper, norms)
     c = agg.coefficients(p.weights, **kwargs).double() * p.lam
+    if not agg.exact_reads_base and p.lam == 1:  # linear: mergekit's Σ cᵢθᵢ whatever Σ cᵢ
+        return c.float()
     return c.float() if abs(float(c.sum()) - 1.0) <= 1e-6 else None
 
 
@@ -186,8 +188,53 @@ def update_norms(plan: MergePlan, progress: Progress | None = None) -> torch.Ten
     return sq.sqrt()
 
 
+def uses_exact(plan: MergePlan) -> bool:
+    """The exact path (mergekit's definition, in the compute dtype) runs for methods defined on the
+    models, and for any method with an exact form when the compute dtype is not float32; full
+    fine-tunes only (a LoRA update has no stored θᵢ to load in that dtype). In float32, `linear` at
+    λ = 1 takes the prefetching affine path instead (Σ cᵢθᵢ read from the models: the same sum)."""
+    agg = plan.method
+    if agg.exact is None or not all(isinstance(s, FullFinetune) for s in plan.sources):
+        return False
+    if plan.compute_dtype != torch.float32:
+        return True
+    if agg.models_only and agg.coefficients is not None:
+        lam = plan.global_settings.get("lambda", 1.0)
+        return not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam == 1)
+    return agg.models_only
+
+
+def exact_tensor(plan: MergePlan, name: str) -> torch.Tensor:
+    """One tensor merged by the method's exact form: θ₀ and the θᵢ loaded in the compute dtype."""
+    dt = plan.compute_dtype
+    p = plan.params_for(name)
+    kwargs = call_kwargs(plan.method, name, None, p.hyper)
+    kwargs.pop("base", None)
+    reads_base = not plan.no_base and (plan.method.exact_reads_base or p.lam != 1)
+    base = plan.base.get(name).to(dt) if reads_base else None
+    if base is not None:
+        _check_finite_fast(name, base, plan.base.ref)
+    models = []
+    for src in plan.sources:
+        m = src.checkpoint.get(name).to(dt)
+        _check_finite_fast(name, m, src.name)
+        models.append(m)
+    return plan.method.exact(base, models, p.weight_values, lam=p.lam, **kwargs)
+
+
 def iter_merged(plan: MergePlan, progress: Progress | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged tensor in the output dtype) in the base's tensor order."""
+    if uses_exact(plan):
+        names = plan.tensor_names
+        for j, name in enumerate(names):
+            merged = exact_tensor(plan, name)
+            _check_finite_fast(name, merged, "the merge result")
+            yield name, merged.to(plan.output_dtype(name))
+            if progress:
+                progress(j + 1, len(names), name)
+        for name in plan.passthrough_names:
+            yield name, plan.base.get(name)
+        return
     norms = update_norms(plan) if plan.method.needs_update_norms else None
     names = plan.tensor_names
     # Two pipeline stages on two threads, each running torch single-threaded: the next tensor's
@@ -267,9 +314,31 @@ def write_side_files(plan: MergePlan, writer: StreamingModelWriter, card: str | 
     writer.copy_files(f for f in plan.base.side_files(CONFIG_FILES) if f.name != "config.json")
     tok_source = plan.base if plan.tokenizer_source == "base" else Checkpoint(plan.tokenizer_source)
     writer.copy_files(tok_source.side_files(TOKENIZER_FILES))
+    if plan.chat_template:
+        set_chat_template(writer, plan.chat_template)
     if plan.config is not None:
         writer.add_file("merge_config.yml", plan.config.to_yaml())
     writer.add_file("README.md", card if card is not None else model_card(plan))
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+          "{% endif %}")
+
+
+def set_chat_template(writer: StreamingModelWriter, template: str) -> None:
+    """mergekit's `chat_template`: a Jinja template, `chatml`, or `auto` (keep the tokenizer's own:
+    every model here shares one tokenizer, so the most common template is the base's)."""
+    if template == "auto":
+        return
+    if template == "chatml":
+        template = CHATML
+    elif "{" not in template:
+        raise MergeError(f"chat_template: {template!r} is not a Jinja template; built in: auto, chatml")
+    path = writer.tmp / "tokenizer_config.json"
+    cfg = json.loads(path.read_text()) if path.exists() else {}
+    cfg["chat_template"] = template
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def merge_state_dicts(base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],

@@ -65,6 +65,7 @@ class TensorParams:
     weights: torch.Tensor  # [K] float32
     lam: float
     hyper: dict[str, Any]
+    weight_values: list[float] = field(default_factory=list)  # the same weights as written (Python floats)
 
 
 @dataclass
@@ -80,6 +81,9 @@ class MergePlan:
     tokenizer_source: str = "base"
     config: MergeConfig | None = None
     warnings: list[str] = field(default_factory=list)
+    compute_dtype: torch.dtype = torch.float32  # what the exact path computes in (mergekit's `dtype`)
+    no_base: bool = False  # the YAML names no base_model: `base` is only the first model, for names and shapes
+    chat_template: str | None = None
 
     @cached_property
     def tensor_names(self) -> list[str]:
@@ -131,8 +135,9 @@ class MergePlan:
                 if v is not None:
                     values[p.name] = v
         hyper = self.method.check_params(values, k)
-        return TensorParams(torch.tensor([WEIGHT.check(w) for w in weights], dtype=torch.float32),
-                            1.0 if lam is None else LAMBDA.check(lam), hyper)
+        checked = [WEIGHT.check(w) for w in weights]
+        return TensorParams(torch.tensor(checked, dtype=torch.float32),
+                            1.0 if lam is None else LAMBDA.check(lam), hyper, checked)
 
     def _default_per_model(self, key: str) -> list:
         return training_defaults(key, [s.training for s in self.sources])
@@ -150,12 +155,14 @@ def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=
     """Resolve the config's models, drop the base from the task list, validate compatibility."""
     method = AGGREGATORS[cfg.merge_method]
     opts = dict(allow_hub=allow_hub, allowed_roots=allowed_roots)
+    if cfg.slices and len(cfg.slices) > 1:
+        return plan_stacked(cfg, opts, trust_remote_code)
     entries = list(cfg.models)
     if cfg.base_model:
         base = Checkpoint(cfg.base_model, trust_remote_code=trust_remote_code, **opts)
         if cfg.merge_method != "linear":  # mergekit: the base is not one of the task vectors
             entries = [m for m in entries if not _same_path(m.model, cfg.base_model) and m.model != cfg.base_model]
-    else:  # linear without a base: the first model is the reference, its own task vector is zero
+    else:  # no base (linear, nuslerp, ...): the first model gives names and shapes; its task vector is zero
         base = Checkpoint(entries[0].model, trust_remote_code=trust_remote_code, **opts)
     sources = []
     for m in entries:
@@ -172,10 +179,131 @@ def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=
         method=method, base=base, sources=sources,
         global_settings=dict(cfg.parameters), model_settings=[dict(m.parameters) for m in entries],
         out_dtype=getattr(torch, dtype) if dtype else None, tokenizer_source=cfg.tokenizer_from, config=cfg,
+        compute_dtype=getattr(torch, cfg.compute), no_base=not cfg.base_model, chat_template=cfg.chat_template,
     )
     plan.warnings.extend(check_compatible(base, sources))
+    if cfg.slices:
+        check_slices(cfg, plan)
+    check_tokenizer(plan, opts)
+    resize_vocabulary(plan, cfg)
     plan.params_for(plan.tensor_names[0])  # fail on bad hyperparameters before any work
     return plan
+
+
+def num_layers(config: Mapping[str, Any]) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def plan_stacked(cfg: MergeConfig, opts: Mapping[str, Any], trust_remote_code: bool) -> MergePlan:
+    """Several slices with passthrough: one virtual checkpoint of the stacked layers, copied."""
+    from .slices import StackedLayers, layer_count
+    from .task_vectors import FullFinetune
+
+    parts, seen = [], {}
+    for i, sl in enumerate(cfg.slices):
+        src = sl["sources"][0]
+        if src.get("parameters") or sl.get("parameters"):
+            raise MergeError(f"slices[{i}]: parameters on stacked slices are not supported; give them globally")
+        ref = str(src["model"])
+        ck = seen.get(ref) or Checkpoint(ref, trust_remote_code=trust_remote_code, **opts)
+        seen[ref] = ck
+        a, b = src.get("layer_range") or [0, layer_count(ck.config) or 0]
+        parts.append((ck, a, b))
+    first = parts[0][0]
+    warnings = check_compatible(first, [FullFinetune(ck) for ck in seen.values() if ck is not first])
+    stacked = StackedLayers(parts)
+    dtype = cfg.out_dtype or cfg.dtype
+    plan = MergePlan(
+        method=AGGREGATORS["passthrough"], base=stacked, sources=[FullFinetune(stacked, "stacked layers")],
+        global_settings=dict(cfg.parameters), model_settings=[{}],
+        out_dtype=getattr(torch, dtype) if dtype else None, tokenizer_source=cfg.tokenizer_from, config=cfg,
+        compute_dtype=getattr(torch, cfg.compute), no_base=True, chat_template=cfg.chat_template, warnings=warnings,
+    )
+    check_tokenizer(plan, opts)
+    resize_vocabulary(plan, cfg)
+    plan.params_for(plan.tensor_names[0])
+    return plan
+
+
+def check_slices(cfg: MergeConfig, plan: MergePlan) -> None:
+    """A single slice must cover every layer of every source: it is a plain merge (several slices
+    are layer stacking: plan_stacked)."""
+    n = num_layers(plan.base.config)
+    for j, src in enumerate(cfg.slices[0]["sources"]):
+        rng = src.get("layer_range")
+        if rng is None:
+            continue
+        if n is None or list(rng) != [0, n]:
+            raise MergeError(f"slices[0].sources[{j}].layer_range: {rng} is not the whole model ([0, {n}]); "
+                             "merging part of the layers is not supported")
+
+
+def _tokenizer_signature(ck) -> bytes | None:
+    """The tokenizer's defining files, for telling whether two models share one tokenizer."""
+    from .checkpoints import TOKENIZER_FILES
+
+    files = sorted(ck.side_files(TOKENIZER_FILES), key=lambda f: f.name)
+    keep = [f for f in files if f.name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model")]
+    return b"".join(f.name.encode() + f.read_bytes() for f in keep) or None
+
+
+def check_tokenizer(plan: MergePlan, opts: Mapping[str, Any]) -> None:
+    """tokenizer_source base / union / a model, as mergekit. All models here share one vocabulary (the
+    compatibility check), so union is the base's tokenizer when every model has the same one; models
+    whose tokenizers differ would need mergekit's vocabulary permutation of the embedding rows,
+    which is refused."""
+    src = plan.tokenizer_source
+    if src == "base":
+        return
+    if src == "union":
+        mine = _tokenizer_signature(plan.base)
+        for s in plan.sources:
+            ck = getattr(s, "checkpoint", None)
+            other = _tokenizer_signature(ck) if ck is not None else None
+            if other is not None and mine is not None and other != mine:
+                raise MergeError(f"tokenizer_source union: {s.name}'s tokenizer differs from the base's; merging "
+                                 "different vocabularies (embedding rows permuted and resized) is not supported")
+        plan.tokenizer_source = "base"
+        return
+    ck = Checkpoint(src, **opts)
+    vb, vt = plan.base.config.get("vocab_size"), ck.config.get("vocab_size")
+    if vb is not None and vt is not None and vb != vt:
+        raise MergeError(f"tokenizer_source: {src} has a vocabulary of {vt}, the merged model {vb}; resizing the "
+                         "embedding rows to another vocabulary is not supported")
+    plan.tokenizer_source = str(ck.path)
+
+
+def resize_vocabulary(plan: MergePlan, cfg: MergeConfig) -> None:
+    """With a tokenizer chosen (`tokenizer_source` or `tokenizer:`), mergekit writes one embedding row
+    per token of that tokenizer (padded with the mean row to `pad_to_multiple_of`): cut or pad the
+    token-indexed tensors of every input the same way (vocab.VocabView)."""
+    from .checkpoints import TOKENIZER_FILES
+    from .task_vectors import FullFinetune
+    from .validation import _vocab
+    from .vocab import VocabView, output_rows
+
+    if cfg.tokenizer is None and cfg.tokenizer_source is None:
+        return
+    if cfg.tokenizer is not None and cfg.tokenizer.tokens:
+        raise MergeError("tokenizer.tokens: per-token embedding sources are not supported")
+    rows = _vocab(plan.base.config)
+    source = plan.base if plan.tokenizer_source == "base" else Checkpoint(plan.tokenizer_source)
+    if rows is None or not source.side_files(TOKENIZER_FILES):
+        plan.warnings.append("tokenizer: no tokenizer files to size the embedding by; its rows are kept")
+        return
+    sizes = output_rows(source.folder, rows, cfg.tokenizer.pad_to_multiple_of if cfg.tokenizer else None)
+    if sizes is None:
+        return
+    if not all(isinstance(s, FullFinetune) for s in plan.sources):
+        raise MergeError("tokenizer: resizing the embedding rows is not supported with LoRA adapters")
+    n, size = sizes
+    plan.base = VocabView(plan.base, rows, n, size, plan.compute_dtype)
+    for s in plan.sources:
+        s.checkpoint = VocabView(s.checkpoint, rows, n, size, plan.compute_dtype)
+    plan.warnings.append(f"tokenizer: {n} tokens, so the embedding rows go from {rows} to {size} (as mergekit)")
 
 
 def plan_from_objects(base: Checkpoint, sources: list[TaskVectorSource], method: str,

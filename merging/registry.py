@@ -113,6 +113,17 @@ class Aggregator:
     # fused(stack [K, n], weights [K], θ₀ [n], λ, out [n], **hp) writes θ₀ + λ·U into `out` and
     # returns its count of non-finite entries. Same values as the torch definition (tests check).
     fused: Callable[..., int] | None = None
+    # mergekit's definition op for op: exact(base, models, weights, lam=, **hp) -> θ, where
+    # `models` is the list of fine-tuned tensors θᵢ and every input is already in the compute dtype
+    # (a bfloat16 merge rounds where mergekit rounds). `base` is None for a merge without a base.
+    exact: Callable[..., Any] | None = None
+    # Defined on the models: the engine runs `exact` on full fine-tunes whatever the dtype (float32
+    # linear at λ = 1 excepted: its affine path gives the same sum); methods without a task-vector
+    # form of their own (model_methods.py) derive `fn` from it for the app: exact(θ₀, θ₀ + τ) − θ₀.
+    models_only: bool = False
+    exact_reads_base: bool = True  # False: `exact` reads θ₀ only for λ ≠ 1 (linear, like mergekit's, reads no base)
+    inert: tuple[str, ...] = ()  # mergekit parameters accepted with no effect (task_arithmetic's density)
+    base_optional: bool = False  # a YAML may leave out base_model (linear, nuslerp, multislerp, karcher)
 
     def param(self, name: str) -> HyperParam:
         for p in self.params:

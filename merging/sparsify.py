@@ -137,3 +137,77 @@ def _keep_between(x, lo, hi, rescale, out):
 
 def _into(t: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return t if out is None else out.copy_(t)
+
+
+# ----------------------------------------------------------------------------- mergekit's selections, in any dtype
+# The exact path (engine.exact_merge) runs these on tensors in the merge's compute dtype. They select
+# by mergekit's own ordering (torch's argsort of the float32 magnitudes), so among tied magnitudes
+# (common in bfloat16) they keep the same entries mergekit keeps; the fast float32 path above keeps
+# all tied entries at the cut instead.
+
+
+def exact_top(x: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """TIES trim: the `density` fraction of largest magnitudes (at least one entry)."""
+    if density >= 1:
+        return x
+    n = x.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros_like(x)
+    k = max(1, int(density * n))
+    mask = torch.zeros(n, dtype=x.dtype)
+    mask[torch.argsort(x.abs().reshape(-1).float(), descending=True)[:k]] = 1
+    return apply_mask(x, mask.reshape_as(x), rescale)
+
+
+def exact_band(x: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
+    """Breadcrumbs: drop the top `gamma` fraction, then the smallest, keeping `density` (ascending ranks)."""
+    if density >= 1:
+        return x
+    n = x.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    order = torch.sort(x.abs().reshape(-1).float(), descending=False).indices
+    mask = torch.zeros(n, dtype=x.dtype)
+    mask[order[n_bot:n_bot + target]] = 1
+    return apply_mask(x, mask.reshape_as(x), rescale)
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    """mergekit draws its random masks in bfloat16 for bfloat16 tensors, else in float32."""
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float64) else torch.float32
+
+
+def exact_random(x: torch.Tensor, density: float, seed: int, rescale: bool) -> torch.Tensor:
+    """DARE drop with our seeded mask (mergekit's is torch's global RNG), rescaled in mergekit's dtype."""
+    if density >= 1:
+        return x
+    work = _work_dtype(x)
+    mask = bernoulli_mask(x, density, seed).to(work)
+    return apply_mask(x.to(work), mask, rescale).to(x.dtype)
+
+
+def uniform(n: int, seed: int) -> torch.Tensor:
+    """n uniforms in [0, 1) on a 2⁻²⁴ grid from the same counter-based hash as the DARE mask."""
+    return torch.from_numpy(random_bits(n, seed).astype(np.float64) / float(1 << RANDOM_BITS))
+
+
+def exact_della(x: torch.Tensor, density: float, epsilon: float, seed: int, rescale: bool) -> torch.Tensor:
+    """DELLA MagPrune: keep probability rises linearly with the magnitude's rank within each row,
+    from density − ε (smallest) to density + ε (largest); then optional L1 rescale."""
+    if density >= 1:
+        return x
+    if density <= 0:
+        return torch.zeros_like(x)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        from .errors import MergeError
+
+        raise MergeError(f"della: epsilon {epsilon:g} must keep density ± epsilon inside (0, 1) (density {density:g})")
+    work = _work_dtype(x)
+    rows = x.unsqueeze(0) if x.dim() < 2 else x
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(work) + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    keep = uniform(rows.numel(), seed).reshape(rows.shape) < probs.double()
+    out = apply_mask(rows.to(work), keep.to(work), rescale)
+    return out.to(x.dtype).reshape(x.shape)

@@ -94,3 +94,20 @@ def test_recycled_prepare_buffers_never_alias_the_task_vectors(live):
                 torch.testing.assert_close(got[n], t)
     assert stack.reused_buffers > 0  # the eviction path ran and its buffers were written again
     assert all(torch.equal(stack.deltas[n], raw[n]) for n in raw)
+
+
+@pytest.mark.parametrize("method,select", [("nuslerp", [0, 1]), ("multislerp", None), ("karcher", None),
+                                           ("model_stock", None), ("nearswap", [1]), ("arcee_fusion", [0]),
+                                           ("sce", None), ("passthrough", [2]), ("della", None)])
+def test_mergekit_model_methods_run_live_like_the_engine(live, tiny_zoo, method, select):
+    """The app's live path (the task-vector form the registry derives) gives the on-disk merge's tensors."""
+    from merging import merge_state_dicts
+    from tests.test_engine import load_sd
+
+    idx = select if select is not None else [0, 1, 2]
+    live.apply(method, [0.6, 0.4, 0.8][:len(idx)], lam=1.0, select=select)
+    got = params(live)
+    ref = merge_state_dicts(load_sd(tiny_zoo["base"]), [load_sd(tiny_zoo[f"ft{i}"]) for i in idx], method,
+                            weights=[0.6, 0.4, 0.8][:len(idx)])
+    for n, t in got.items():
+        torch.testing.assert_close(t, ref[n].to(t.dtype), atol=2e-5, rtol=1e-4)

@@ -24,20 +24,24 @@ def _hyper(name, k, draw):
         elif p.name == "learning_rates":
             hp["learning_rates"] = [draw(st.floats(1e-6, 1.0)) for _ in range(k)]
         elif p.type is float and p.low is not None and p.high is not None:
-            hp[p.name] = draw(st.floats(p.low, p.high))
+            hp[p.name] = draw(st.floats(p.low, p.high, exclude_min=p.low_open))
         elif p.choices:
             hp[p.name] = draw(st.sampled_from(p.choices))
         elif p.type is bool:
             hp[p.name] = draw(st.booleans())
         elif p.name == "rho":
             hp[p.name] = draw(st.floats(1e-3, 100))
+    if "epsilon" in hp:  # DELLA: density ± epsilon must stay inside (0, 1), else it is refused
+        d = hp["density"]
+        hp["epsilon"] = 0.0 if d in (0.0, 1.0) else draw(st.floats(0.0, 0.99 * min(d, 1 - d)))
     return hp
 
 
 @st.composite
 def merges(draw):
     name = draw(st.sampled_from(list(AGGREGATORS)))
-    k = draw(st.integers(1, 2 if name == "slerp" else 8))
+    agg = AGGREGATORS[name]
+    k = draw(st.integers(agg.min_models, agg.max_models or 8))
     shape = draw(shapes)
     dtype = draw(dtypes)
     seed = draw(st.integers(0, 2**16))
@@ -54,7 +58,9 @@ def test_any_merge_is_finite_with_the_base_shape_and_dtype(case):
     name, base, fts, weights, lam, hp = case
     try:
         out = merge_state_dicts(base, fts, name, weights=weights, lam=lam, **hp)
-    except MergeError as exc:  # the only refusals allowed here: weights summing to zero with normalize
+    except MergeError as exc:  # the only refusals allowed here: weights that cancel out (multislerp)
+        if name == "multislerp" and "weights" in str(exc):
+            return
         pytest.fail(f"{name} refused valid input: {exc}")
     for key, t in base.items():
         assert out[key].shape == t.shape and out[key].dtype == t.dtype
@@ -64,7 +70,8 @@ def test_any_merge_is_finite_with_the_base_shape_and_dtype(case):
 @SETTINGS
 @given(st.sampled_from(list(AGGREGATORS)), shapes, st.integers(1, 8))
 def test_zero_task_vectors_leave_the_base_unchanged(name, shape, k):
-    k = min(k, 2) if name == "slerp" else k
+    agg = AGGREGATORS[name]
+    k = min(max(k, agg.min_models), agg.max_models or 8)
     base = {"w": torch.randn(shape)}
     hp = {"steps": [10] * k} if name == "fednova" else {}
     out = merge_state_dicts(base, [dict(base) for _ in range(k)], name, **hp)
