@@ -1,8 +1,16 @@
 """FedMerge Playground: merge fine-tuned models live, with Federated Learning's aggregators.
 
 `python app.py` serves it on 127.0.0.1 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT), offline, on
-the built-in zoo (FEDMERGE_ZOO). This file only lays out and wires; the logic lives in
-evaluation/session.py, evaluation/search.py and merging/cache.py.
+the built-in zoo (FEDMERGE_ZOO). This file only lays out and wires; the handlers below are plain
+functions over an `evaluation.playground.Playground` (unit-tested in tests/test_app_handlers.py),
+and the work lives in evaluation/ and merging/.
+
+One merge per user action: every control fires on `.input` (user changes only, never the
+programmatic updates a scenario or page load makes) with trigger_mode="always_last", sends only
+the value it changed, and the server holds the rest. The per-model sliders are native range inputs
+in one HTML panel (drawn server-side for the current selection, however many models; their `change`
+fires once per release or key press); each aggregator's widgets are built once from the registry
+and only the current method's group is visible.
 """
 from __future__ import annotations
 
@@ -12,131 +20,52 @@ for _k, _v in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_OFFLINE", "1"), (
     os.environ.setdefault(_k, _v)
 
 import functools  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
 import threading  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from functools import partial  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from evaluation import heterogeneity, limits, plots  # noqa: E402
-from evaluation.search import (compare_all, comparison_chart, comparison_table, search,  # noqa: E402
-                               sweep)
-from evaluation.session import Session, default_prompts, default_threads, push_to_hub, read_zoo  # noqa: E402
+from evaluation import heterogeneity, landscape, limits, plots, scenarios  # noqa: E402
+from evaluation.learn import learn_markdown  # noqa: E402
+from evaluation.playground import (DEFAULT_LAMBDA, DEFAULT_METHOD, LAMBDA_RANGE, OUTPUTS_CSS,  # noqa: E402
+                                   PANEL_CSS, PANEL_JS, Cancelled, Playground, View, add_model, method_label,
+                                   model_card, panel_html)
+from evaluation.search import (LAMBDAS, QUICK_LAMBDAS, SEARCH_N, compare_all, comparison_chart,  # noqa: E402
+                               comparison_table, hyper_grid, search, sweep)
+from evaluation.session import default_threads, push_to_hub, read_zoo  # noqa: E402
 from evaluation.tasks import TASKS  # noqa: E402
 from merging.errors import MergeError  # noqa: E402
 from merging.registry import AGGREGATORS  # noqa: E402
 
-MAX_MODELS = limits.current().max_models  # also the number of coefficient sliders
-DEFAULT_LAMBDA = 0.3  # Task Arithmetic with several tasks works best well below 1 (evaluation/RESULTS.md)
-DEFAULT_METHOD = "task_arithmetic"
 SESSION_TTL = limits.current().session_ttl
+log = logging.getLogger("fedmerge.app")
 
 
-# ---------------------------------------------------------------------------- registry-built widgets
+class ClampedSlider(gr.Slider):
+    """A slider whose typed-in value is clamped to its range before the handler sees it (Gradio's own
+    refuses it with an error badge on every output); the handler then writes the clamped value back."""
 
-@dataclass
-class HyperWidget:
-    method: str
-    name: str
-    kind: str  # "scalar", "auto_list" (per-model numbers with an auto checkbox)
-    components: list  # scalar: [widget]; auto_list: [auto checkbox, *MAX_MODELS numbers]
+    is_template = True  # drawn by the ordinary slider
 
-
-def _scalar_widget(p, method: str):
-    label = p.name
-    if p.per_model:
-        label += " (every model)"
-    kw = dict(label=label, info=p.help, interactive=True, elem_id=f"hp-{method}-{p.name}")
-    if p.type is bool:
-        return gr.Checkbox(value=bool(p.default), **kw)
-    if p.type is str and p.choices:
-        return gr.Radio(choices=list(p.choices), value=p.default, **kw)
-    if p.type is float and p.low is not None and p.high is not None:
-        step = 0.01 if p.high - p.low <= 2 else (p.high - p.low) / 100
-        return gr.Slider(minimum=p.low, maximum=p.high, value=p.default, step=step, **kw)
-    if p.optional:
-        kw["label"] = f"{p.name} (empty = auto)"
-    if p.type is int:
-        return gr.Number(value=p.default, precision=0, minimum=p.low, maximum=p.high, **kw)
-    return gr.Number(value=p.default, minimum=p.low, maximum=p.high, **kw)
+    def preprocess(self, payload: float) -> float:
+        try:
+            payload = min(max(float(payload), self.minimum), self.maximum)
+        except (TypeError, ValueError):
+            payload = self.value if self.value is not None else self.minimum
+        return super().preprocess(payload)
 
 
-def build_hyper_widgets() -> tuple[dict[str, Any], list[HyperWidget]]:
-    """One group per aggregator, its widgets built from the registry; only the current one visible."""
-    groups, widgets = {}, []
-    for name, agg in AGGREGATORS.items():
-        with gr.Group(visible=name == DEFAULT_METHOD) as g:
-            if not agg.params:
-                gr.Markdown(f"*{name} has no hyperparameters besides the coefficients and λ.*")
-            for p in agg.params:
-                if p.per_model and p.optional:
-                    with gr.Accordion(f"{p.name}: one per model", open=False):
-                        auto = gr.Checkbox(value=True, label=f"{p.name}: auto (from training metadata)", info=p.help)
-                        nums = [gr.Number(label=f"{p.name} #{i + 1}", visible=False, interactive=True,
-                                          precision=0 if p.type is int else None, minimum=p.low)
-                                for i in range(MAX_MODELS)]
-                    widgets.append(HyperWidget(name, p.name, "auto_list", [auto, *nums]))
-                else:
-                    widgets.append(HyperWidget(name, p.name, "scalar", [_scalar_widget(p, name)]))
-        groups[name] = g
-    return groups, widgets
+# ---------------------------------------------------------------------------- handlers (plain functions)
 
-
-def hyper_from_values(method: str, widgets: list[HyperWidget], values: list, k: int) -> dict[str, Any]:
-    """The current method's hyperparameters from the flat list of widget values."""
-    out, pos = {}, 0
-    for w in widgets:
-        vals = values[pos:pos + len(w.components)]
-        pos += len(w.components)
-        if w.method != method:
-            continue
-        if w.kind == "scalar":
-            v = vals[0]
-            out[w.name] = None if v in ("", None) else v
-        else:
-            auto, nums = vals[0], vals[1:1 + k]
-            out[w.name] = None if auto or any(v in (None, "") for v in nums) else list(nums)
-    return out
-
-
-def live_args(method: str = DEFAULT_METHOD, lam: float = 1.0, weights: list[float] | None = None,
-              hyper: dict[str, Any] | None = None, prompts: str = "", selection: list[str] | None = None) -> list:
-    """Positional arguments of the /live endpoint (for gradio_client users: the bench and the tests)."""
-    weights = list(weights or [])
-    w = weights + [1.0] * (MAX_MODELS - len(weights))
-    hv: list[Any] = []
-    for name, agg in AGGREGATORS.items():
-        for p in agg.params:
-            given = (hyper or {}).get(p.name) if name == method else None
-            if p.per_model and p.optional:
-                vals = list(given) if isinstance(given, (list, tuple)) else []
-                hv += [not vals, *(vals + [None] * (MAX_MODELS - len(vals)))]
-            else:
-                hv.append(p.default if given is None else given)
-    return [selection if selection is not None else [], method, lam, prompts, *w, *hv]
-
-
-# ---------------------------------------------------------------------------- handlers
-
-def _session(state: Session | None, progress=None) -> Session:
-    if state is None or state.closed:
-        state = Session()
-        state.load_zoo(progress=progress)
-    return state
-
-
-def _free(state):
-    """Gradio's delete_callback (TTL or unload): runs on the event loop, so the work goes to a thread."""
-    if state is not None and not state.closed:
-        threading.Thread(target=state.close, name="fedmerge-free", daemon=True).start()
-
-
-def _fail(exc: Exception) -> str:
-    msg = limits.user_message(exc, read_zoo_root())
-    gr.Warning(msg)
-    return f"⚠️ {msg}"
+N_VIEW = 4  # table, accuracy plot, heatmap, status
+# every aggregator's hyperparameter widget, in registry order (per-model optional ones: an "auto" checkbox)
+HYPER_SLOTS = [(m, p) for m, agg in AGGREGATORS.items() for p in agg.params]
+N_CONTROLS = 6 + len(AGGREGATORS) + len(HYPER_SLOTS)  # models, method, λ, prompts, scenario, panel, groups, widgets
 
 
 def read_zoo_root():
@@ -145,8 +74,14 @@ def read_zoo_root():
     return zoo_dir()
 
 
+def message(exc: Exception, action: str = "", typed=()) -> str:
+    """What the user reads: one line, our own MergeError text without server paths; anything else a
+    plain sentence (traceback in the log)."""
+    return limits.user_message(exc, read_zoo_root(), action, typed)
+
+
 def _guard(fn):
-    """Any error of a handler reaches the user as one gr.Error line: no repr, errno or server path."""
+    """Any error a handler lets through reaches the user as one gr.Error line: no repr, errno or server path."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -155,13 +90,445 @@ def _guard(fn):
             raise
         except Exception as exc:
             typed = [a for a in (*args, *kwargs.values()) if isinstance(a, str)]  # shown as typed
-            raise gr.Error(limits.user_message(exc, read_zoo_root(), fn.__name__, typed)) from None
+            raise gr.Error(message(exc, fn.__name__, typed)) from None
     return wrapper
 
 
-def _weights_for(session: Session, values) -> list:
-    """The raw slider values of the selected models (validated by Session.check_request)."""
-    return list(values[:len(session.selected)])
+def warn(exc: Exception) -> str:
+    text = message(exc)
+    gr.Warning(text)
+    return f"⚠️ {text}"
+
+
+def view_out(view: View | None) -> list:
+    return [view.table, view.accuracy, view.heat, view.status] if view is not None else [gr.skip()] * N_VIEW
+
+
+def scenario_markdown(pg: Playground) -> str:
+    sc = pg.scenario
+    if sc is None:
+        return ("**Scenarios**: each button sets up a merge that teaches one thing (link one with "
+                "`?scenario=<id>`). Or pick models, an aggregator and λ yourself.")
+    return f"### {sc.title}\n{sc.explain}\n\n**Claim** (checked by a test on the shipped zoo): {sc.claim_text()}."
+
+
+def hyper_updates(pg: Playground) -> list:
+    """Visibility of each aggregator's group and the current value of every hyperparameter widget."""
+    out: list = [gr.Group(visible=m == pg.method) for m in AGGREGATORS]
+    for m, p in HYPER_SLOTS:
+        if p.per_model and p.optional:
+            out.append(gr.Checkbox(value=not isinstance(pg.hyper.get(m, {}).get(p.name), dict)))
+        else:
+            out.append(gr.update(value=pg.hyper_value(p.name, m)))
+    return out
+
+
+def controls_out(pg: Playground, render: bool = True, prompts: bool = True, models: bool = True) -> list:
+    """Every Merge-tab control from the playground's state (`render`: also the panel and the method's widgets;
+    `models`: the checkboxes too; not after the user's own click, which may be followed by more clicks)."""
+    names = [s.name for s in pg.session.specs]
+    out = [gr.CheckboxGroup(choices=names, value=pg.selected) if models else gr.skip(), gr.update(value=pg.method),
+           gr.Slider(value=pg.lam), "\n".join(pg.prompt_list()) if prompts else gr.skip(), scenario_markdown(pg)]
+    if render:
+        return [*out, panel_html(pg), *hyper_updates(pg)]
+    return [*out, *[gr.skip()] * (N_CONTROLS - len(out))]
+
+
+def skip_controls() -> list:
+    return [gr.skip()] * N_CONTROLS
+
+
+def ensure(pg: Playground | None, progress=None) -> Playground:
+    if pg is None or pg.closed:
+        pg = Playground.open(progress=progress)
+    return pg
+
+
+@_guard
+def on_load(pg: Playground | None, request: gr.Request | None = None, progress=gr.Progress()) -> list:
+    """Page load: open the zoo, apply ?scenario=<id>, merge once; the render draws the sliders."""
+    try:
+        pg = ensure(pg, progress=lambda f, d: progress(f, desc=d))
+    except Exception as exc:
+        return [pg, *skip_controls(), *[gr.skip()] * 3, warn(exc)]
+    sid = request.query_params.get("scenario") if request is not None else None
+    note = None
+    if not sid and pg.scenario is None:  # the first screen shows a merge that works: the first scenario
+        first = _first_scenario(pg)
+        if first is not None:
+            pg.apply_scenario(first)
+    if sid:
+        try:
+            pg.apply_scenario(scenarios.by_id(sid))
+        except Exception as exc:
+            note = warn(exc)
+    try:
+        view = pg.act()
+    except Exception as exc:
+        return [pg, *controls_out(pg), *[gr.skip()] * 3, warn(exc)]
+    out = [pg, *controls_out(pg), *view_out(view)]
+    if note:
+        out[-1] = f"{note}\n\n{out[-1]}"
+    return out
+
+
+def run(pg: Playground, change=None, render: bool = False, prompts: bool = False, models: bool = True) -> list:
+    """Apply one change and merge once (`render`: the selection or method changed, redraw the controls).
+    On a refusal every control goes back to the server's state, with one warning."""
+    try:
+        view = pg.act(change)
+    except Exception as exc:
+        return [pg, *controls_out(pg, render=True, prompts=False), *[gr.skip()] * 3, warn(exc)]
+    controls = controls_out(pg, render=True, prompts=prompts, models=models) if render else skip_controls()
+    return [pg, *controls, *view_out(view)]
+
+
+@_guard
+def on_scenario(pg: Playground | None, scenario_id: str) -> list:
+    pg = ensure(pg)
+    try:
+        sc = scenarios.by_id(scenario_id)
+    except Exception as exc:
+        return [pg, *skip_controls(), *[gr.skip()] * 3, warn(exc)]
+    return run(pg, partial(pg.apply_scenario, sc), render=True, prompts=True)
+
+
+@_guard
+def on_select(pg: Playground, names: list[str]) -> list:
+    return run(pg, partial(pg.select, names or []), render=True, prompts=pg.prompts is None, models=False)
+
+
+@_guard
+def on_method(pg: Playground, method: str) -> list:
+    return run(pg, partial(pg.set_method, method), render=True)
+
+
+@_guard
+def on_lambda(pg: Playground, value: float) -> list:
+    out = run(pg, partial(pg.set_lambda, value))
+    out[3] = gr.Slider(value=pg.lam)  # the clamped value back into the widget
+    return out
+
+
+@_guard
+def on_panel(pg: Playground, evt: gr.EventData) -> list:
+    """A coefficient slider or a per-model hyperparameter box of the panel: {name, value, hp}."""
+    data = getattr(evt, "_data", None) or {}
+    name, value, hp = data.get("name"), data.get("value"), data.get("hp")
+    if hp:
+        out = run(pg, partial(pg.set_hyper, hp, value, name))
+        out[6] = panel_html(pg)  # the checked (clamped) value back into its box
+        return out
+    return run(pg, partial(pg.set_weight, str(name), value))
+
+
+def _first_scenario(pg: Playground):
+    """The scenario file's first entry when this zoo has its models (a custom zoo may not)."""
+    try:
+        first = scenarios.load()[0]
+    except Exception:
+        return None
+    known = {spec.name for spec in pg.session.specs}
+    return first if set(first.models) <= known else None
+
+
+@_guard
+def on_hyper(pg: Playground, value: Any, name: str, method: str) -> list:
+    if method != pg.method:  # a stale widget of another method: ignore
+        return [pg, *skip_controls(), *view_out(None)]
+    out = run(pg, partial(pg.set_hyper, name, value))
+    i = 1 + 6 + len(AGGREGATORS) + [(m, p.name) for m, p in HYPER_SLOTS].index((method, name))
+    out[i] = gr.update(value=pg.hyper_value(name))  # clamped
+    return out
+
+
+@_guard
+def on_auto(pg: Playground, auto: bool, name: str, method: str) -> list:
+    if method != pg.method:
+        return [pg, *skip_controls(), *view_out(None)]
+    return run(pg, partial(pg.set_auto, name, bool(auto)), render=True)
+
+
+@_guard
+def on_prompts(pg: Playground, text: str) -> list:
+    return run(pg, partial(pg.set_prompts, text))
+
+
+@_guard
+def on_landscape_click(pg: Playground, evt: gr.EventData) -> list:
+    data = getattr(evt, "_data", None) or {}
+    a, b = data.get("a"), data.get("b")
+    if a is None or b is None or len(pg.selected) != 2:
+        return [pg, *skip_controls(), *view_out(None)]
+    names = pg.selected
+
+    def change():
+        pg.method = "task_arithmetic"
+        pg.set_lambda(1.0)
+        pg.set_weight(names[0], a)
+        pg.set_weight(names[1], b)
+        pg.scenario = None
+    return run(pg, change, render=True)
+
+
+@_guard
+def live_api(pg: Playground | None, selection: list[str], method: str, lam: float, weights: list[float],
+             hyper: dict, prompts: str) -> list:
+    """The /live endpoint for gradio_client users: named, typed arguments; one merge.
+
+    selection: fine-tune names (empty = keep); weights: one per selected model, in selection order
+    (missing ones keep theirs); hyper: the method's hyperparameters by registry name."""
+    pg = ensure(pg)
+    try:  # every argument checked against its bound before any work; a refusal is one line in the status
+        selection, method, lam, weights, hyper, prompts = pg.check_api(selection, method, lam, weights, hyper, prompts)
+    except MergeError as exc:
+        return [pg, gr.skip(), gr.skip(), gr.skip(), f"⚠️ {message(exc)}", None]
+
+    def change():
+        if selection:
+            pg.session.select(selection)
+        pg.set_method(method)
+        pg.set_lambda(lam)
+        for name, w in zip(pg.selected, weights or []):
+            pg.set_weight(name, w)
+        pg.hyper[pg.method] = {}
+        for k, v in (hyper or {}).items():
+            if isinstance(v, (list, tuple)):
+                for name, x in zip(pg.selected, v):
+                    pg.set_hyper(k, x, name)
+            else:
+                pg.set_hyper(k, v)
+        pg.set_prompts(prompts)
+    try:
+        view = pg.act(change)
+    except Exception as exc:
+        return [pg, gr.skip(), gr.skip(), gr.skip(), f"⚠️ {message(exc)}", None]
+    res = view.result
+    data = {"headers": res.headers, "rows": res.rows, "accuracy": res.accuracy, "normalized": res.normalized}
+    return [pg, *view_out(view), data]
+
+
+def live_kwargs(method: str = DEFAULT_METHOD, lam: float = 1.0, weights: list[float] | None = None,
+                hyper: dict[str, Any] | None = None, prompts: str = "", selection: list[str] | None = None) -> dict:
+    """Keyword arguments of the /live endpoint for gradio_client: `client.predict(**live_kwargs(...), api_name="/live")`."""
+    return dict(selection=list(selection or []), method=method, lam=float(lam), weights=list(weights or []),
+                hyper=dict(hyper or {}), prompts=prompts)
+
+
+@_guard
+def hetero(pg: Playground | None, layer_name: str, metric_name: str) -> list:
+    try:
+        pg = ensure(pg)
+        rep = pg.session.similarity(with_merged=False)
+    except Exception as exc:
+        warn(exc)
+        return [gr.skip()] * 4
+    hm = plots.similarity_heatmap(rep, None if layer_name == "whole model" else layer_name, metric_name)
+    choices = ["whole model", *rep.layers]
+    return [hm, plots.norms_chart(rep), plots.layer_similarity_heatmap(rep) if len(rep.names) > 1 else None,
+            gr.Dropdown(choices=choices, value=layer_name if layer_name in choices else "whole model")]
+
+
+# ---------------------------------------------------------------------------- long jobs
+
+@_guard
+def job_estimate(pg: Playground | None, kind: str, methods: list[str] | None = None) -> str:
+    """Before a long job: how many merges, about how long, and that Cancel stops it."""
+    pg = ensure(pg)
+    k = len(pg.selected)
+    if kind == "sweep":
+        n, n_val = len(QUICK_LAMBDAS) + 1, SEARCH_N
+    elif kind == "autotune":
+        n, n_val = len(hyper_grid(pg.method)) * len(LAMBDAS) + 1, SEARCH_N
+    elif kind == "landscape":
+        n, n_val = len(landscape.GRID) ** 2, None
+    elif kind == "study":
+        groups = k * (k - 1) // 2 + (k if k > 2 else 0)
+        m = len([x for x in (methods or heterogeneity.DEFAULT_METHODS) if AGGREGATORS[x].max_models is None])
+        n, n_val = groups * m * (len(heterogeneity.STUDY_LAMBDAS) + 1), 12
+    else:
+        ok = [m for m in AGGREGATORS if _fits(m, k)]
+        n, n_val = sum(len(hyper_grid(m, quick=True)) * len(QUICK_LAMBDAS) + 1 for m in ok), SEARCH_N
+    per = pg.seconds_per_eval(n_val or 12)
+    return f"⏳ About {n} merges, ~{max(1, round(n * per))} s on this machine. **Cancel** stops it."
+
+
+def _fits(method: str, k: int) -> bool:
+    agg = AGGREGATORS[method]
+    return agg.min_models <= k and (agg.max_models is None or k <= agg.max_models)
+
+
+def _job(pg: Playground, what: str, fn, progress, check: bool = True):
+    """A long job: the current request validated first, at most FEDMERGE_MAX_JOBS per session, stoppable."""
+    if check:
+        pg.session.check_request(pg.method, pg.weight_list(), pg.lam, pg.hyper_values())
+    with pg.session.job(what):
+        pg.cancel.clear()
+        return fn(pg.progress_checker(lambda f, d: progress(f, desc=d)))
+
+
+@_guard
+def do_sweep(pg: Playground, progress=gr.Progress()) -> list:
+    try:
+        r = _job(pg, "λ sweep", lambda tick: sweep(pg.session, pg.method, pg.weight_list(), pg.hyper_values(), progress=tick),
+                 progress)
+    except Cancelled:
+        return [gr.skip(), "Cancelled: the λ sweep stopped."]
+    except Exception as exc:
+        return [gr.skip(), warn(exc)]
+    fig = plots.lambda_sweep(r.lambdas, r.curves, r.best_lambda, title=f"λ sweep: {pg.method} (validation)")
+    return [fig, f"Best λ for **{pg.method}** at these settings: **{r.best_lambda:g}** (mean normalized validation "
+                 f"accuracy {r.best_score:.0%}; test {r.test_normalized.get('mean', float('nan')):.0%})."]
+
+
+@_guard
+def do_autotune(pg: Playground, progress=gr.Progress()) -> list:
+    """Tune λ and the method's grid; the sliders then hold the best setting (one merge to show it)."""
+    meth = pg.method
+    try:
+        fixed = {k: v for k, v in pg.hyper_values().items() if isinstance(v, list)}
+        r = _job(pg, "auto-tune", lambda tick: search(pg.session, meth, pg.weight_list(), fixed=fixed, progress=tick), progress)
+    except Cancelled:
+        return [pg, *skip_controls(), *view_out(None), gr.skip(), "Cancelled: auto-tune stopped; nothing changed."]
+    except Exception as exc:
+        return [pg, *skip_controls(), *view_out(None), gr.skip(), warn(exc)]
+
+    def change():
+        pg.set_lambda(r.best_lambda)
+        for k, v in r.best_hyper.items():
+            if not isinstance(v, list):
+                pg.set_hyper(k, v)
+    out = run(pg, change, render=True)
+    fig = plots.lambda_sweep(r.lambdas, r.curves, r.best_lambda, title=f"Auto-tune: {meth} (validation)")
+    md = (f"Auto-tuned **{meth}**: {r.describe()}: mean normalized accuracy {r.best_score:.0%} on validation, "
+          f"**{r.test_normalized.get('mean', float('nan')):.0%} on test** ({r.evaluations} merges, "
+          f"{r.seconds:.0f} s). The Merge tab now holds this setting.")
+    return [*out, fig, md]
+
+
+@_guard
+def do_compare(pg: Playground, progress=gr.Progress()) -> list:
+    k = len(pg.selected)
+    skipped = []
+    for m in AGGREGATORS:
+        if not _fits(m, k):
+            try:
+                AGGREGATORS[m].check_model_count(k)
+            except MergeError as exc:
+                skipped.append(f"`{m}` ({exc})")
+    methods = [m for m in AGGREGATORS if _fits(m, k)]
+    failed: list[tuple[str, str]] = []  # could not run on this selection (e.g. a zero task vector)
+    try:
+        results = _job(pg, "compare all", lambda tick: compare_all(pg.session, methods, weights=pg.weight_list(),
+                                                                   progress=tick, failed=failed), progress)
+    except Cancelled:
+        return [gr.skip(), gr.skip(), "Cancelled: the comparison stopped."]
+    except Exception as exc:
+        return [gr.skip(), gr.skip(), warn(exc)]
+    headers, rows = comparison_table(results)
+    note = f" Skipped: {'; '.join(skipped)}." if skipped else ""
+    if failed:
+        note += " Could not run: " + "; ".join(f"**{m}** ({message(MergeError(e))})" for m, e in failed) + "."
+    return [gr.Dataframe(value=pd.DataFrame(rows, columns=headers), visible=True), comparison_chart(results),
+            f"Compared {len(results)} aggregators (λ step 0.1, coarse hyperparameter grids).{note}"]
+
+
+@_guard
+def do_landscape(pg: Playground, progress=gr.Progress()) -> list:
+    try:
+        ls = _job(pg, "landscape", lambda tick: landscape.compute(pg, progress=tick), progress)
+    except Cancelled:
+        return [gr.skip(), "Cancelled: the landscape stopped."]
+    except Exception as exc:
+        return [gr.skip(), warn(exc)]
+    return [landscape.to_html(ls), f"Landscape of **{ls.names[0]}** × **{ls.names[1]}**: {ls.seconds:.1f} s."]
+
+
+@_guard
+def do_study(pg: Playground | None, methods_chosen: list[str], progress=gr.Progress()) -> list:
+    """The heterogeneity study on the current selection (stoppable between its searches)."""
+    if not isinstance(methods_chosen, (list, tuple)):
+        raise MergeError("aggregators: expected a list of aggregator names")
+    methods_chosen = [limits.check_method(m) for m in methods_chosen]  # before any work
+    methods_chosen = [m for m in methods_chosen if AGGREGATORS[m].max_models is None]
+    if not methods_chosen:
+        return [gr.skip(), warn(MergeError("choose at least one aggregator that takes any number of models"))]
+    pg = ensure(pg)
+    try:
+        study = _job(pg, "heterogeneity study", lambda tick: heterogeneity.run(pg.session, methods_chosen,
+                                                                               progress=tick), progress, check=False)
+    except Cancelled:
+        return [gr.skip(), "Cancelled: the study stopped; the selection is as it was."]
+    except Exception as exc:
+        return [gr.skip(), warn(exc)]
+    return [heterogeneity.scatter_figures(study, methods_chosen), heterogeneity.to_markdown(study, methods_chosen)]
+
+
+@_guard
+def do_cancel(pg: Playground | None) -> str:
+    if pg is not None:
+        pg.cancel.set()
+    return "Cancelling…"
+
+
+# ---------------------------------------------------------------------------- models tab
+
+@_guard
+def on_add(pg: Playground | None, ref: str, name: str, task: str, progress=gr.Progress()) -> list:
+    """Add a model; a refusal is a message in the Models tab and nothing else changes."""
+    pg = ensure(pg)
+    try:
+        added = add_model(pg, ref, (name or "").strip() or None, None if task == "(none)" else task,
+                          progress=lambda f, d: progress(f, desc=d))
+    except Exception as exc:  # what the user typed is shown as typed, other paths never
+        return [pg, *skip_controls(), *view_out(None), f"⚠️ {message(exc, 'on_add', [ref, name])}"]
+    for w in pg.session.stack.warnings:  # zero task vector, the same weights twice, ...
+        gr.Warning(w)
+    return [*run(pg, render=True, prompts=pg.prompts is None), f"Added **{added}** ({ref.strip()})."]
+
+
+@_guard
+def on_base(pg: Playground | None, ref: str, progress=gr.Progress()) -> list:
+    pg = ensure(pg)
+    try:
+        pg.session.set_base(ref, progress=lambda f, d: progress(f, desc=d))
+        pg.session.prepare_references(pg.prompt_list())
+    except Exception as exc:
+        return [pg, *skip_controls(), *view_out(None), f"⚠️ {message(exc, 'on_base', [ref])}"]
+    return [*run(pg, render=True), f"Base model: **{limits.check_text('base model', ref)}**."]
+
+
+# ---------------------------------------------------------------------------- take away
+
+@_guard
+def do_zip(pg: Playground, progress=gr.Progress()):
+    """Weights, config, tokenizer, merge_config.yml and a model card with the live scores, zipped into the
+    session's export folder (deleted with the session or after FEDMERGE_EXPORT_TTL)."""
+    pg = ensure(pg)
+    return str(pg.session.export_zip(card=model_card(pg),
+                                     progress=lambda i, n, name: progress(i / max(1, n), desc=name)))
+
+
+@_guard
+def do_yaml(pg: Playground):
+    path, text = ensure(pg).session.export_yaml()
+    return str(path), text
+
+
+@_guard
+def do_push(pg: Playground, repo: str, token: str, private: bool) -> str:
+    pg = ensure(pg)
+    try:
+        with pg.session.job("push"):
+            return f"Pushed: {push_to_hub(pg.session, limits.check_text('repository', repo, 96), token, bool(private))}"
+    except MergeError as exc:
+        return warn(exc)
+
+
+def _free(pg):
+    """Gradio's delete_callback (TTL or unload): runs on the event loop, so the work goes to a thread."""
+    if pg is not None and not pg.closed:
+        threading.Thread(target=pg.close, name="fedmerge-free", daemon=True).start()
 
 
 def _free_on_unload(demo: gr.Blocks, request: gr.Request) -> None:
@@ -173,67 +540,19 @@ def _free_on_unload(demo: gr.Blocks, request: gr.Request) -> None:
     holder.session_data.pop(request.session_hash, None)
 
 
-def selection_updates(session: Session, widgets: list[HyperWidget]) -> list:
-    """Checkbox choices/value, one slider per selected model, per-model numbers prefilled from training."""
-    names = [s.name for s in session.specs]
-    sel = [session.specs[i] for i in session.selected]
-    out: list = [gr.CheckboxGroup(choices=names, value=[s.name for s in sel])]
-    for j in range(MAX_MODELS):
-        if j < len(sel):
-            out.append(gr.Slider(visible=True, label=f"w · {sel[j].name}" + (f"  ({sel[j].task})" if sel[j].task else ""),
-                                 value=1.0))
-        else:
-            out.append(gr.Slider(visible=False))
-    training = session.training()
-    for w in widgets:
-        if w.kind != "auto_list":
-            continue
-        meta = "steps" if w.name == "steps" else "learning_rate"
-        out.append(gr.Checkbox())
-        for j in range(MAX_MODELS):
-            if j < len(sel):
-                out.append(gr.Number(visible=True, label=f"{w.name} · {sel[j].name}", value=training[j].get(meta)))
-            else:
-                out.append(gr.Number(visible=False))
-    return out
-
-
-def learn_markdown() -> str:
-    lines = [
-        "## Task Arithmetic is one round of FedAvg",
-        "Treat each fine-tune as one client of Federated Learning that trained locally from the same global "
-        "model θ₀. Its update is the task vector τᵢ = θᵢ − θ₀. One-shot FedAvg with server learning rate η "
-        "averages the updates: θ₀ + (η/K)·Σ τᵢ — exactly Task Arithmetic with λ = η/K. So what FL knows about "
-        "when averaging fails carries over to merging:",
-        "",
-        "* **Data heterogeneity** — the tasks pull the weights in different directions. Look at the cosine "
-        "similarity of the task vectors (whole model and layer by layer) and at their sign conflicts "
-        "(Heterogeneity tab). `is_even` and `is_odd` in the zoo disagree on purpose.",
-        "* **Training heterogeneity** — fine-tunes ran different numbers of steps or learning rates. Plain "
-        "averaging silently over-weights the longest-trained client: compare the task-vector norms with the "
-        "steps and learning rates (the zoo's `reverse-long` trained 4× longer).",
-        "",
-        "In every method below the merged model is θ₀ + λ·U, with U built from the weighted updates uᵢ = wᵢ·τᵢ "
-        "(wᵢ are the per-model sliders). The paper searches λ in {0.05, …, 2.00} and picks it, with ρ, by the "
-        "best average *normalized* accuracy on validation (merged accuracy ÷ the task's own fine-tune) and "
-        "reports on test: that is what *Auto-tune* and *Compare all aggregators* do.",
-        "",
-        "## The aggregators",
-    ]
-    for fam, title in (("federated", "Federated Learning aggregators"), ("baseline", "Merging baselines (mergekit)")):
-        lines.append(f"### {title}")
-        for name, agg in AGGREGATORS.items():
-            if agg.family == fam:
-                hp = ", ".join(f"`{p.name}`" for p in agg.params) or "none"
-                lines.append(f"* **{name}** — {agg.summary} *Hyperparameters:* {hp}.")
-        lines.append("")
-    return "\n".join(lines)
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
 
 
 CSS = """
 .fm-title h1 {margin-bottom: 0.1em}
 .fm-status {min-height: 1.5em}
-#fm-table table {font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 0.85em}
+#fm-scenarios button {flex: 1 1 auto}
+@media (max-width: 640px) {
+  #fm-scenarios {flex-direction: row !important; flex-wrap: wrap !important; gap: 4px !important}
+  #fm-scenarios > button {flex: 1 1 45% !important; min-width: 45% !important; margin: 0 !important}
+  #fm-scenario {font-size: 0.9em}
+}
 """
 
 
@@ -244,41 +563,52 @@ def build_demo() -> gr.Blocks:
         zoo_names = [s.name for s in read_zoo()[1]]
     except Exception:  # no zoo: the page says so on load
         zoo_names = []
+    try:
+        scenario_list = scenarios.load()
+    except MergeError as exc:
+        log.warning("scenarios not loaded: %s", exc)
+        scenario_list = []
+    live_opts = dict(trigger_mode="always_last", show_progress="hidden", concurrency_limit=4, concurrency_id="live",
+                     api_visibility="undocumented")  # the UI's own calls; API users have /live
     with gr.Blocks(title="FedMerge Playground") as demo:
         state = gr.State(None, time_to_live=SESSION_TTL, delete_callback=_free)
-        gr.Markdown("# FedMerge Playground\nMerge fine-tuned models live — Task Arithmetic is one-shot FedAvg, "
-                    "so try Federated Learning's aggregators on it. Move a slider: the merged model is rebuilt "
-                    "in place and re-scored on every change.", elem_classes="fm-title")
+        gr.Markdown("# FedMerge Playground\nMerge fine-tuned models live: Task Arithmetic is one round of FedAvg, "
+                    "so try Federated Learning's aggregators on it. Every change re-merges and re-scores.",
+                    elem_classes="fm-title")
+        with gr.Row(elem_id="fm-scenarios"):
+            sc_buttons = [(s.id, gr.Button(s.title, size="sm", elem_id=f"fm-sc-{slug(s.id)}")) for s in scenario_list]
+        scenario_md = gr.Markdown(elem_id="fm-scenario")
         with gr.Tabs():
             with gr.Tab("Merge", id="merge"):
                 with gr.Row():
-                    with gr.Column(scale=2, min_width=330):
-                        models = gr.CheckboxGroup(label="Fine-tuned models to merge", choices=zoo_names, interactive=True,
-                                                  elem_id="fm-models")
-                        method = gr.Dropdown(choices=[(f"{n}  ·  {a.family}", n) for n, a in AGGREGATORS.items()],
-                                             value=DEFAULT_METHOD, label="Aggregator", interactive=True,
-                                             elem_id="fm-method")
-                        lam = gr.Slider(0.0, 2.0, value=DEFAULT_LAMBDA, step=0.05, label="λ (global scale)",
-                                        info="merged = θ₀ + λ·U", elem_id="fm-lambda")
-                        with gr.Accordion("Per-model coefficients wᵢ", open=True):
-                            sliders = [gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label=f"w{i}", visible=False,
-                                                 elem_id=f"fm-w{i}") for i in range(MAX_MODELS)]
-                        with gr.Accordion("Aggregator hyperparameters", open=True):
-                            groups, hwidgets = build_hyper_widgets()
-                    with gr.Column(scale=5):
+                    with gr.Column(scale=5, min_width=340):  # results first: above the controls on a phone
                         status = gr.Markdown(elem_classes="fm-status", elem_id="fm-status")
-                        table = gr.Dataframe(label="Outputs: base, each fine-tune and the merge (✓ correct, ✗ wrong)",
-                                             interactive=False, wrap=True, elem_id="fm-table")
+                        table = gr.HTML(elem_id="fm-table", js_on_load=None, css_template=OUTPUTS_CSS)
+                        prompts = gr.Textbox(label="Prompts (one per line; edit or type free text, then click outside "
+                                                   "the box to refresh)", lines=3, max_lines=20, elem_id="fm-prompts",
+                                             info=limits.current().describe())
                         with gr.Row():
                             acc_plot = gr.Plot(label="Per-task accuracy (live validation subset)", elem_id="fm-acc")
                             heat_live = gr.Plot(label="Cosine of task vectors and of the merge", elem_id="fm-heat")
-                        prompts = gr.Textbox(label="Prompts (one per line; edit, or type free text; Enter or leave "
-                                                   "the box to refresh)", lines=4, max_lines=20, elem_id="fm-prompts",
-                                             info=limits.current().describe())
-            with gr.Tab("Heterogeneity", id="hetero"):
+                    with gr.Column(scale=2, min_width=300):
+                        models = gr.CheckboxGroup(label="Fine-tuned models to merge", choices=zoo_names,
+                                                  interactive=True, elem_id="fm-models")
+                        method = gr.Dropdown(choices=[(method_label(n), n) for n in AGGREGATORS],
+                                             value=DEFAULT_METHOD, label="Aggregator", interactive=True,
+                                             elem_id="fm-method")
+                        lam = ClampedSlider(*LAMBDA_RANGE, value=DEFAULT_LAMBDA, step=0.05, label="λ (global scale)",
+                                            info="merged = θ₀ + λ·U", elem_id="fm-lambda")
+
+                        panel = gr.HTML(panel_placeholder(), elem_id="fm-panel", js_on_load=PANEL_JS,
+                                        css_template=PANEL_CSS)
+                        with gr.Accordion("Aggregator hyperparameters", open=True):
+                            groups, hyper_comps = build_hyper_widgets()
+                    controls = [models, method, lam, prompts, scenario_md, panel, *groups, *hyper_comps]
+            with gr.Tab("Heterogeneity", id="hetero") as hetero_tab:
                 gr.Markdown("Data heterogeneity shows as low or negative cosine similarity and many sign conflicts "
                             "between task vectors; training heterogeneity as very different norms next to the "
-                            "recorded steps and learning rates.")
+                            "recorded steps and learning rates. In the per-layer heatmap, `other` is every tensor "
+                            "outside the transformer blocks (embeddings, final layer norm).")
                 with gr.Row():
                     layer = gr.Dropdown(choices=["whole model"], value="whole model", label="Layer", interactive=True)
                     metric = gr.Radio(choices=[("cosine similarity", "cosine"), ("sign conflicts", "sign_conflict")],
@@ -294,34 +624,44 @@ def build_demo() -> gr.Blocks:
                     study_methods = gr.CheckboxGroup(choices=list(AGGREGATORS), value=list(heterogeneity.DEFAULT_METHODS),
                                                      label="Aggregators in the study")
                     study_btn = gr.Button("Run the study", variant="primary")
+                    study_cancel = gr.Button("Cancel", variant="stop")
                 study_plot = gr.Plot(label="Drop vs heterogeneity, per pair")
                 study_md = gr.Markdown()
             with gr.Tab("Explore", id="explore"):
                 gr.Markdown("λ is searched over 0.05…2.00 (plus ρ for fedgma/cclip, density for ties/dare) by the best "
-                            "mean **normalized** validation accuracy; the chosen setting is reported on test.")
+                            "mean **normalized** validation accuracy; the chosen setting is reported on test. Each "
+                            "button first says how long it will take; **Cancel** stops it on the server.")
                 with gr.Row():
                     sweep_btn = gr.Button("λ sweep (current aggregator)")
                     autotune_btn = gr.Button("Auto-tune λ and hyperparameters", variant="primary")
                     compare_btn = gr.Button("Compare all aggregators (tuned)")
-                explore_md = gr.Markdown()
+                    landscape_btn = gr.Button("Merge landscape (two selected models)")
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="fm-cancel")
+                explore_md = gr.Markdown(elem_id="fm-explore-md")
+                landscape_html = gr.HTML(elem_id="fm-landscape", js_on_load=landscape.LANDSCAPE_JS,
+                                         css_template=landscape.LANDSCAPE_CSS)
                 sweep_plot = gr.Plot(label="λ sweep")
-                compare_table = gr.Dataframe(label="Aggregators, each tuned on validation", interactive=False)
+                compare_table = gr.Dataframe(label="Aggregators, each tuned on validation", interactive=False,
+                                             visible=False)  # shown with the first comparison
                 compare_plot = gr.Plot(label="Comparison")
             with gr.Tab("Models", id="models"):
                 gr.Markdown("Add a fine-tune or a LoRA adapter of the same base, by Hugging Face Hub id or by a local "
                             "folder (local folders: the zoo and the folders the operator allowed in "
                             "`FEDMERGE_ALLOWED_DIRS`). Models that do not fit the base are refused.")
                 with gr.Row():
-                    add_ref = gr.Textbox(label="Fine-tune or LoRA adapter (Hub id or folder)", scale=3)
-                    add_name = gr.Textbox(label="Name (optional)", scale=1)
+                    add_ref = gr.Textbox(label="Fine-tune or LoRA adapter (Hub id or folder)", scale=3, elem_id="fm-add-ref")
+                    add_name = gr.Textbox(label="Name (optional)", scale=1, elem_id="fm-add-name")
                     add_task = gr.Dropdown(choices=["(none)", *TASKS], value="(none)", label="Task it was trained on",
                                            scale=1)
-                add_btn = gr.Button("Add model")
+                add_btn = gr.Button("Add model", elem_id="fm-add-btn")
                 with gr.Row():
                     base_ref = gr.Textbox(label="Base model (Hub id or folder)", scale=3)
                     base_btn = gr.Button("Use as base", scale=1)
-                models_md = gr.Markdown()
+                models_md = gr.Markdown(elem_id="fm-models-md")
             with gr.Tab("Take away", id="export"):
+                gr.Markdown("The zip holds the merged weights, config, tokenizer, `merge_config.yml` (re-run it with "
+                            "`python -m merging merge`) and a model card with the method, λ, weights, "
+                            "hyperparameters and the live scores.")
                 with gr.Row():
                     zip_btn = gr.Button("Build merged model (.zip)", variant="primary")
                     yaml_btn = gr.Button("Merge as mergekit-style YAML")
@@ -338,219 +678,102 @@ def build_demo() -> gr.Blocks:
                     push_btn = gr.Button("Push")
                     push_md = gr.Markdown()
             with gr.Tab("Learn", id="learn"):
-                gr.Markdown(learn_markdown())
+                gr.Markdown(learn_markdown(scenario_list))
+        with gr.Row(visible=False):  # the /live API's named arguments (gradio_client users)
+            api_sel = gr.JSON(label="selection")
+            api_method = gr.Textbox(label="method")
+            api_lam = gr.Number(label="lam")
+            api_weights = gr.JSON(label="weights")
+            api_hyper = gr.JSON(label="hyper")
+            api_prompts = gr.Textbox(label="prompts")
+            api_data = gr.JSON(label="data")
+            api_btn = gr.Button("live")
 
-        hyper_inputs = [c for w in hwidgets for c in w.components]
-        auto_lists = [c for w in hwidgets if w.kind == "auto_list" for c in w.components]
-        live_inputs = [state, models, method, lam, prompts, *sliders, *hyper_inputs]
-        live_outputs = [state, table, acc_plot, heat_live, status]
-        sel_outputs = [models, *sliders, *auto_lists]
-        hetero_outputs = [heat, norms, layer_heat, layer]
+        view = [table, acc_plot, heat_live, status]
+        main_out = [state, *controls, *view]
+        demo.load(on_load, inputs=[state], outputs=main_out)
+        for sid, btn in sc_buttons:
+            btn.click(partial(on_scenario, scenario_id=sid), inputs=[state], outputs=main_out, **live_opts)
+        models.input(on_select, inputs=[state, models], outputs=main_out, **live_opts)
+        method.input(on_method, inputs=[state, method], outputs=main_out, **live_opts)
+        lam.input(on_lambda, inputs=[state, lam], outputs=main_out, **live_opts)
+        prompts.blur(on_prompts, inputs=[state, prompts], outputs=main_out, **live_opts)
+        panel.input(on_panel, inputs=[state], outputs=main_out, **live_opts)
+        for (m, p), comp in zip(HYPER_SLOTS, hyper_comps):
+            fn = on_auto if (p.per_model and p.optional) else on_hyper
+            comp.input(partial(fn, name=p.name, method=m), inputs=[state, comp], outputs=main_out, **live_opts)
+        api_btn.click(live_api, inputs=[state, api_sel, api_method, api_lam, api_weights, api_hyper, api_prompts],
+                      outputs=[state, *view, api_data], api_name="live", concurrency_limit=4, concurrency_id="live")
 
-        # -------------------------------------------------------------- live update
-        def live(st, selection, meth, lamv, prompt_text, *rest):
-            try:
-                session = _session(st)
-            except Exception as exc:
-                return st, gr.skip(), gr.skip(), gr.skip(), _fail(exc)
-            weight_vals, hyper_vals = rest[:MAX_MODELS], list(rest[MAX_MODELS:])
-            try:
-                prompt_list = limits.check_prompts(prompt_text)  # bounds first, before any work
-                if selection:
-                    session.select(limits.check_selection(selection, [m.name for m in session.specs]))
-                hyper = hyper_from_values(limits.check_method(meth), hwidgets, hyper_vals, len(session.selected))
-                prompt_list = prompt_list or default_prompts(session.tasks)
-                res = session.live(meth, _weights_for(session, weight_vals), lamv, hyper, prompt_list)
-                sim = session.similarity_live()
-            except Exception as exc:
-                return session, gr.skip(), gr.skip(), gr.skip(), _fail(exc)
-            df = pd.DataFrame(res.rows, columns=res.headers)
-            acc = plots.accuracy_bars(res.tasks, res.accuracy)
-            acc.update_layout(height=360, legend=dict(orientation="h", y=-0.15))
-            hm = plots.similarity_heatmap(sim)
-            hm.update_layout(height=360, title=dict(text="Cosine: task vectors and the merge"))
-            mean = res.normalized.get("mean")
-            msg = (f"**{meth}**, λ = {lamv:g}: mean normalized accuracy "
-                   f"{'—' if mean is None else f'{mean:.0%}'} on {len(res.tasks)} task(s) · {res.seconds * 1000:.0f} ms")
-            if res.notes:
-                msg += "  \nℹ️ " + "; ".join(res.notes)
-            return session, df, acc, hm, msg
+        hetero_out = [heat, norms, layer_heat, layer]
+        gr.on([hetero_tab.select, layer.input, metric.input], hetero, inputs=[state, layer, metric],
+              outputs=hetero_out, trigger_mode="always_last")
 
-        live_triggers = [lam.change, lam.release, method.change, prompts.submit, prompts.blur]
-        live_triggers += [s.change for s in sliders] + [s.release for s in sliders]
-        live_triggers += [c.change for c in hyper_inputs]
-        gr.on(live_triggers, live, inputs=live_inputs, outputs=live_outputs, trigger_mode="always_last",
-              show_progress="hidden", api_name="live", concurrency_limit=4, concurrency_id="live")
+        # models: refusals stay in this tab
+        add_btn.click(on_add, inputs=[state, add_ref, add_name, add_task], outputs=[*main_out, models_md])
+        base_btn.click(on_base, inputs=[state, base_ref], outputs=[*main_out, models_md])
 
-        # -------------------------------------------------------------- page load / selection
-        @_guard
-        def hetero(st, layer_name, metric_name):
-            session = _session(st)
-            rep = session.similarity(with_merged=False)
-            hm = plots.similarity_heatmap(rep, None if layer_name == "whole model" else layer_name, metric_name)
-            choices = ["whole model", *rep.layers]
-            return (hm, plots.norms_chart(rep), plots.layer_similarity_heatmap(rep) if len(rep.names) > 1 else None,
-                    gr.Dropdown(choices=choices, value=layer_name if layer_name in choices else "whole model"))
+        # explore: an estimate first, then the job; Cancel sets a flag the job checks between merges
+        jobs = []
+        for btn, kind, fn, outs in ((sweep_btn, "sweep", do_sweep, [sweep_plot, explore_md]),
+                                    (autotune_btn, "autotune", do_autotune, [*main_out, sweep_plot, explore_md]),
+                                    (compare_btn, "compare", do_compare, [compare_table, compare_plot, explore_md]),
+                                    (landscape_btn, "landscape", do_landscape, [landscape_html, explore_md])):
+            ev = btn.click(partial(job_estimate, kind=kind), inputs=[state], outputs=[explore_md],
+                           show_progress="hidden")
+            jobs.append(ev.then(fn, inputs=[state], outputs=outs, concurrency_limit=1, concurrency_id="jobs"))
+        cancel_btn.click(do_cancel, inputs=[state], outputs=[explore_md], queue=False)
+        landscape_html.click(on_landscape_click, inputs=[state], outputs=main_out, **live_opts)
 
-        def on_load(st, progress=gr.Progress()):
-            try:
-                session = _session(st, progress=lambda f, d: progress(f, desc=d))
-                prompt_text = "\n".join(default_prompts(session.tasks))
-                session.prepare_references(prompt_text.splitlines(), progress=lambda f, d: progress(f, desc=d))
-                return [session, prompt_text, *selection_updates(session, hwidgets), "Loaded the zoo."]
-            except Exception as exc:
-                return [st, gr.skip(), *[gr.skip()] * len(sel_outputs), _fail(exc)]
-
-        load_ev = demo.load(on_load, inputs=[state], outputs=[state, prompts, *sel_outputs, models_md])
-        load_ev.then(live, inputs=live_inputs, outputs=live_outputs).then(
-            hetero, inputs=[state, layer, metric], outputs=hetero_outputs)
-
-        @_guard
-        def on_select(st, selection):
-            session = _session(st)
-            session.select(limits.check_selection(selection, [m.name for m in session.specs]))
-            session.prepare_references()
-            return [session, *selection_updates(session, hwidgets)]
-
-        models.input(on_select, inputs=[state, models], outputs=[state, *sel_outputs]).success(
-            live, inputs=live_inputs, outputs=live_outputs).then(
-            hetero, inputs=[state, layer, metric], outputs=hetero_outputs)
-        gr.on([layer.input, metric.change], hetero, inputs=[state, layer, metric], outputs=hetero_outputs)
-
-        def on_method(meth):
-            return [gr.Group(visible=name == meth) for name in groups]
-
-        method.change(on_method, inputs=[method], outputs=list(groups.values()), show_progress="hidden")
-
-        # -------------------------------------------------------------- models
-        @_guard
-        def add_model(st, ref, name, task, progress=gr.Progress()):
-            session = _session(st)
-            spec = session.add_model(ref, name, None if task in (None, "(none)") else task,
-                                     progress=lambda f, d: progress(f, desc=d))
-            session.prepare_references()
-            for warning in session.stack.warnings:  # zero task vector, the same model twice, ...
-                gr.Warning(warning)
-            return [session, *selection_updates(session, hwidgets), f"Added **{spec.name}** ({spec.ref})."]
-
-        @_guard
-        def set_base(st, ref, progress=gr.Progress()):
-            session = _session(st)
-            session.set_base(ref, progress=lambda f, d: progress(f, desc=d))
-            session.prepare_references()
-            return [session, *selection_updates(session, hwidgets), f"Base model: **{ref}**."]
-
-        for btn, fn, ins in ((add_btn, add_model, [state, add_ref, add_name, add_task]),
-                             (base_btn, set_base, [state, base_ref])):
-            btn.click(fn, inputs=ins, outputs=[state, *sel_outputs, models_md]).success(
-                live, inputs=live_inputs, outputs=live_outputs).then(
-                hetero, inputs=[state, layer, metric], outputs=hetero_outputs)
-
-        # -------------------------------------------------------------- explore
-        def _current(session, meth, rest, lamv=1.0):
-            """(weights, hyper) of the widgets, validated before any work (a NaN weight fails here)."""
-            hyper = hyper_from_values(limits.check_method(meth), hwidgets, list(rest[MAX_MODELS:]), len(session.selected))
-            _, weights, _ = session.check_request(meth, _weights_for(session, rest[:MAX_MODELS]), lamv, hyper)
-            return weights, hyper
-
-        @_guard
-        def do_sweep(st, selection, meth, lamv, prompt_text, *rest, progress=gr.Progress()):
-            session = _session(st)
-            weights, hyper = _current(session, meth, rest, lamv)
-            with session.job("λ sweep"):
-                r = sweep(session, meth, weights, hyper, progress=lambda f, d: progress(f, desc=d))
-            fig = plots.lambda_sweep(r.lambdas, r.curves, r.best_lambda, title=f"λ sweep — {meth} (validation)")
-            return fig, f"Best λ for **{meth}** at these settings: **{r.best_lambda:g}** (mean normalized validation " \
-                        f"accuracy {r.best_score:.0%}; test {r.test_normalized.get('mean', float('nan')):.0%})."
-
-        @_guard
-        def do_autotune(st, selection, meth, lamv, prompt_text, *rest, progress=gr.Progress()):
-            session = _session(st)
-            weights, hyper = _current(session, meth, rest, lamv)
-            fixed = {k: v for k, v in hyper.items() if isinstance(v, list)}
-            with session.job("auto-tune"):
-                r = search(session, meth, weights, fixed=fixed, progress=lambda f, d: progress(f, desc=d))
-            updates = []
-            for w in hwidgets:
-                if w.method == meth and w.kind == "scalar" and w.name in r.best_hyper:
-                    updates.append(gr.update(value=r.best_hyper[w.name]))
-                else:
-                    updates += [gr.skip()] * len(w.components)
-                    continue
-            fig = plots.lambda_sweep(r.lambdas, r.curves, r.best_lambda, title=f"Auto-tune — {meth} (validation)")
-            md = (f"Auto-tuned **{meth}**: {r.describe()} — mean normalized accuracy {r.best_score:.0%} on validation, "
-                  f"**{r.test_normalized.get('mean', float('nan')):.0%} on test** ({r.evaluations} evaluations, "
-                  f"{r.seconds:.0f} s). The sliders now hold this setting.")
-            if r.extra.get("skipped"):
-                md += "\n\nSkipped (could not run): " + "; ".join(r.extra["skipped"])
-            return [gr.update(value=r.best_lambda), *updates, fig, md]
-
-        @_guard
-        def do_compare(st, selection, meth, lamv, prompt_text, *rest, progress=gr.Progress()):
-            session = _session(st)
-            weights, _ = _current(session, meth, rest, lamv)
-            failed: list[tuple[str, str]] = []
-            with session.job("compare all"):
-                results = compare_all(session, weights=weights, progress=lambda f, d: progress(f, desc=d),
-                                      failed=failed)
-            headers, rows = comparison_table(results)
-            md = f"Compared {len(results)} aggregators (λ step 0.1, coarse hyperparameter grids)."
-            if failed:
-                md += " Could not run: " + "; ".join(f"**{m}** ({limits.user_message(MergeError(e))})" for m, e in failed)
-            return pd.DataFrame(rows, columns=headers), comparison_chart(results), md
-
-        @_guard
-        def do_study(st, methods_chosen, progress=gr.Progress()):
-            session = _session(st)
-            if not isinstance(methods_chosen, (list, tuple)):
-                raise MergeError("aggregators: expected a list of aggregator names")
-            methods_chosen = [limits.check_method(m) for m in methods_chosen]
-            methods_chosen = [m for m in methods_chosen if AGGREGATORS[m].max_models is None]
-            if not methods_chosen:
-                raise MergeError("aggregators: choose at least one aggregator that takes any number of models")
-            with session.job("heterogeneity study"):
-                study = heterogeneity.run(session, methods_chosen, progress=lambda f, d: progress(f, desc=d))
-            return heterogeneity.scatter_figures(study, methods_chosen), heterogeneity.to_markdown(study, methods_chosen)
-
-        study_btn.click(do_study, inputs=[state, study_methods], outputs=[study_plot, study_md], concurrency_limit=1,
-                        api_name="heterogeneity")
-
-        explore_inputs = live_inputs
-        sweep_btn.click(do_sweep, inputs=explore_inputs, outputs=[sweep_plot, explore_md], concurrency_limit=2)
-        autotune_btn.click(do_autotune, inputs=explore_inputs, outputs=[lam, *hyper_inputs, sweep_plot, explore_md],
-                           concurrency_limit=2).success(live, inputs=live_inputs, outputs=live_outputs)
-        compare_btn.click(do_compare, inputs=explore_inputs, outputs=[compare_table, compare_plot, explore_md],
-                          concurrency_limit=1)
-
-        # -------------------------------------------------------------- take away
-        @_guard
-        def do_zip(st, progress=gr.Progress()):
-            session = _session(st)  # written into the session's export folder: deleted with it or after the TTL
-            return str(session.export_zip(progress=lambda i, n, name: progress(i / max(1, n), desc=name)))
-
-        @_guard
-        def do_yaml(st):
-            path, text = _session(st).export_yaml()
-            return str(path), text
-
-        @_guard
-        def do_push(st, repo, token, private, progress=gr.Progress()):
-            session = _session(st)
-            try:
-                with session.job("push"):
-                    url = push_to_hub(session, limits.check_text("repository", repo, 96), token, bool(private))
-            except MergeError as exc:
-                return _fail(exc)
-            return f"Pushed: {url}"
+        study_btn.click(lambda pg, ms: job_estimate(pg, "study", ms), inputs=[state, study_methods], outputs=[study_md],
+                        show_progress="hidden", api_visibility="undocumented").then(
+            do_study, inputs=[state, study_methods], outputs=[study_plot, study_md], concurrency_limit=1,
+            concurrency_id="jobs", api_name="heterogeneity")
+        study_cancel.click(do_cancel, inputs=[state], outputs=[study_md], queue=False)
 
         zip_btn.click(do_zip, inputs=[state], outputs=[zip_file], concurrency_limit=2, api_name="zip")
         yaml_btn.click(do_yaml, inputs=[state], outputs=[yaml_file, yaml_code], api_name="yaml")
         push_btn.click(do_push, inputs=[state, hub_repo, hub_token, hub_private], outputs=[push_md])
+
         def on_unload(request: gr.Request):
             _free_on_unload(demo, request)
 
         demo.unload(on_unload)
     return demo
+
+
+def panel_placeholder() -> str:
+    return "<div class='fm-panel'><i>Loading the models…</i></div>"
+
+
+def _widget(p, method: str):
+    """The widget of one hyperparameter, from its registry description."""
+    label = p.name + (" (every model)" if p.per_model else "")
+    kw = dict(info=p.help, interactive=True, elem_id=f"hp-{method}-{p.name}")
+    if p.per_model and p.optional:  # fednova's steps / learning rates: auto, or one box per model in the panel
+        return gr.Checkbox(value=True, label=f"{p.name}: auto (from training metadata)", **kw)
+    if p.type is bool:
+        return gr.Checkbox(value=bool(p.default), label=label, **kw)
+    if p.type is str and p.choices:
+        return gr.Radio(choices=list(p.choices), value=p.default, label=label, **kw)
+    if p.type is float and p.low is not None and p.high is not None and p.high != float("inf"):
+        step = 0.01 if p.high - p.low <= 2 else (p.high - p.low) / 100
+        return ClampedSlider(minimum=p.low, maximum=p.high, value=p.default, step=step, label=label, **kw)
+    return gr.Number(value=p.default, label=f"{label} (empty = auto)" if p.optional else label,
+                     precision=0 if p.type is int else None, **kw)
+
+
+def build_hyper_widgets() -> tuple[list, list]:
+    """One group per aggregator (only the current one visible), its widgets in HYPER_SLOTS order."""
+    groups, comps = [], []
+    for name, agg in AGGREGATORS.items():
+        with gr.Group(visible=name == DEFAULT_METHOD) as g:
+            if not agg.params:
+                gr.Markdown(f"*{name} has no hyperparameters besides the coefficients and λ.*")
+            for p in agg.params:
+                comps.append(_widget(p, name))
+        groups.append(g)
+    return groups, comps
 
 
 def main() -> None:

@@ -1,10 +1,14 @@
-"""Slider event → updated outputs + scores latency of the running app, through gradio_client.
+"""Latency of the running app: slider event → updated outputs + scores (gradio_client), and in a
+real browser page load → table / → plots and the requests each user action sends.
 
 Starts `python app.py` on a free port (offline, on the zoo or FEDMERGE_ZOO), waits for it, then
-moves one coefficient slider / λ / the aggregator N times via the /live endpoint (what a slider's
-.change/.release event calls) and reports p50/p95 of the full round trip. Appends to bench/RESULTS.md.
+moves one coefficient slider / λ / the aggregator N times via the /live endpoint (the same merge
+a slider's event runs) and reports p50/p95 of the full round trip. Then (unless --no-browser)
+headless Chromium loads the page --loads times on the warm server (time to the outputs table and
+to the plots; the baseline is one /live round trip measured in the same run) and performs each
+user action once, counting the queue requests it sends. Appends to bench/RESULTS.md.
 
-    python bench/app_latency.py [--n 60] [--zoo assets/zoo] [--per-task 1] [--no-append]
+    python bench/app_latency.py [--n 60] [--loads 5] [--zoo assets/zoo] [--per-task 1] [--no-browser] [--no-append]
 
 For the GPT-2-small-shaped run (4 synthetic fine-tunes of bench/make_checkpoints.py, each given
 one zoo task, 2 prompts per task = 8 generations per event):
@@ -49,6 +53,77 @@ def gpt2_zoo() -> Path:
     return ckpt
 
 
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def browser_part(url: str, loads: int, live_ms: float) -> list[tuple[str, str]]:
+    """Page load → table / → plots on the warm server, and queue requests per user action."""
+    from playwright.sync_api import sync_playwright
+
+    out: list[tuple[str, str]] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+        to_table, to_plots, load_requests = [], [], []
+        for _ in range(loads):
+            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            joins: list[str] = []
+            page.on("request", lambda r, j=joins: j.append(r.url) if "queue/join" in r.url else None)
+            t0 = time.perf_counter()
+            page.goto(url)
+            page.wait_for_selector("#fm-table table", timeout=120_000)
+            to_table.append(time.perf_counter() - t0)
+            page.wait_for_function("document.querySelector('#fm-heat .js-plotly-plot') !== null && "
+                                   "document.querySelector('#fm-acc .js-plotly-plot') !== null", timeout=120_000)
+            to_plots.append(time.perf_counter() - t0)
+            page.wait_for_timeout(2000)
+            load_requests.append(len(joins))
+            last, last_joins = page, joins
+            if _ < loads - 1:
+                page.close()
+        page, joins = last, last_joins
+
+        def action(label, fn):
+            n, before = len(joins), page.locator("#fm-status").inner_text()
+            t0 = time.perf_counter()
+            fn()
+            while page.locator("#fm-status").inner_text() == before and time.perf_counter() - t0 < 30:
+                page.wait_for_timeout(20)
+            dt = time.perf_counter() - t0
+            page.wait_for_timeout(2000)
+            out.append((f"{label}: requests, time to the new status", f"{len(joins) - n}, {dt * 1000:.0f} ms"))
+
+        slider = page.locator("#fm-panel input[type=range]").first
+        action("coefficient slider, key press", lambda: (slider.focus(), slider.press("ArrowLeft")))
+        def drag():
+            slider.scroll_into_view_if_needed()
+            box = slider.bounding_box()
+            y = box["y"] + box["height"] / 2
+            page.mouse.move(box["x"] + box["width"] * 0.2, y)
+            page.mouse.down()
+            for i in range(10):
+                page.mouse.move(box["x"] + box["width"] * (0.2 + 0.07 * i), y)
+                page.wait_for_timeout(30)
+            page.mouse.up()
+        action("coefficient slider, mouse drag + release", drag)
+        lam = page.locator("#fm-lambda input[type=range]")
+        action("λ slider, key press", lambda: (lam.focus(), lam.press("ArrowRight")))
+        action("model checkbox click", lambda: page.locator("#fm-models label").nth(1).click())
+        first_scenario = page.locator("#fm-scenarios button").first
+        if first_scenario.count():
+            action("scenario button", first_scenario.click)
+        browser.close()
+    med = statistics.median
+    out = [(f"page load → outputs table (median of {loads})", f"{med(to_table):.2f} s"),
+           (f"page load → both plots (median of {loads})", f"{med(to_plots):.2f} s"),
+           ("plots after the table (median)", f"{med([b - a for a, b in zip(to_table, to_plots)]):.2f} s"),
+           ("page load → table ÷ one /live round trip", f"{med(to_table) * 1000 / live_ms:.1f}×"),
+           ("queue requests per page load (max)", str(max(load_requests)))] + out
+    for label, value in out:
+        print(f"{label:60s} {value}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=60, help="events per scenario")
@@ -57,13 +132,15 @@ def main() -> int:
                     help="prompts per task in the outputs table (default: the app's own, one per task)")
     ap.add_argument("--gpt2", action="store_true",
                     help="use bench/_work/ckpt-1x (GPT-2-small shape, made if missing) as a 4-task zoo")
+    ap.add_argument("--loads", type=int, default=5, help="page loads in the browser part")
+    ap.add_argument("--no-browser", action="store_true")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     if args.gpt2:
         args.zoo = str(gpt2_zoo())
     from gradio_client import Client
 
-    from app import live_args
+    from app import live_kwargs
     from evaluation.session import default_prompts, default_threads, read_zoo
 
     specs = [s for s in read_zoo(args.zoo)[1] if not s.variant_of]
@@ -84,27 +161,28 @@ def main() -> int:
                 time.sleep(0.5)
         else:
             raise SystemExit("the app did not start")
-        client.predict(*live_args(weights=[1.0] * k, prompts=prompts), api_name="/live")  # warm-up: references cached
+        client.predict(**live_kwargs(weights=[1.0] * k, prompts=prompts, selection=names), api_name="/live")  # warm-up
         scenarios = {
-            "coefficient slider (task_arithmetic)": lambda i: live_args(weights=[1.0 - 0.05 * (i % 20)] + [1.0] * (k - 1), prompts=prompts),
-            "λ slider (task_arithmetic)": lambda i: live_args(lam=0.05 + 0.05 * (i % 40), weights=[1.0] * k, prompts=prompts),
-            "coefficient slider (fedgma, rho 0.5)": lambda i: live_args("fedgma", 1.0, [1.0 - 0.05 * (i % 20)] + [1.0] * (k - 1), {"rho": 0.5}, prompts=prompts),
-            "coefficient slider (ties, density 0.5)": lambda i: live_args("ties", 1.0, [1.0 - 0.05 * (i % 20)] + [1.0] * (k - 1), {"density": 0.5}, prompts=prompts),
+            "coefficient slider (task_arithmetic)": lambda i: live_kwargs(weights=[1.0 - 0.05 * (i % 20)] + [1.0] * (k - 1), prompts=prompts),
+            "λ slider (task_arithmetic)": lambda i: live_kwargs(lam=0.05 + 0.05 * (i % 40), weights=[1.0] * k, prompts=prompts),
+            "coefficient slider (fedgma, rho 0.5)": lambda i: live_kwargs("fedgma", 1.0, [1.0 - 0.05 * (i % 20)] + [1.0] * (k - 1), {"rho": 0.5}, prompts=prompts),
+            "coefficient slider (ties, density 0.5)": lambda i: live_kwargs("ties", 1.0, [1.0 - 0.05 * (i % 20)] + [1.0] * (k - 1), {"density": 0.5}, prompts=prompts),
         }
         rows = []
         for label, make in scenarios.items():
-            client.predict(*make(0), api_name="/live")
+            client.predict(**make(0), api_name="/live")
             times = []
             for i in range(1, args.n + 1):
                 t0 = time.perf_counter()
-                out = client.predict(*make(i), api_name="/live")
+                out = client.predict(**make(i), api_name="/live")
                 times.append((time.perf_counter() - t0) * 1000)
-                assert "⚠️" not in out[-1], out[-1]
+                assert "⚠️" not in out[-2], out[-2]
             times.sort()
             p50 = statistics.median(times)
             p95 = times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]
             rows.append((label, p50, p95))
             print(f"{label:45s} p50 {p50:6.0f} ms   p95 {p95:6.0f} ms")
+        browser_rows = [] if args.no_browser else browser_part(url, args.loads, rows[1][1])
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -118,6 +196,10 @@ def main() -> int:
                 f"2-core CPU machine, shared with other jobs.\n",
                 "| event | p50 | p95 |", "|---|---|---|"]
         text += [f"| {label} | {p50:.0f} ms | {p95:.0f} ms |" for label, p50, p95 in rows]
+        if browser_rows:
+            text += ["", f"Headless Chromium on the same warm server ({args.loads} page loads; baseline: the λ-slider "
+                         "/live round trip above):", "", "| measure | value |", "|---|---|"]
+            text += [f"| {label} | {value} |" for label, value in browser_rows]
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
             f.write("\n".join(text) + "\n")
     return 0

@@ -58,7 +58,7 @@ def main() -> int:
         return soak(args)
     from gradio_client import Client
 
-    from app import live_args
+    from app import live_kwargs
     from evaluation.session import read_zoo
 
     k = len([s for s in read_zoo(args.zoo)[1] if not s.variant_of])
@@ -79,8 +79,8 @@ def main() -> int:
             raise SystemExit("the app did not start")
 
         def call(client, method, lam, weights, hyper):
-            out = client.predict(*live_args(method, lam, weights, hyper), api_name="/live")
-            return out[0]  # the outputs table (base, fine-tunes, merged, ✓/✗)
+            out = client.predict(**live_kwargs(method, lam, weights, hyper), api_name="/live")
+            return out[-1]["rows"]  # the outputs table (base, fine-tunes, merged, ✓/✗)
 
         warm = [Client(url, verbose=False, download_files=False) for _ in range(args.sessions)]
         for s, c in enumerate(warm):  # warm-up: every method once, references cached

@@ -81,7 +81,7 @@ def main(zoo: str | Path | None, out: str | Path, quick: bool, methods: Sequence
     plain = run(zoo, False, methods, quick, n_val, n_test)
     print("heterogeneous:", ", ".join(selection(zoo, True)))
     hetero = run(zoo, True, methods, quick, n_val, n_test)
-    grid = "quick grid (λ 0.1…2.0)" if quick else "full grid (λ 0.05…2.00)"
+    grid = ("quick grid (λ 0.1…2.0" if quick else "full grid (λ 0.05…2.00") + ", ×K for fednova and median)"
     text = (markdown_table(plain, f"Plain zoo — {grid}, validation n={n_val}, test n={n_test}") + "\n"
             + markdown_table(hetero, f"With the heterogeneous fine-tune — {grid}") + "\n"
             + f"Wall time: {time.perf_counter() - t0:.0f} s.\n")

@@ -22,7 +22,7 @@ from merging.registry import AGGREGATORS
 log = logging.getLogger("fedmerge")
 
 WEIGHT_RANGE = (-1.0, 2.0)  # the per-model sliders
-LAMBDA_RANGE = (0.0, 2.0)  # the λ slider
+LAMBDA_RANGE = (0.0, 8.0)  # the λ slider: averaging aggregators (fednova, median) need λ near K
 
 
 def _env_int(name: str, default: int) -> int:

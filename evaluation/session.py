@@ -244,7 +244,10 @@ class Session:
             if isinstance(x, int):
                 idx.append(x)
             else:
-                idx.append(next(i for i, s in enumerate(self.specs) if s.name == x))
+                found = [i for i, s in enumerate(self.specs) if s.name == x]
+                if not found:
+                    raise MergeError(f"no model named {x!r} in this session")
+                idx.append(found[0])
         self.selected = sorted(set(idx))
 
     @property
@@ -536,7 +539,9 @@ class Session:
             raise MergeError("nothing merged yet")
         s = self.settings
         sources = [self.stack.plan.sources[i] for i in s["select"]]
-        return plan_from_objects(self.stack.plan.base, sources, s["method"], s["weights"], s["lam"], s["hyper"])
+        plan = plan_from_objects(self.stack.plan.base, sources, s["method"], s["weights"], s["lam"], s["hyper"])
+        plan.config = self.export_config()  # written as merge_config.yml: re-run it to reproduce the merge
+        return plan
 
     def export_config(self):
         """The last applied merge as a mergekit-style MergeConfig."""
@@ -564,12 +569,13 @@ class Session:
         """A model reference as users may see it: relative to the working directory or the zoo."""
         return _limits.scrub_paths(str(ref), _limits.display_roots(self.zoo))
 
-    def write_merged(self, out_dir: str | os.PathLike, progress=None, plan=None) -> Path:
+    def write_merged(self, out_dir: str | os.PathLike, progress=None, plan=None, card: str | None = None) -> Path:
+        """The current merge as a model folder; `card` replaces the plan's model card (no server paths either way)."""
         from merging.card import model_card
         from merging.engine import merge_to_dir
 
         plan = plan or self.export_plan()
-        card = _limits.scrub_paths(model_card(plan), _limits.display_roots(self.zoo))  # no server paths
+        card = _limits.scrub_paths(card or model_card(plan), _limits.display_roots(self.zoo))
         return merge_to_dir(plan, out_dir, overwrite=True, progress=progress, card=card)
 
     def export_bytes(self) -> int:
@@ -577,13 +583,14 @@ class Session:
         stack = self._need() and self.stack
         return 2 * sum(t.numel() * t.element_size() for t in stack.base.values()) + 2 ** 20
 
-    def export_zip(self, progress=None) -> Path:
-        """The current merge as a zip in this session's export folder (nothing is left if it fails)."""
+    def export_zip(self, progress=None, card: str | None = None) -> Path:
+        """The current merge as a zip in this session's export folder (nothing is left if it fails);
+        `card` replaces the plan's model card (the app's has the live scores)."""
         import shutil
 
         plan = self.export_plan()
         with self.job("export"), self.exports.export(self.id, self.export_bytes()) as folder:
-            merged = self.write_merged(folder / "merged-model", progress, plan)
+            merged = self.write_merged(folder / "merged-model", progress, plan, card=card)
             archive = shutil.make_archive(str(folder / ".merged-model"), "zip", merged)
             shutil.rmtree(merged)
             return Path(archive).rename(folder / "merged-model.zip")

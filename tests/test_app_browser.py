@@ -1,67 +1,245 @@
-"""The app in a real headless chromium (Playwright): sliders, outputs, heatmap, registry-built widgets."""
+"""The app in a real headless chromium (Playwright) on the tiny zoo: scenarios, readable outputs,
+one request per action, races, refusals in the Models tab, a 12-model selection."""
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
 
-
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
+DESKTOP, PHONE = {"width": 1600, "height": 1200}, {"width": 390, "height": 844}
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent (apt-get install chromium)")]
 
 
-def test_sliders_outputs_heatmap_and_aggregator_widgets(app_url, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+def _scenarios():
+    from evaluation import scenarios
+
+    return scenarios.load(Path(__file__).resolve().parent.parent / "assets" / "zoo" / "scenarios.json")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(app_url)
-        page.wait_for_selector("#fm-table table", timeout=60_000)
-        page.wait_for_function("document.querySelector('#fm-heat .js-plotly-plot') !== null", timeout=60_000)
-        expect(page.locator("#fm-status")).to_contain_text("task_arithmetic", timeout=30_000)
-        headers = page.locator("#fm-table thead").inner_text()
-        assert "merged" in headers and "reverse" in headers
-        heat_before = page.locator("#fm-heat").inner_text()
-        status_before = page.locator("#fm-status").inner_text()
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
 
-        # keyboard on the first coefficient slider: .change fires, the merge and its scores update
-        slider = page.locator("#fm-w0 input[type=range]")
+
+class Page:
+    """A page that counts queue requests (one per backend call) and collects toasts."""
+
+    def __init__(self, browser, url: str, viewport: dict):
+        self.page = browser.new_page(viewport=viewport)
+        self.joins: list[str] = []
+        self.page.on("request", lambda r: self.joins.append(r.post_data or "") if "queue/join" in r.url else None)
+        self.page.goto(url)
+        self.page.wait_for_selector("#fm-table table", timeout=90_000)
+        self.page.wait_for_selector("#fm-panel input[type=range]", timeout=30_000)
+
+    def status(self) -> str:
+        return self.page.locator("#fm-status").inner_text()
+
+    def busy(self) -> bool:
+        return any("processing" in self.page.locator(sel).inner_text() for sel in ("#fm-status", "#fm-scenario"))
+
+    def settle(self, before: str, expect: str | None = None, timeout: float = 90) -> str:
+        """Wait for a finished status other than `before` (containing `expect`), then for the requests to stop."""
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            st = self.status()
+            if not self.busy() and st != before and (expect is None or expect in st):
+                break
+            time.sleep(0.1)
+        n = -1
+        while n != len(self.joins) or self.busy():
+            n = len(self.joins)
+            time.sleep(1.5)
+        return self.status()
+
+    def toasts(self) -> list[str]:
+        return self.page.locator(".toast-body").all_inner_texts()
+
+    def close(self):
+        self.page.close()
+
+
+def merged_column_check(page, width: int) -> None:
+    """The merged column is inside the viewport without horizontal scrolling, its cells coloured."""
+    box = page.locator("#fm-out-main th.fm-merged").bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, box
+    scroll = page.evaluate("document.scrollingElement.scrollWidth")
+    assert scroll <= width + 1, f"page scrolls sideways: {scroll} > {width}"
+    colours = page.eval_on_selector_all(
+        "#fm-out-main tbody tr td:nth-child(3)", "cells => cells.map(c => getComputedStyle(c).backgroundColor)")
+    assert colours and all(c in ("rgb(201, 239, 207)", "rgb(251, 208, 208)") for c in colours), colours
+    marks = page.locator("#fm-out-main tbody tr td:nth-child(3) b").all_inner_texts()
+    assert marks and set(marks) <= {"✓", "✗"}  # a text mark beside the colour
+
+
+@pytest.mark.parametrize("scenario", _scenarios(), ids=lambda s: s.id)
+def test_scenario_by_link_and_by_button(browser, app_url, scenario, tmp_path):
+    # a presenter's link: ?scenario=<id>
+    p = Page(browser, f"{app_url}?scenario={scenario.id}", DESKTOP)
+    try:
+        text = p.page.locator("#fm-scenario").inner_text()
+        assert scenario.title in text and "Claim" in text
+        assert f"{scenario.method}**" in p.page.locator("#fm-status").inner_html() or scenario.method in p.status()
+        assert p.page.locator("#fm-panel input[type=range]").count() == len(scenario.models)
+        merged_column_check(p.page, DESKTOP["width"])
+        assert len(p.joins) <= 3
+        if os.environ.get("FEDMERGE_SCREENSHOT_DIR"):
+            p.page.screenshot(path=f"{os.environ['FEDMERGE_SCREENSHOT_DIR']}/scenario-{scenario.id}-desktop.png")
+    finally:
+        p.close()
+    # the button, on a phone
+    p = Page(browser, app_url, PHONE)
+    try:
+        before = p.status()
+        p.page.locator(f"#fm-sc-{scenario.id}").click()
+        p.settle(before, expect=f"{len(scenario.models)} model(s)")
+        assert scenario.title in p.page.locator("#fm-scenario").inner_text()
+        merged_column_check(p.page, PHONE["width"])
+        p.page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+    finally:
+        p.close()
+
+
+def test_requests_per_action(browser, app_url):
+    p = Page(browser, app_url, DESKTOP)
+    try:
+        p.settle("")
+        assert len(p.joins) <= 3, p.joins  # page load: one merge
+        n = len(p.joins)
+        # a coefficient slider: keyboard, then a mouse click (one release)
+        slider = p.page.locator("#fm-panel input[type=range]").first
+        before = p.status()
         slider.focus()
-        slider.press("Home")  # w = -1: the merge now points away from that task vector
-        page.wait_for_function("([a]) => document.querySelector('#fm-heat').innerText !== a", arg=[heat_before],
-                               timeout=30_000)
-        expect(page.locator("#fm-status")).not_to_have_text(status_before, timeout=30_000)
-        table = page.locator("#fm-table").inner_text()  # the demo prompts with their marked outputs
-        assert "reverse: planet=" in table and "tenalp" in table and ("✓" in table or "✗" in table)
-
-        # λ by keyboard as well
-        lam = page.locator("#fm-lambda input[type=range]")
+        slider.press("Home")  # w = -1: the merge points away from that task vector
+        p.settle(before)
+        assert 1 <= len(p.joins) - n <= 2, p.joins[n:]
+        n = len(p.joins)
+        box = slider.bounding_box()
+        before = p.status()
+        p.page.mouse.click(box["x"] + box["width"] * 0.8, box["y"] + box["height"] / 2)
+        p.settle(before, timeout=30)
+        assert 1 <= len(p.joins) - n <= 2, p.joins[n:]
+        # λ: keyboard
+        n = len(p.joins)
+        lam = p.page.locator("#fm-lambda input[type=range]")
+        before = p.status()
         lam.focus()
         lam.press("ArrowLeft")
-        from app import DEFAULT_LAMBDA
-
-        expect(page.locator("#fm-status")).to_contain_text(f"λ = {DEFAULT_LAMBDA - 0.05:g}", timeout=30_000)
-
-        # switching the aggregator shows its registry-built hyperparameter widgets
-        assert not page.locator("#hp-fedgma-rho").is_visible()
-        box = page.locator("#fm-method input")
+        assert "λ = 0.25" in p.settle(before, expect="λ = 0.25")
+        assert 1 <= len(p.joins) - n <= 2
+        # a checkbox
+        n = len(p.joins)
+        before = p.status()
+        p.page.locator("#fm-models label", has_text="sort_desc").click()
+        assert "6 model(s)" in p.settle(before, expect="6 model(s)")
+        assert 1 <= len(p.joins) - n <= 2, p.joins[n:]
+        assert p.page.locator("#fm-panel input[type=range]").count() == 6
+        # switching the aggregator shows only its registry-built widgets
+        assert not p.page.locator("#hp-fedgma-rho").is_visible()
+        box = p.page.locator("#fm-method input")
         box.click()
         box.fill("fedgma")
         box.press("ArrowDown")
         box.press("Enter")
-        expect(page.locator("#hp-fedgma-rho")).to_be_visible(timeout=15_000)
-        expect(page.locator("#hp-fedgma-rho")).to_contain_text("rho")
-        expect(page.locator("#fm-status")).to_contain_text("fedgma", timeout=30_000)
+        p.page.locator("#hp-fedgma-rho").wait_for(state="visible", timeout=15_000)
+        assert "fedgma" in p.settle(before, expect="fedgma")
+        assert not p.page.locator("#hp-ties-density").is_visible()
+        assert not [t for t in p.toasts() if "rror" in t]
+    finally:
+        p.close()
 
-        shot = tmp_path / "app.png"
-        page.screenshot(path=str(shot), full_page=True)
-        assert shot.stat().st_size > 10_000
-        if os.environ.get("FEDMERGE_SCREENSHOT"):
-            page.screenshot(path=os.environ["FEDMERGE_SCREENSHOT"], full_page=False)
-        browser.close()
+
+def test_race_lambda_then_checkbox_shows_no_error(browser, app_url):
+    p = Page(browser, app_url, DESKTOP)
+    try:
+        p.settle("")
+        lam = p.page.locator("#fm-lambda input[type=range]")
+        before = p.status()
+        lam.focus()
+        lam.press("ArrowRight")
+        p.page.wait_for_timeout(100)
+        p.page.locator("#fm-models label", has_text="reverse-long").click()
+        final = p.settle(before, expect="8 model(s)")
+        assert "8 model(s)" in final and "λ = 0.35" in final and "⚠️" not in final, final
+        assert not p.toasts(), p.toasts()
+        # deselecting every model: one message, the selection comes back
+        for label in p.page.locator("#fm-models label").all():
+            if label.locator("input").is_checked():
+                label.click()
+                p.page.wait_for_timeout(60)
+        time.sleep(3)
+        toasts = p.toasts()
+        assert toasts and all("select at least one" in t for t in toasts)
+        assert p.page.locator("#fm-models input:checked").count() >= 1
+    finally:
+        p.close()
+
+
+def test_models_tab_refusals_leave_the_merge_tab_working(browser, app_url):
+    p = Page(browser, app_url, DESKTOP)
+    try:
+        p.settle("")
+        p.page.get_by_role("tab", name="Models").click()
+        for ref in ["/etc", "", "someone/not-a-model"]:
+            p.page.locator("#fm-add-ref textarea, #fm-add-ref input").first.fill(ref)
+            before = p.page.locator("#fm-models-md").inner_text()
+            p.page.locator("#fm-add-btn").click()
+            t0 = time.time()
+            msg = before
+            while (msg == before or not msg.startswith("⚠️")) and time.time() - t0 < 30:
+                time.sleep(0.2)
+                msg = p.page.locator("#fm-models-md").inner_text()
+            assert msg.startswith("⚠️") and msg != before, msg
+            assert "Traceback" not in msg and "Error:" not in msg
+        p.page.get_by_role("tab", name="Merge").click()
+        assert p.page.locator("#fm-tab-merge .error, #fm-models .error").count() == 0
+        assert p.page.get_by_text("Error", exact=True).count() == 0
+        before = p.status()
+        p.page.locator("#fm-models label", has_text="add").first.click()
+        assert "6 model(s)" in p.settle(before, expect="6 model(s)")
+    finally:
+        p.close()
+
+
+def test_twelve_models(browser, app_url, tmp_path, monkeypatch):
+    zoo = Path(os.environ["FEDMERGE_ZOO"])
+    extra = tmp_path / "extra"
+    for name in ["upper", "add", "sort", "is_even"]:
+        shutil.copytree(zoo / name, extra / f"{name}-copy")
+    monkeypatch.setenv("FEDMERGE_ALLOWED_DIRS", str(extra))
+    monkeypatch.setenv("FEDMERGE_MAX_MODELS", "12")  # above the public default of 10 (evaluation/limits.py)
+    p = Page(browser, app_url, DESKTOP)
+    try:
+        p.settle("")
+        p.page.get_by_role("tab", name="Models").click()
+        for name in ["upper", "add", "sort", "is_even"]:
+            p.page.locator("#fm-add-ref textarea, #fm-add-ref input").first.fill(str(extra / f"{name}-copy"))
+            p.page.locator("#fm-add-btn").click()
+            p.page.locator("#fm-models-md", has_text=f"{name}-copy").wait_for(timeout=60_000)
+        p.page.get_by_role("tab", name="Merge").click()
+        before = p.status()
+        p.page.locator("#fm-models label", has_text="reverse-long").click()
+        final = p.settle(before, expect="12 model(s)")
+        assert "12 model(s)" in final and "⚠️" not in final, final
+        assert p.page.locator("#fm-panel input[type=range]").count() == 12
+        before = p.status()
+        slider = p.page.locator("#fm-panel input[type=range]").nth(11)
+        slider.focus()
+        slider.press("Home")
+        assert "⚠️" not in p.settle(before)
+        merged_column_check(p.page, DESKTOP["width"])
+    finally:
+        p.close()

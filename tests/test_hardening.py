@@ -33,6 +33,20 @@ def _path(x) -> Path:
     return Path(x["path"] if isinstance(x, dict) else x)
 
 
+def live(c, **kwargs):
+    """The /live endpoint (named arguments): html, accuracy, heatmap, status, data."""
+    from app import live_kwargs
+
+    return c.predict(**live_kwargs(**kwargs), api_name="/live")
+
+
+def add_error(c, ref: str, name: str = "") -> str:
+    """The Models tab's refusal of /on_add: one line in its message box, nothing else changes."""
+    *_, msg = c.predict(ref, name, "(none)", api_name="/on_add")
+    assert msg.startswith("⚠️ "), msg
+    return msg.removeprefix("⚠️ ")
+
+
 def app_error(fn, *args, **kwargs) -> str:
     from gradio_client.exceptions import AppError
 
@@ -51,40 +65,33 @@ def zoo_root(app_url):
 # ---------------------------------------------------------------------------- prompts
 
 def test_long_prompt_is_cut_to_the_context_with_a_note(app_url):
-    from app import live_args
-
     long = "the quick brown fox jumps over the lazy dog " * 3  # 132 characters, the zoo reads 64 tokens
-    table, *_, status = client(app_url).predict(*live_args(weights=[1.0] * 7, prompts=f"reverse: abc=\n{long}"),
-                                                api_name="/live")
+    _, _, _, status, data = live(client(app_url), weights=[1.0] * 7, prompts=f"reverse: abc=\n{long}")
     assert "⚠️" not in status and "prompt 2 cut to its last" in status and "64 tokens" in status
-    shown = table["data"][1][0]
+    shown = data["rows"][1][0]
     assert len(shown) < len(long.strip()) and long.strip().endswith(shown)
-    assert table["data"][0][1] == "cba"  # the other prompt untouched
+    assert data["rows"][0][1] == "cba"  # the other prompt untouched
 
 
 def test_prompt_count_and_length_are_bounded_before_any_work(app_url):
-    from app import live_args
-
     c = client(app_url)
-    *_, status = c.predict(*live_args(weights=[1.0] * 7, prompts="\n".join(["hi"] * 5000)), api_name="/live")
-    assert status.startswith("⚠️ prompts: 5000 lines; at most 16 prompts")
-    *_, status = c.predict(*live_args(weights=[1.0] * 7, prompts="x" * 300), api_name="/live")
+    *_, status, data = live(c, weights=[1.0] * 7, prompts="\n".join(["hi"] * 5000))
+    assert status.startswith("⚠️ prompts: 5000 lines; at most 16 prompts") and data is None
+    *_, status, _ = live(c, weights=[1.0] * 7, prompts="x" * 300)
     assert "prompts: line 1 has 300 characters; at most 200" in status
     assert_clean(status)
 
 
 def test_prompt_limits_follow_the_environment(app_url, monkeypatch):
-    from app import live_args
-
     monkeypatch.setenv("FEDMERGE_MAX_PROMPTS", "2")
-    *_, status = client(app_url).predict(*live_args(weights=[1.0] * 7, prompts="a\nb\nc"), api_name="/live")
+    *_, status, _ = live(client(app_url), weights=[1.0] * 7, prompts="a\nb\nc")
     assert "at most 2 prompts" in status
 
 
 # ---------------------------------------------------------------------------- models and paths
 
 def test_overlong_path_refused_unread_with_a_clear_message(app_url):
-    msg = app_error(client(app_url).predict, "/" + "x" * 1000, "", "(none)", api_name="/add_model")
+    msg = add_error(client(app_url), "/" + "x" * 1000)
     assert msg == "model: 1001 characters; at most 512"
     assert_clean(msg)
 
@@ -104,7 +111,7 @@ def test_paths_outside_the_allow_list_are_refused_lexically(app_url, tmp_path):
     secret = tmp_path / "secret-model"
     secret.mkdir()
     for ref in ("/etc/passwd", str(secret), "../../../../etc", str(tmp_path / "no-such-folder")):
-        msg = app_error(c.predict, ref, "", "(none)", api_name="/add_model")
+        msg = add_error(c, ref)
         # the same answer whether or not the path exists: nothing outside was looked at
         assert msg == f"{ref}: local paths outside the allowed folders are not accepted here"  # as typed
 
@@ -114,42 +121,49 @@ def test_zoo_paths_in_messages_are_relative_to_the_zoo(app_url, zoo_root):
 
     c = client(app_url)
     for ref in (os.path.relpath(zoo_root / "zoo.json"), os.path.relpath(zoo_root)):  # typed relative
-        msg = app_error(c.predict, ref, "", "(none)", api_name="/add_model")
+        msg = add_error(c, ref)
         assert_clean(msg, zoo_root)  # was: the server's absolute install path
         assert msg.startswith((ref, "zoo: ", "zoo/zoo.json: ")) and ("no weights found" in msg or "unsupported weight file" in msg)
 
 
 def test_models_per_session_bounded(app_url, zoo_root, monkeypatch):
     monkeypatch.setenv("FEDMERGE_MAX_MODELS", "8")  # the tiny zoo has 8 fine-tunes already
-    msg = app_error(client(app_url).predict, str(zoo_root / "upper"), "again", "(none)", api_name="/add_model")
+    # (the base folder: not listed as a fine-tune yet, so only the cap can refuse it)
+    msg = add_error(client(app_url), str(zoo_root / "base"), "again")
     assert "this session already has 8 models, at most 8" in msg
 
 
 # ---------------------------------------------------------------------------- early validation
 
 def test_bad_numbers_refused_before_any_work(app_url):
-    from app import live_args
+    from evaluation.limits import LAMBDA_RANGE
 
     c = client(app_url)
-    # out-of-range sliders and unknown aggregators: refused by the widgets' own checks, one line each
-    for args in (live_args(weights=[1.0, 1e9] + [1.0] * 5), live_args(lam=7.0, weights=[1.0] * 7),
-                 live_args(method="no-such-method", weights=[1.0] * 7)):
-        msg = app_error(c.predict, *args, api_name="/live")
-        assert_clean(msg)
-        assert "maximum value 2" in msg or "no-such-method" in msg
+    *_, status, data = live(c, weights=[1.0] * 7)
+    assert data is not None
+    # out-of-range weights and λ, unknown aggregators and hyperparameters: one line naming the bound, no merge
+    top = LAMBDA_RANGE[1]
+    for kwargs, want in ((dict(weights=[1.0, 1e9] + [1.0] * 5), "is not a number between -1 and 2"),
+                         (dict(lam=top + 1, weights=[1.0] * 7), f"λ: {top + 1:g}"),
+                         (dict(method="no-such-method", weights=[1.0] * 7), "'no-such-method'"),
+                         (dict(method="fedgma", weights=[1.0] * 7, hyper={"rho": 3.0}), "fedgma: rho")):
+        *_, status, data = live(c, **kwargs)
+        assert status.startswith("⚠️ ") and want in status and data is None, (kwargs, status)
+        assert_clean(status)
+    assert f"between 0 and {top:g}" in live(c, lam=top + 1, weights=[1.0] * 7)[3]
+    # a long job with nothing to do is refused up front, not after a search
     t0 = time.perf_counter()
-    msg = app_error(c.predict, [], "task_arithmetic", 1.0, "", *live_args(weights=[1e9] * 7)[4:],
-                    api_name="/do_autotune")
-    assert "maximum value 2" in msg and time.perf_counter() - t0 < 20  # refused up front, not after a search
-    assert_clean(msg)
+    _, md = c.predict([], api_name="/heterogeneity")
+    assert "choose at least one aggregator" in md and time.perf_counter() - t0 < 20
+    assert_clean(md)
 
 
 def test_bad_selection_is_an_error_for_api_callers(app_url):
     c = client(app_url)
-    msg = app_error(c.predict, [], api_name="/on_select")
-    assert "select at least one fine-tuned model" in msg
-    msg = app_error(c.predict, ["upper", "not-a-model"], api_name="/on_select")  # Gradio's own check
-    assert "not-a-model" in msg and "not in the list of choices" in msg
+    *_, status, data = live(c, selection=["upper", "not-a-model"], weights=[1.0, 1.0])
+    assert "models: unknown model 'not-a-model'" in status and data is None
+    *_, status, data = live(c, selection=[], weights=[1.0] * 99)  # more weights than models
+    assert status.startswith("⚠️ weights: 99 given for") and data is None
 
 
 def test_nan_weight_refused_by_the_session(tmp_path_factory):
@@ -171,15 +185,15 @@ def test_nan_weight_refused_by_the_session(tmp_path_factory):
 def test_exports_live_in_the_session_folder_and_go_with_the_session(app_url, zoo_root):
     import zipfile
 
-    from app import live_args
     from evaluation.exports import EXPORTS
 
     c = client(app_url)
-    c.predict(*live_args(lam=0.5, weights=[1.0] * 7), api_name="/live")
+    live(c, lam=0.5, weights=[1.0] * 7)
     zipped = _path(c.predict(api_name="/zip"))
     yml, text = c.predict(api_name="/yaml")
     yml = _path(yml)
     card = zipfile.ZipFile(zipped).read("README.md").decode()
+    assert "merge_config.yml" in zipfile.ZipFile(zipped).namelist() and "## Live scores" in card  # the app's card
     # the model references, without the server's install path
     assert str(zoo_root) not in text and "model: zoo/reverse" in text and "base_model: zoo/base" in text
     assert str(zoo_root) not in card and "base model: `zoo/base`" in card
@@ -197,11 +211,10 @@ def test_exports_live_in_the_session_folder_and_go_with_the_session(app_url, zoo
 
 
 def test_export_cap_refuses_and_leaves_nothing(app_url, monkeypatch):
-    from app import live_args
     from evaluation.exports import EXPORTS
 
     c = client(app_url)
-    c.predict(*live_args(weights=[1.0] * 7), api_name="/live")
+    live(c, weights=[1.0] * 7)
     before = EXPORTS.used()
     monkeypatch.setenv("FEDMERGE_EXPORT_GB", "0.000001")
     msg = app_error(c.predict, api_name="/zip")

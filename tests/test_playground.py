@@ -1,0 +1,258 @@
+"""The Merge tab's logic and app.py's handlers, as plain functions over a real Playground (tiny zoo)."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from merging.cache import StackCache
+from merging.errors import MergeError
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    from tests.test_session import build_tiny_zoo
+
+    return build_tiny_zoo(tmp_path_factory)
+
+
+@pytest.fixture()
+def pg(zoo, monkeypatch):
+    from evaluation.playground import Playground
+    from evaluation.session import Session
+
+    monkeypatch.setenv("FEDMERGE_ZOO", str(zoo))
+    session = Session(cache=StackCache(2 ** 30), zoo=zoo, allow_hub=False).load_zoo()
+    return Playground.open(session)
+
+
+def test_one_merge_per_action_and_values_by_name(pg):
+    view = pg.act()
+    assert "merged" in view.table and view.status.startswith("**task_arithmetic**")
+    # a coefficient is stored by model name: changing the selection cannot misalign it
+    pg.act(lambda: pg.set_weight("upper", 0.5))
+    pg.act(lambda: pg.select(["upper", "add"]))
+    assert pg.weight_list() == [0.5, 1.0] and pg.session.settings["weights"] == [0.5, 1.0]
+    # out-of-range values are clamped, not refused
+    assert pg.set_lambda(9) == 8.0 and pg.set_lambda("x") == 8.0 and pg.set_weight("add", -9) == -1.0
+
+
+def test_a_newer_action_makes_the_older_one_drop(pg):
+    gate, started = threading.Event(), threading.Event()
+    results = {}
+
+    def slow_change():
+        started.set()
+        gate.wait(10)
+        pg.set_lambda(0.4)
+
+    t = threading.Thread(target=lambda: results.setdefault("old", pg.act(slow_change)))
+    t.start()
+    started.wait(10)
+    t2 = threading.Thread(target=lambda: results.setdefault("new", pg.act(lambda: pg.set_lambda(0.6))))
+    t2.start()
+    gate.set()
+    t.join(30)
+    t2.join(30)
+    assert results["old"] is None  # dropped silently: the newer one paints
+    assert results["new"] is not None and pg.session.settings["lam"] == 0.6
+
+
+def test_refusals_name_the_problem_and_change_nothing(pg):
+    pg.act(lambda: pg.select(["upper", "add", "sort"]))
+    with pytest.raises(MergeError, match="select at least one"):
+        pg.select([])
+    with pytest.raises(MergeError, match="at most 2"):
+        pg.set_method("slerp")
+    assert pg.selected == ["upper", "sort", "add"] or set(pg.selected) == {"upper", "sort", "add"}
+    assert pg.method == "task_arithmetic"
+    pg.select(["upper", "add"])
+    assert pg.set_method("slerp") == "slerp"
+    with pytest.raises(MergeError, match="at most 2"):
+        pg.select(["upper", "add", "sort"])
+
+
+def test_outputs_table_merge_first_coloured_and_marked(pg):
+    from evaluation.tasks import TASKS
+
+    pg.set_prompts(f"{TASKS['reverse'].demo_prompts[0]}\nfree text <b>")
+    res = pg.act().result
+    from evaluation.playground import outputs_html
+
+    html = outputs_html(res)
+    head = html[html.index("<thead>"):html.index("</thead>")]
+    assert head.index("expected") < head.index("merged") < head.index("base")
+    assert ("fm-ok" in html or "fm-bad" in html) and ("✓" in html or "✗" in html)
+    assert "free text &lt;b&gt;" in html and "<b>" not in html.replace("<b aria-label", "")  # escaped
+    assert "<details" in html and "Each fine-tune" in html  # fine-tunes folded after the merge
+
+
+def test_panel_has_one_slider_per_selected_model(pg):
+    from evaluation.playground import panel_html
+
+    html = panel_html(pg)
+    assert html.count("type='range'") == len(pg.selected) == 7
+    pg.select([s.name for s in pg.session.specs])
+    assert panel_html(pg).count("type='range'") == 8
+    pg.set_method("fednova")
+    pg.set_auto("steps", False)
+    html = panel_html(pg)
+    assert html.count("data-hp='steps'") == 8
+    assert pg.hyper_values()["steps"] == [t["steps"] for t in pg.session.training()]
+
+
+def test_scenarios_apply(pg):
+    from evaluation import scenarios
+
+    for sc in scenarios.load():
+        view = pg.act(lambda sc=sc: pg.apply_scenario(sc))
+        assert pg.selected == [n for n in [s.name for s in pg.session.specs] if n in sc.models]
+        assert pg.method == sc.method and pg.lam == sc.lam and sc.method in view.status
+
+
+def test_app_handlers(pg, zoo):
+    import app
+
+    out = app.on_scenario(pg, "conflicting")
+    assert len(out) == 1 + app.N_CONTROLS + app.N_VIEW
+    assert "Conflicting tasks" in out[5] and "Claim" in out[5]
+    assert out[-1].startswith("**cclip**")
+    # refusal: all models deselected -> one warning text, the controls back to the server's state
+    out = app.on_select(pg, [])
+    assert out[-1].startswith("⚠️") and "select at least one" in out[-1]
+    assert out[1].value == pg.selected and pg.selected
+    # typed λ = 9 comes back as 8, the top of the range
+    out = app.on_lambda(pg, 9.0)
+    assert out[3].value == 8.0 and "λ = 8" in out[-1]
+    # a stale hyperparameter widget of another method does nothing
+    out = app.on_hyper(pg, 0.3, name="density", method="ties")
+    assert all(isinstance(x, dict) or x is pg for x in out[1:])  # gr.skip() updates only
+    pg.set_method("fedgma")
+    out = app.on_hyper(pg, 7.0, name="rho", method="fedgma")  # clamped to [0, 1]
+    assert pg.hyper_value("rho") == 1.0
+    # a refused model stays in the Models tab: every Merge-tab output is skipped
+    out = app.on_add(pg, "/etc", "", "(none)")
+    assert out[-1].startswith("⚠️") and all(isinstance(x, dict) for x in out[1:-1])
+    out = app.on_add(pg, str(zoo / "upper"), "", "(none)")
+    assert "already listed" in out[-1]
+
+
+def test_live_api_named_arguments(pg):
+    import app
+
+    out = app.live_api(pg, ["upper", "add"], "fedgma", 1.2, [0.5, 1.0], {"rho": 0.3}, "add: 1+2=")
+    data = out[-1]
+    assert data["headers"] == ["prompt", "expected", "base", "upper", "add", "merged"]
+    assert pg.session.settings["hyper"] == {"rho": 0.3} and pg.session.settings["weights"] == [0.5, 1.0]
+    out = app.live_api(pg, ["upper", "add", "sort"], "slerp", 1.0, [], {}, "")
+    assert out[-2].startswith("⚠️") and "slerp" in out[-2]
+
+
+def test_takeaway_reproduces(pg, tmp_path):
+    import app
+    from evaluation.playground import model_card
+
+    pg.act(lambda: (pg.select(["upper", "add"]), pg.set_method("fedgma"), pg.set_hyper("rho", 0.4),
+                    pg.set_weight("add", 0.7), pg.set_lambda(0.9)))
+    card = model_card(pg)
+    assert "λ = 0.9" in card and "| 0.7 |" in card and "`rho` = 0.4" in card and "Live scores" in card
+    path = app.do_zip(pg, progress=lambda *a, **k: None)
+    with zipfile.ZipFile(path) as z:
+        names = set(z.namelist())
+        cfg = yaml.safe_load(z.read("merge_config.yml"))
+        readme = z.read("README.md").decode()
+    assert {"config.json", "merge_config.yml", "README.md", "model.safetensors"} <= names
+    assert any(n.startswith("tokenizer") for n in names)
+    assert cfg["merge_method"] == "fedgma" and cfg["parameters"]["lambda"] == 0.9 and cfg["parameters"]["rho"] == 0.4
+    assert [m["parameters"]["weight"] for m in cfg["models"]] == [1.0, 0.7]
+    assert not any(str(m["model"]).startswith("/") for m in cfg["models"]) and not cfg["base_model"].startswith("/")
+    assert "Live scores" in readme
+    shutil.rmtree(Path(path).parent, ignore_errors=True)
+
+
+def test_landscape_and_click(pg):
+    import app
+    from evaluation import landscape
+
+    pg.act(lambda: pg.select(["upper", "add"]))
+    ls = landscape.compute(pg, grid=[0.0, 0.5, 1.0], n=4)
+    assert ls.accuracy["upper"].shape == (3, 3) and ls.current == (pg.lam, pg.lam)
+    html = landscape.to_html(ls)
+    assert html.count("data-a=") == 3 * 3 * 3  # upper, add and the mean
+    assert pg.session.settings["weights"] == [1.0, 1.0]  # the live merge is restored afterwards
+
+    class Evt:
+        _data = {"a": 0.5, "b": 1.0}
+    out = app.on_landscape_click(pg, Evt())
+    assert pg.method == "task_arithmetic" and pg.lam == 1.0 and pg.weight_list() == [0.5, 1.0]
+    assert "λ = 1," in out[-1]
+    pg.select(["upper", "add", "sort"])
+    with pytest.raises(MergeError, match="exactly two"):
+        landscape.compute(pg)
+
+
+def test_long_jobs_estimate_and_cancel(pg):
+    import app
+    from evaluation.playground import Cancelled
+    from evaluation.search import search
+
+    pg.act()
+    text = app.job_estimate(pg, "compare")
+    assert text.startswith("⏳ About") and " merges, ~" in text and "Cancel" in text
+    pg.cancel.set()
+    with pytest.raises(Cancelled):
+        search(pg.session, "task_arithmetic", progress=pg.progress_checker())
+    pg.cancel.clear()
+    out = app.do_sweep(pg, progress=lambda *a, **k: None)
+    assert "Best λ" in out[-1]
+
+
+def test_learn_text():
+    from evaluation import scenarios
+    from evaluation.learn import learn_markdown
+
+    text = learn_markdown(scenarios.load())
+    assert "λ = 1/K" in text and "data-size weights are the wᵢ" in text and "?scenario=" in text
+    assert "`other`" in text
+
+
+def test_scenario_file_is_checked(tmp_path):
+    from evaluation import scenarios
+
+    good = json.loads(scenarios.scenarios_path().read_text())
+    assert len(good["scenarios"]) >= 4
+    bad = dict(good["scenarios"][0], claim={"kind": "nope"})
+    with pytest.raises(MergeError, match="claim kind"):
+        scenarios.parse(bad)
+    with pytest.raises(MergeError, match="unknown"):
+        scenarios.parse(dict(good["scenarios"][0], method="avg"))
+    with pytest.raises(MergeError, match="exactly 2|at most 2"):
+        scenarios.parse(dict(good["scenarios"][0], method="slerp", models=["a", "b", "c"]))
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({"scenarios": [good["scenarios"][0], good["scenarios"][0]]}))
+    with pytest.raises(MergeError, match="share an id"):
+        scenarios.load(f)
+
+
+def test_study_estimate_and_cancel(pg, monkeypatch):
+    import app
+    from evaluation.playground import Playground
+
+    pg.act(lambda: pg.select(["upper", "add", "sort"]))
+    text = app.job_estimate(pg, "study", ["task_arithmetic", "slerp"])  # slerp is left out of the study
+    assert text.startswith(f"⏳ About {(3 + 3) * 1 * 11} merges")
+    # Cancel pressed while the job runs (here: as it starts): it stops at the next check, selection restored
+    real = Playground.progress_checker
+
+    def pressed(self, progress=None):
+        self.cancel.set()
+        return real(self, progress)
+    monkeypatch.setattr(Playground, "progress_checker", pressed)
+    out = app.do_study(pg, ["task_arithmetic"], progress=lambda *a, **k: None)
+    assert out[-1].startswith("Cancelled")
+    assert set(pg.selected) == {"upper", "add", "sort"}
