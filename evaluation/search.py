@@ -9,6 +9,7 @@ The session's own model is not touched, so the live view stays usable during a s
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -19,7 +20,8 @@ import torch
 from merging.errors import MergeError
 from merging.registry import AGGREGATORS
 
-from .harness import evaluate, normalized
+from .grouped import GroupedModel, group_size, supports
+from .harness import evaluate, evaluate_grouped, normalized
 
 LAMBDAS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 41))  # 0.05 … 2.00
 SEARCH_N = 20  # validation examples per task when tuning (the live view scores fewer)
@@ -106,14 +108,19 @@ class _Scratch:
 def search(session, method: str, weights: Sequence[float] | None = None, *, lambdas: Sequence[float] = LAMBDAS,
            grid: Sequence[Mapping[str, Any]] | None = None, fixed: Mapping[str, Any] | None = None,
            n_val: int | None = None, n_test: int = 100, quick: bool = False,
-           progress: Progress | None = None) -> SearchResult:
+           progress: Progress | None = None, batched: bool | None = None) -> SearchResult:
     """Tune λ and `method`'s hyperparameters for the session's selection.
 
     `weights` are the per-model coefficients (default 1); `fixed` hyperparameters are held
-    (e.g. fednova's steps); `grid` overrides `hyper_grid(method)`.
+    (e.g. fednova's steps); `grid` overrides `hyper_grid(method)`. `batched` (default: on where the
+    model qualifies, off with FEDMERGE_SEARCH_BATCH=0) scores a chunk of λ values per forward pass
+    (`evaluation.grouped`); the scores are the same as one λ at a time.
     """
     from .session import LIVE_SPLIT
 
+    if batched is None:
+        batched = os.environ.get("FEDMERGE_SEARCH_BATCH", "1") != "0"
+    lambdas = [float(x) for x in lambdas]
     t0 = time.perf_counter()
     n_val = n_val or SEARCH_N
     select = list(session.selected)
@@ -136,18 +143,27 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
     done = 0
     scores: list[list[float]] = []
     per_task: list[list[dict[str, float]]] = []
+    groups = _group_size(scratch.model, len(lambdas)) if batched else 1
+    pool = GroupedModel(scratch.model, groups) if groups > 1 else None
     for g in grid:
         hyper = {**fixed, **g}
         update = scratch.update(method, weights, select, hyper)
         row, accs = [], []
-        for lam in lambdas:
-            scratch.write(update, lam)
-            res = evaluate(scratch.model, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val)
-            row.append(normalized(res.accuracy, ft_val).get("mean", float("nan")))
-            accs.append(res.accuracy)
-            done += 1
-            if progress:
-                progress(done / total, f"{method} {_desc(g)} λ={lam:g}: {row[-1]:.2f}")
+        for c in range(0, len(lambdas), groups):
+            chunk = lambdas[c:c + groups]
+            if pool is None:
+                scratch.write(update, chunk[0])
+                results = [evaluate(scratch.model, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val)]
+            else:
+                for i, lam in enumerate(lambdas[c:c + groups] + [chunk[-1]] * (groups - len(chunk))):
+                    pool.write(i, scratch.stack.base, update, lam)
+                results = evaluate_grouped(pool, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val)
+            for lam, res in zip(chunk, results):
+                row.append(normalized(res.accuracy, ft_val).get("mean", float("nan")))
+                accs.append(res.accuracy)
+                done += 1
+                if progress:
+                    progress(done / total, f"{method} {_desc(g)} λ={lam:g}: {row[-1]:.2f}")
         scores.append(row)
         per_task.append(accs)
     arr = np.nan_to_num(np.array(scores, dtype=float), nan=-1.0)
@@ -166,6 +182,15 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
         test_normalized=normalized(test.accuracy, ft_test), evaluations=done + 1,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _group_size(model, n: int) -> int:
+    """Candidates per grouped forward: the memory budget's count, spread evenly over the λ grid."""
+    if n < 2 or not supports(model):
+        return 1
+    cap = group_size(model)
+    chunks = -(-n // cap)
+    return -(-n // chunks)
 
 
 def _desc(g: Mapping[str, Any]) -> str:

@@ -69,3 +69,25 @@ def test_compare_all_tunes_each_applicable_method(session):
     headers, rows = comparison_table(results)
     assert len(rows) == 2 and headers[0] == "method"
     assert len(comparison_chart(results).data) == 2
+
+
+def test_batched_search_gives_the_same_scores_and_choice(session):
+    """Many λ per grouped forward (evaluation.grouped) = one λ at a time: every score and the choice."""
+    from evaluation.grouped import GroupedModel, supports
+    from evaluation.search import _Scratch, search
+
+    assert supports(_Scratch(session).model)
+    kw = dict(lambdas=[0.1, 0.4, 0.7, 1.0, 1.3, 1.6, 1.9], grid=[{"rho": 0.2}, {"rho": 0.7}], n_val=6, n_test=6)
+    one = search(session, "fedgma", batched=False, **kw)
+    many = search(session, "fedgma", batched=True, **kw)
+    assert many.scores == one.scores and many.curves == one.curves
+    assert (many.best_lambda, many.best_hyper, many.test_accuracy) == (one.best_lambda, one.best_hyper,
+                                                                        one.test_accuracy)
+    # the grouped copy really holds different candidates in its blocks
+    g = GroupedModel(_Scratch(session).model, 3)
+    u = _Scratch(session).update("task_arithmetic", [1.0] * 3, session.selected, {})
+    for i, lam in enumerate((0.0, 1.0, 2.0)):
+        g.write(i, session.stack.base, u, lam)
+    name = next(iter(u))
+    assert torch.equal(g.target(name)[0], session.stack.base[name])
+    assert not torch.equal(g.target(name)[1], g.target(name)[2])
