@@ -108,13 +108,15 @@ class _Scratch:
 def search(session, method: str, weights: Sequence[float] | None = None, *, lambdas: Sequence[float] = LAMBDAS,
            grid: Sequence[Mapping[str, Any]] | None = None, fixed: Mapping[str, Any] | None = None,
            n_val: int | None = None, n_test: int = 100, quick: bool = False,
-           progress: Progress | None = None, batched: bool | None = None) -> SearchResult:
+           progress: Progress | None = None, batched: bool | None = None, ray: str | bool | None = None
+           ) -> SearchResult:
     """Tune λ and `method`'s hyperparameters for the session's selection.
 
     `weights` are the per-model coefficients (default 1); `fixed` hyperparameters are held
     (e.g. fednova's steps); `grid` overrides `hyper_grid(method)`. `batched` (default: on where the
     model qualifies, off with FEDMERGE_SEARCH_BATCH=0) scores a chunk of λ values per forward pass
-    (`evaluation.grouped`); the scores are the same as one λ at a time.
+    (`evaluation.grouped`); the scores are the same as one λ at a time. `ray` (True for a local Ray,
+    or a cluster address) spreads the grid over Ray workers (`evaluation.distributed`): same result.
     """
     from .session import LIVE_SPLIT
 
@@ -140,32 +142,16 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
     fixed = dict(fixed or {})
     scratch = _Scratch(session)
     total = len(grid) * len(lambdas) + 1
-    done = 0
-    scores: list[list[float]] = []
-    per_task: list[list[dict[str, float]]] = []
-    groups = _group_size(scratch.model, len(lambdas)) if batched else 1
-    pool = GroupedModel(scratch.model, groups) if groups > 1 else None
-    for g in grid:
-        hyper = {**fixed, **g}
-        update = scratch.update(method, weights, select, hyper)
-        row, accs = [], []
-        for c in range(0, len(lambdas), groups):
-            chunk = lambdas[c:c + groups]
-            if pool is None:
-                scratch.write(update, chunk[0])
-                results = [evaluate(scratch.model, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val)]
-            else:
-                for i, lam in enumerate(lambdas[c:c + groups] + [chunk[-1]] * (groups - len(chunk))):
-                    pool.write(i, scratch.stack.base, update, lam)
-                results = evaluate_grouped(pool, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val)
-            for lam, res in zip(chunk, results):
-                row.append(normalized(res.accuracy, ft_val).get("mean", float("nan")))
-                accs.append(res.accuracy)
-                done += 1
-                if progress:
-                    progress(done / total, f"{method} {_desc(g)} λ={lam:g}: {row[-1]:.2f}")
-        scores.append(row)
-        per_task.append(accs)
+    settings = [{**fixed, **g} for g in grid]
+    if ray:
+        from .distributed import score_grid_on_ray
+
+        scores, per_task = score_grid_on_ray(ray, session, method, weights, select, lambdas, settings, n_val,
+                                             ft_val, batched, progress=progress, total=total)
+    else:
+        scores, per_task = score_grid(session, method, weights, select, lambdas, settings, n_val, ft_val, batched,
+                                      progress=progress, total=total, scratch=scratch)
+    done = len(grid) * len(lambdas)
     arr = np.nan_to_num(np.array(scores, dtype=float), nan=-1.0)
     gi, li = np.unravel_index(int(arr.argmax()), arr.shape)  # first best: smallest λ / first setting on ties
     best_hyper, best_lambda = {**fixed, **grid[gi]}, float(lambdas[li])
@@ -182,6 +168,48 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
         test_normalized=normalized(test.accuracy, ft_test), evaluations=done + 1,
         seconds=time.perf_counter() - t0,
     )
+
+
+def score_grid(session, method: str, weights: Sequence[float], select: Sequence[int], lambdas: Sequence[float],
+               settings: Sequence[Mapping[str, Any]], n_val: int, ft_val: Mapping[str, float], batched: bool,
+               progress: Progress | None = None, total: int | None = None, scratch: "_Scratch | None" = None
+               ) -> tuple[list[list[float]], list[list[dict[str, float]]]]:
+    """Validation scores [setting][λ] (mean normalized accuracy) and per-task accuracies of each candidate.
+
+    The unit of work a Ray worker runs too (`evaluation.distributed`), so both give the same numbers.
+    """
+    from .session import LIVE_SPLIT
+
+    tasks = session.tasks
+    lambdas = [float(x) for x in lambdas]
+    scratch = scratch or _Scratch(session)
+    total = total or len(settings) * len(lambdas)
+    done = 0
+    scores: list[list[float]] = []
+    per_task: list[list[dict[str, float]]] = []
+    groups = _group_size(scratch.model, len(lambdas)) if batched else 1
+    pool = GroupedModel(scratch.model, groups) if groups > 1 else None
+    for hyper in settings:
+        update = scratch.update(method, weights, select, dict(hyper))
+        row, accs = [], []
+        for c in range(0, len(lambdas), groups):
+            chunk = lambdas[c:c + groups]
+            if pool is None:
+                scratch.write(update, chunk[0])
+                results = [evaluate(scratch.model, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val)]
+            else:
+                for i, lam in enumerate(chunk + [chunk[-1]] * (groups - len(chunk))):
+                    pool.write(i, scratch.stack.base, update, lam)
+                results = evaluate_grouped(pool, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val)
+            for lam, res in zip(chunk, results):
+                row.append(normalized(res.accuracy, ft_val).get("mean", float("nan")))
+                accs.append(res.accuracy)
+                done += 1
+                if progress:
+                    progress(done / total, f"{method} {_desc(hyper)} λ={lam:g}: {row[-1]:.2f}")
+        scores.append(row)
+        per_task.append(accs)
+    return scores, per_task
 
 
 def _group_size(model, n: int) -> int:
