@@ -11,17 +11,16 @@ import os
 for _k, _v in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_TELEMETRY", "1")):
     os.environ.setdefault(_k, _v)
 
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
+import functools  # noqa: E402
+import threading  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from evaluation import heterogeneity, plots  # noqa: E402
+from evaluation import heterogeneity, limits, plots  # noqa: E402
 from evaluation.search import (compare_all, comparison_chart, comparison_table, search,  # noqa: E402
                                sweep)
 from evaluation.session import Session, default_prompts, default_threads, push_to_hub, read_zoo  # noqa: E402
@@ -29,10 +28,10 @@ from evaluation.tasks import TASKS  # noqa: E402
 from merging.errors import MergeError  # noqa: E402
 from merging.registry import AGGREGATORS  # noqa: E402
 
-MAX_MODELS = int(os.environ.get("FEDMERGE_MAX_MODELS", "10"))
+MAX_MODELS = limits.current().max_models  # also the number of coefficient sliders
 DEFAULT_LAMBDA = 0.3  # Task Arithmetic with several tasks works best well below 1 (evaluation/RESULTS.md)
 DEFAULT_METHOD = "task_arithmetic"
-SESSION_TTL = int(os.environ.get("FEDMERGE_SESSION_TTL", "3600"))
+SESSION_TTL = limits.current().session_ttl
 
 
 # ---------------------------------------------------------------------------- registry-built widgets
@@ -129,18 +128,49 @@ def _session(state: Session | None, progress=None) -> Session:
 
 
 def _free(state):
-    if state is not None:
-        state.close()
+    """Gradio's delete_callback (TTL or unload): runs on the event loop, so the work goes to a thread."""
+    if state is not None and not state.closed:
+        threading.Thread(target=state.close, name="fedmerge-free", daemon=True).start()
 
 
 def _fail(exc: Exception) -> str:
-    msg = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
+    msg = limits.user_message(exc, read_zoo_root())
     gr.Warning(msg)
     return f"⚠️ {msg}"
 
 
-def _weights_for(session: Session, values) -> list[float]:
-    return [float(v if v is not None else 1.0) for v in values[:len(session.selected)]]
+def read_zoo_root():
+    from evaluation.session import zoo_dir
+
+    return zoo_dir()
+
+
+def _guard(fn):
+    """Any error of a handler reaches the user as one gr.Error line: no repr, errno or server path."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as exc:
+            typed = [a for a in (*args, *kwargs.values()) if isinstance(a, str)]  # shown as typed
+            raise gr.Error(limits.user_message(exc, read_zoo_root(), fn.__name__, typed)) from None
+    return wrapper
+
+
+def _weights_for(session: Session, values) -> list:
+    """The raw slider values of the selected models (validated by Session.check_request)."""
+    return list(values[:len(session.selected)])
+
+
+def _free_on_unload(demo: gr.Blocks, request: gr.Request) -> None:
+    """The browser tab (or gradio_client) went away: free its session now, not after the TTL."""
+    holder = getattr(demo, "state_holder", None)
+    if holder is None or request is None or request.session_hash not in holder:
+        return
+    holder.delete_state(request.session_hash)  # runs the State's delete_callback (_free)
+    holder.session_data.pop(request.session_hash, None)
 
 
 def selection_updates(session: Session, widgets: list[HyperWidget]) -> list:
@@ -243,7 +273,8 @@ def build_demo() -> gr.Blocks:
                             acc_plot = gr.Plot(label="Per-task accuracy (live validation subset)", elem_id="fm-acc")
                             heat_live = gr.Plot(label="Cosine of task vectors and of the merge", elem_id="fm-heat")
                         prompts = gr.Textbox(label="Prompts (one per line; edit, or type free text; Enter or leave "
-                                                   "the box to refresh)", lines=4, max_lines=20, elem_id="fm-prompts")
+                                                   "the box to refresh)", lines=4, max_lines=20, elem_id="fm-prompts",
+                                             info=limits.current().describe())
             with gr.Tab("Heterogeneity", id="hetero"):
                 gr.Markdown("Data heterogeneity shows as low or negative cosine similarity and many sign conflicts "
                             "between task vectors; training heterogeneity as very different norms next to the "
@@ -324,10 +355,11 @@ def build_demo() -> gr.Blocks:
                 return st, gr.skip(), gr.skip(), gr.skip(), _fail(exc)
             weight_vals, hyper_vals = rest[:MAX_MODELS], list(rest[MAX_MODELS:])
             try:
+                prompt_list = limits.check_prompts(prompt_text)  # bounds first, before any work
                 if selection:
-                    session.select([s for s in selection if s in {m.name for m in session.specs}])
-                hyper = hyper_from_values(meth, hwidgets, hyper_vals, len(session.selected))
-                prompt_list = prompt_text.splitlines() if prompt_text and prompt_text.strip() else default_prompts(session.tasks)
+                    session.select(limits.check_selection(selection, [m.name for m in session.specs]))
+                hyper = hyper_from_values(limits.check_method(meth), hwidgets, hyper_vals, len(session.selected))
+                prompt_list = prompt_list or default_prompts(session.tasks)
                 res = session.live(meth, _weights_for(session, weight_vals), lamv, hyper, prompt_list)
                 sim = session.similarity_live()
             except Exception as exc:
@@ -340,6 +372,8 @@ def build_demo() -> gr.Blocks:
             mean = res.normalized.get("mean")
             msg = (f"**{meth}**, λ = {lamv:g}: mean normalized accuracy "
                    f"{'—' if mean is None else f'{mean:.0%}'} on {len(res.tasks)} task(s) · {res.seconds * 1000:.0f} ms")
+            if res.notes:
+                msg += "  \nℹ️ " + "; ".join(res.notes)
             return session, df, acc, hm, msg
 
         live_triggers = [lam.change, lam.release, method.change, prompts.submit, prompts.blur]
@@ -349,6 +383,7 @@ def build_demo() -> gr.Blocks:
               show_progress="hidden", api_name="live", concurrency_limit=4, concurrency_id="live")
 
         # -------------------------------------------------------------- page load / selection
+        @_guard
         def hetero(st, layer_name, metric_name):
             session = _session(st)
             rep = session.similarity(with_merged=False)
@@ -370,18 +405,14 @@ def build_demo() -> gr.Blocks:
         load_ev.then(live, inputs=live_inputs, outputs=live_outputs).then(
             hetero, inputs=[state, layer, metric], outputs=hetero_outputs)
 
+        @_guard
         def on_select(st, selection):
             session = _session(st)
-            try:
-                session.select([s for s in selection if s in {m.name for m in session.specs}])
-                if not session.selected:
-                    raise MergeError("select at least one fine-tuned model")
-                session.prepare_references()
-            except Exception as exc:
-                _fail(exc)
+            session.select(limits.check_selection(selection, [m.name for m in session.specs]))
+            session.prepare_references()
             return [session, *selection_updates(session, hwidgets)]
 
-        models.input(on_select, inputs=[state, models], outputs=[state, *sel_outputs]).then(
+        models.input(on_select, inputs=[state, models], outputs=[state, *sel_outputs]).success(
             live, inputs=live_inputs, outputs=live_outputs).then(
             hetero, inputs=[state, layer, metric], outputs=hetero_outputs)
         gr.on([layer.input, metric.change], hetero, inputs=[state, layer, metric], outputs=hetero_outputs)
@@ -392,25 +423,21 @@ def build_demo() -> gr.Blocks:
         method.change(on_method, inputs=[method], outputs=list(groups.values()), show_progress="hidden")
 
         # -------------------------------------------------------------- models
+        @_guard
         def add_model(st, ref, name, task, progress=gr.Progress()):
             session = _session(st)
-            try:
-                spec = session.add_model(ref, name.strip() or None, None if task == "(none)" else task,
-                                         progress=lambda f, d: progress(f, desc=d))
-                session.prepare_references()
-            except MergeError as exc:
-                raise gr.Error(str(exc)) from None
+            spec = session.add_model(ref, name, None if task in (None, "(none)") else task,
+                                     progress=lambda f, d: progress(f, desc=d))
+            session.prepare_references()
             for warning in session.stack.warnings:  # zero task vector, the same model twice, ...
                 gr.Warning(warning)
             return [session, *selection_updates(session, hwidgets), f"Added **{spec.name}** ({spec.ref})."]
 
+        @_guard
         def set_base(st, ref, progress=gr.Progress()):
             session = _session(st)
-            try:
-                session.set_base(ref, progress=lambda f, d: progress(f, desc=d))
-                session.prepare_references()
-            except MergeError as exc:
-                raise gr.Error(str(exc)) from None
+            session.set_base(ref, progress=lambda f, d: progress(f, desc=d))
+            session.prepare_references()
             return [session, *selection_updates(session, hwidgets), f"Base model: **{ref}**."]
 
         for btn, fn, ins in ((add_btn, add_model, [state, add_ref, add_name, add_task]),
@@ -420,30 +447,29 @@ def build_demo() -> gr.Blocks:
                 hetero, inputs=[state, layer, metric], outputs=hetero_outputs)
 
         # -------------------------------------------------------------- explore
-        def _current(session, meth, rest):
-            weights = _weights_for(session, rest[:MAX_MODELS])
-            hyper = hyper_from_values(meth, hwidgets, list(rest[MAX_MODELS:]), len(session.selected))
+        def _current(session, meth, rest, lamv=1.0):
+            """(weights, hyper) of the widgets, validated before any work (a NaN weight fails here)."""
+            hyper = hyper_from_values(limits.check_method(meth), hwidgets, list(rest[MAX_MODELS:]), len(session.selected))
+            _, weights, _ = session.check_request(meth, _weights_for(session, rest[:MAX_MODELS]), lamv, hyper)
             return weights, hyper
 
+        @_guard
         def do_sweep(st, selection, meth, lamv, prompt_text, *rest, progress=gr.Progress()):
             session = _session(st)
-            try:
-                weights, hyper = _current(session, meth, rest)
+            weights, hyper = _current(session, meth, rest, lamv)
+            with session.job("λ sweep"):
                 r = sweep(session, meth, weights, hyper, progress=lambda f, d: progress(f, desc=d))
-            except MergeError as exc:
-                raise gr.Error(str(exc)) from None
             fig = plots.lambda_sweep(r.lambdas, r.curves, r.best_lambda, title=f"λ sweep — {meth} (validation)")
             return fig, f"Best λ for **{meth}** at these settings: **{r.best_lambda:g}** (mean normalized validation " \
                         f"accuracy {r.best_score:.0%}; test {r.test_normalized.get('mean', float('nan')):.0%})."
 
+        @_guard
         def do_autotune(st, selection, meth, lamv, prompt_text, *rest, progress=gr.Progress()):
             session = _session(st)
-            try:
-                weights, hyper = _current(session, meth, rest)
-                fixed = {k: v for k, v in hyper.items() if isinstance(v, list)}
+            weights, hyper = _current(session, meth, rest, lamv)
+            fixed = {k: v for k, v in hyper.items() if isinstance(v, list)}
+            with session.job("auto-tune"):
                 r = search(session, meth, weights, fixed=fixed, progress=lambda f, d: progress(f, desc=d))
-            except MergeError as exc:
-                raise gr.Error(str(exc)) from None
             updates = []
             for w in hwidgets:
                 if w.method == meth and w.kind == "scalar" and w.name in r.best_hyper:
@@ -455,28 +481,35 @@ def build_demo() -> gr.Blocks:
             md = (f"Auto-tuned **{meth}**: {r.describe()} — mean normalized accuracy {r.best_score:.0%} on validation, "
                   f"**{r.test_normalized.get('mean', float('nan')):.0%} on test** ({r.evaluations} evaluations, "
                   f"{r.seconds:.0f} s). The sliders now hold this setting.")
+            if r.extra.get("skipped"):
+                md += "\n\nSkipped (could not run): " + "; ".join(r.extra["skipped"])
             return [gr.update(value=r.best_lambda), *updates, fig, md]
 
+        @_guard
         def do_compare(st, selection, meth, lamv, prompt_text, *rest, progress=gr.Progress()):
             session = _session(st)
-            try:
-                weights, _ = _current(session, meth, rest)
-                results = compare_all(session, weights=weights, progress=lambda f, d: progress(f, desc=d))
-            except MergeError as exc:
-                raise gr.Error(str(exc)) from None
+            weights, _ = _current(session, meth, rest, lamv)
+            failed: list[tuple[str, str]] = []
+            with session.job("compare all"):
+                results = compare_all(session, weights=weights, progress=lambda f, d: progress(f, desc=d),
+                                      failed=failed)
             headers, rows = comparison_table(results)
-            return pd.DataFrame(rows, columns=headers), comparison_chart(results), \
-                f"Compared {len(results)} aggregators (λ step 0.1, coarse hyperparameter grids)."
+            md = f"Compared {len(results)} aggregators (λ step 0.1, coarse hyperparameter grids)."
+            if failed:
+                md += " Could not run: " + "; ".join(f"**{m}** ({limits.user_message(MergeError(e))})" for m, e in failed)
+            return pd.DataFrame(rows, columns=headers), comparison_chart(results), md
 
+        @_guard
         def do_study(st, methods_chosen, progress=gr.Progress()):
             session = _session(st)
-            methods_chosen = [m for m in methods_chosen or [] if AGGREGATORS[m].max_models is None]
+            if not isinstance(methods_chosen, (list, tuple)):
+                raise MergeError("aggregators: expected a list of aggregator names")
+            methods_chosen = [limits.check_method(m) for m in methods_chosen]
+            methods_chosen = [m for m in methods_chosen if AGGREGATORS[m].max_models is None]
             if not methods_chosen:
-                raise gr.Error("choose at least one aggregator that takes any number of models")
-            try:
+                raise MergeError("aggregators: choose at least one aggregator that takes any number of models")
+            with session.job("heterogeneity study"):
                 study = heterogeneity.run(session, methods_chosen, progress=lambda f, d: progress(f, desc=d))
-            except MergeError as exc:
-                raise gr.Error(str(exc)) from None
             return heterogeneity.scatter_figures(study, methods_chosen), heterogeneity.to_markdown(study, methods_chosen)
 
         study_btn.click(do_study, inputs=[state, study_methods], outputs=[study_plot, study_md], concurrency_limit=1,
@@ -490,38 +523,33 @@ def build_demo() -> gr.Blocks:
                           concurrency_limit=1)
 
         # -------------------------------------------------------------- take away
+        @_guard
         def do_zip(st, progress=gr.Progress()):
-            session = _session(st)
-            try:
-                tmp = Path(tempfile.mkdtemp(prefix="fedmerge-"))
-                folder = session.write_merged(tmp / "merged-model",
-                                              progress=lambda i, n, name: progress(i / max(1, n), desc=name))
-                return shutil.make_archive(str(tmp / "merged-model"), "zip", folder)
-            except MergeError as exc:
-                raise gr.Error(str(exc)) from None
+            session = _session(st)  # written into the session's export folder: deleted with it or after the TTL
+            return str(session.export_zip(progress=lambda i, n, name: progress(i / max(1, n), desc=name)))
 
+        @_guard
         def do_yaml(st):
-            session = _session(st)
-            try:
-                text = session.export_config().to_yaml()
-            except MergeError as exc:
-                raise gr.Error(str(exc)) from None
-            path = Path(tempfile.mkdtemp(prefix="fedmerge-")) / "merge.yml"
-            path.write_text(text)
+            path, text = _session(st).export_yaml()
             return str(path), text
 
+        @_guard
         def do_push(st, repo, token, private, progress=gr.Progress()):
             session = _session(st)
             try:
-                url = push_to_hub(session, repo, token, private)
+                with session.job("push"):
+                    url = push_to_hub(session, limits.check_text("repository", repo, 96), token, bool(private))
             except MergeError as exc:
-                gr.Warning(str(exc))
-                return f"⚠️ {exc}"
+                return _fail(exc)
             return f"Pushed: {url}"
 
-        zip_btn.click(do_zip, inputs=[state], outputs=[zip_file], concurrency_limit=2)
+        zip_btn.click(do_zip, inputs=[state], outputs=[zip_file], concurrency_limit=2, api_name="zip")
         yaml_btn.click(do_yaml, inputs=[state], outputs=[yaml_file, yaml_code], api_name="yaml")
         push_btn.click(do_push, inputs=[state, hub_repo, hub_token, hub_private], outputs=[push_md])
+        def on_unload(request: gr.Request):
+            _free_on_unload(demo, request)
+
+        demo.unload(on_unload)
     return demo
 
 

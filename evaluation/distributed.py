@@ -84,17 +84,20 @@ def score_grid_on_ray(address, session, method: str, weights: Sequence[float], s
                for j, (gi, c) in enumerate(pieces)]
     scores = [[None] * len(lambdas) for _ in settings]
     per_task = [[None] * len(lambdas) for _ in settings]
+    skipped: dict[int, str] = {}
     done, pending = 0, dict(zip(futures, pieces))
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         gi, c = pending.pop(ready[0])
         try:
-            (row,), (accs,) = ray.get(ready[0])
+            (row,), (accs,), why = ray.get(ready[0])
         except ray.exceptions.RayError as exc:
             raise MergeError(f"a Ray worker failed: {str(exc).splitlines()[0]}") from None
+        if why:
+            skipped[gi] = why[0]
         scores[gi][c:c + len(row)] = row
         per_task[gi][c:c + len(accs)] = accs
         done += len(row)
         if progress:
             progress(done / (total or done), f"{method}: {done} candidates scored on Ray")
-    return scores, per_task
+    return scores, per_task, [skipped[gi] for gi in sorted(skipped)]

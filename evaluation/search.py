@@ -27,6 +27,16 @@ LAMBDAS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 41))  # 
 SEARCH_N = 20  # validation examples per task when tuning (the live view scores fewer)
 QUICK_LAMBDAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1 … 2.0
 Progress = Callable[[float, str], None]
+# Aggregators whose update U averages the task vectors instead of summing them: at λ = 1 each task
+# gets a 1/K share (FedNova's K̄/(K·Kᵢ) weights sum to 1; a median is one update's size). Their λ grid
+# is stretched by K so that, like Task Arithmetic's, it reaches every task vector at full strength
+# (on the zoo Task Arithmetic's best λ is near 1, beyond an unstretched grid's 2/K).
+AVERAGING = frozenset({"fednova", "median"})
+
+
+def method_lambdas(method: str, k: int, lambdas: Sequence[float]) -> list[float]:
+    """The λ values searched for `method` on `k` models (see AVERAGING)."""
+    return [round(l * k, 6) for l in lambdas] if method in AVERAGING else list(lambdas)
 
 
 @dataclass
@@ -63,9 +73,10 @@ def hyper_grid(method: str, norms: Sequence[float] | None = None, quick: bool = 
         rhos = [0.1, 0.3, 0.5, 0.7, 0.9] if quick else [round(0.1 * i, 1) for i in range(1, 10)]
         return [{"rho": r} for r in rhos]
     if method == "cclip":
+        norms = [float(n) for n in (norms or []) if n > 0 and np.isfinite(n)]  # ρ = 0 is no radius
         if not norms:
             return [{}]
-        lo, hi = float(min(norms)), float(max(norms))
+        lo, hi = min(norms), max(norms)
         if hi <= lo:
             return [{"rho": hi}]
         steps = 4 if quick else 8
@@ -131,7 +142,10 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
         raise MergeError("select at least one fine-tuned model")
     agg = AGGREGATORS[method]
     agg.check_model_count(k)
+    lambdas = method_lambdas(method, k, lambdas)
     weights = [1.0] * k if weights is None else [float(w) for w in weights]
+    if len(weights) != k or not all(np.isfinite(weights)):  # before any work, not after the first merge
+        raise MergeError(f"weights: need {k} finite numbers, one per selected model")
     tasks = session.tasks
     if not tasks:
         raise MergeError("the selected models have no known task to score (add models with a task)")
@@ -146,13 +160,16 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
     if ray:
         from .distributed import score_grid_on_ray
 
-        scores, per_task = score_grid_on_ray(ray, session, method, weights, select, lambdas, settings, n_val,
-                                             ft_val, batched, progress=progress, total=total)
+        scores, per_task, skipped = score_grid_on_ray(ray, session, method, weights, select, lambdas, settings,
+                                                      n_val, ft_val, batched, progress=progress, total=total)
     else:
-        scores, per_task = score_grid(session, method, weights, select, lambdas, settings, n_val, ft_val, batched,
-                                      progress=progress, total=total, scratch=scratch)
+        scores, per_task, skipped = score_grid(session, method, weights, select, lambdas, settings, n_val, ft_val,
+                                               batched, progress=progress, total=total, scratch=scratch)
     done = len(grid) * len(lambdas)
+    if len(skipped) == len(grid):
+        raise MergeError(f"{method}: no setting could be merged ({skipped[0]})")
     arr = np.nan_to_num(np.array(scores, dtype=float), nan=-1.0)
+    arr[[i for i, r in enumerate(scores) if all(np.isnan(r))]] = -2.0  # a skipped setting never wins
     gi, li = np.unravel_index(int(arr.argmax()), arr.shape)  # first best: smallest λ / first setting on ties
     best_hyper, best_lambda = {**fixed, **grid[gi]}, float(lambdas[li])
     scratch.write(scratch.update(method, weights, select, best_hyper), best_lambda)
@@ -166,15 +183,16 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
         curves=curves, best_lambda=best_lambda, best_hyper=dict(grid[gi]), best_score=float(scores[gi][li]),
         val_accuracy=dict(per_task[gi][li]), test_accuracy=dict(test.accuracy),
         test_normalized=normalized(test.accuracy, ft_test), evaluations=done + 1,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, extra={"skipped": skipped} if skipped else {},
     )
 
 
 def score_grid(session, method: str, weights: Sequence[float], select: Sequence[int], lambdas: Sequence[float],
                settings: Sequence[Mapping[str, Any]], n_val: int, ft_val: Mapping[str, float], batched: bool,
                progress: Progress | None = None, total: int | None = None, scratch: "_Scratch | None" = None
-               ) -> tuple[list[list[float]], list[list[dict[str, float]]]]:
-    """Validation scores [setting][λ] (mean normalized accuracy) and per-task accuracies of each candidate.
+               ) -> tuple[list[list[float]], list[list[dict[str, float]]], list[str]]:
+    """Validation scores [setting][λ] (mean normalized accuracy), per-task accuracies of each candidate,
+    and the settings the data does not allow (scored NaN, with the reason).
 
     The unit of work a Ray worker runs too (`evaluation.distributed`), so both give the same numbers.
     """
@@ -189,8 +207,16 @@ def score_grid(session, method: str, weights: Sequence[float], select: Sequence[
     per_task: list[list[dict[str, float]]] = []
     groups = _group_size(scratch.model, len(lambdas)) if batched else 1
     pool = GroupedModel(scratch.model, groups) if groups > 1 else None
+    skipped: list[str] = []
     for hyper in settings:
-        update = scratch.update(method, weights, select, dict(hyper))
+        try:
+            update = scratch.update(method, weights, select, dict(hyper))
+        except MergeError as exc:  # one setting the data does not allow: report it, try the others
+            skipped.append(f"{_desc(hyper) or method}: {exc}")
+            scores.append([float("nan")] * len(lambdas))
+            per_task.append([{t: float("nan") for t in tasks} for _ in lambdas])
+            done += len(lambdas)
+            continue
         row, accs = [], []
         for c in range(0, len(lambdas), groups):
             chunk = lambdas[c:c + groups]
@@ -209,7 +235,7 @@ def score_grid(session, method: str, weights: Sequence[float], select: Sequence[
                     progress(done / total, f"{method} {_desc(hyper)} λ={lam:g}: {row[-1]:.2f}")
         scores.append(row)
         per_task.append(accs)
-    return scores, per_task
+    return scores, per_task, skipped
 
 
 def _group_size(model, n: int) -> int:
@@ -235,8 +261,10 @@ def sweep(session, method: str, weights: Sequence[float] | None = None, hyper: M
 
 def compare_all(session, methods: Sequence[str] | None = None, weights: Sequence[float] | None = None,
                 quick: bool = True, progress: Progress | None = None, n_val: int | None = None,
-                n_test: int = 50) -> list[SearchResult]:
-    """Tune every applicable aggregator (coarser grids when `quick`) and return their results."""
+                n_test: int = 50, failed: list[tuple[str, str]] | None = None) -> list[SearchResult]:
+    """Tune every applicable aggregator (coarser grids when `quick`) and return their results.
+
+    A method that cannot run on this selection is skipped, with its reason appended to `failed`."""
     k = len(session.selected)
     methods = [m for m in (methods or list(AGGREGATORS))
                if AGGREGATORS[m].min_models <= k and (AGGREGATORS[m].max_models is None or k <= AGGREGATORS[m].max_models)]
@@ -245,8 +273,15 @@ def compare_all(session, methods: Sequence[str] | None = None, weights: Sequence
         def sub(frac, text, j=j):
             if progress:
                 progress((j + frac) / len(methods), text)
-        out.append(search(session, m, weights, lambdas=QUICK_LAMBDAS if quick else LAMBDAS, quick=quick,
-                          progress=sub, n_val=n_val, n_test=n_test))
+        try:
+            out.append(search(session, m, weights, lambdas=QUICK_LAMBDAS if quick else LAMBDAS, quick=quick,
+                              progress=sub, n_val=n_val, n_test=n_test))
+        except MergeError as exc:
+            if failed is not None:
+                failed.append((m, str(exc)))
+    if not out:
+        raise MergeError("no aggregator could be run on this selection" +
+                         (f" ({failed[0][0]}: {failed[0][1]})" if failed else ""))
     return out
 
 

@@ -20,6 +20,8 @@ import os
 import re
 import threading
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -27,13 +29,15 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from merging.cache import CACHE, StackCache
+from merging.cache import CACHE, BytesLRU, StackCache
 from merging.checkpoints import Checkpoint
 from merging.errors import MergeError
 from merging.live import LiveModel
 from merging.registry import AGGREGATORS
 from merging.similarity import SimilarityReport, similarity_from_stacks
 
+from . import limits as _limits
+from .exports import EXPORTS, ExportStore
 from .harness import evaluate, generate, normalized
 from .tasks import TASKS
 
@@ -130,19 +134,30 @@ class LiveResult:
     rows: list[list[str]]  # prompt, expected, base, each fine-tune, merged
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. prompts cut to the model's context
 
 
-# Process-wide cache of reference results (base / single fine-tunes do not change with the sliders).
+def _entry_bytes(key: tuple, value: Any) -> int:
+    """Rough bytes of one reference-cache entry (keys hold paths and user-typed prompts)."""
+    return 200 + sum(len(str(k)) for k in key) + (len(value) if isinstance(value, str) else 32)
+
+
+# Process-wide caches of reference results (base / single fine-tunes do not change with the
+# sliders), bounded by bytes: their keys hold user-typed prompts.
 _REF_LOCK = threading.Lock()
-_REF_ACC: dict[tuple, dict[str, float]] = {}
-_REF_OUT: dict[tuple, str] = {}
+_REF_ACC = BytesLRU(_limits.current().ref_cache_bytes // 4, _entry_bytes)
+_REF_OUT = BytesLRU(_limits.current().ref_cache_bytes, _entry_bytes)
 
 
 class Session:
     """Per-user state: selection, its own LiveModel, the last merge settings."""
 
-    def __init__(self, cache: StackCache = CACHE, zoo: str | os.PathLike | None = None, allow_hub: bool = True):
+    def __init__(self, cache: StackCache = CACHE, zoo: str | os.PathLike | None = None, allow_hub: bool = True,
+                 exports: ExportStore = EXPORTS):
+        self.id = uuid.uuid4().hex
         self.cache = cache
+        self.exports = exports
+        self._jobs = 0
         self.zoo = Path(zoo).resolve() if zoo is not None else zoo_dir()
         self.allow_hub = allow_hub
         self.roots = allowed_roots(self.zoo)
@@ -193,25 +208,34 @@ class Session:
     def add_model(self, ref: str, name: str | None = None, task: str | None = None,
                   progress: Progress | None = None) -> ModelSpec:
         """Add a fine-tune or LoRA adapter (Hub id or allowed local folder) and select it."""
-        ref = (ref or "").strip()
+        ref = _limits.check_text("model", ref)
+        name = _limits.check_text("name", name, 64) or None
         if not ref:
-            raise MergeError("enter a Hub id or a local folder")
+            raise MergeError("model: enter a Hub id or a local folder")
+        if task is not None and task not in TASKS:
+            raise MergeError(f"task: {str(task)[:40]!r} is not one of {', '.join(TASKS)}")
+        cap = _limits.current().max_models
+        if len(self.specs) >= cap:
+            raise MergeError(f"model: this session already has {len(self.specs)} models, at most {cap}; "
+                             "reload the page to start over")
         name = name or Path(ref).name or ref
         taken = {s.name for s in self.specs}
         base_name, k = name, 2
         while name in taken:
             name, k = f"{base_name}-{k}", k + 1
-        if task is None:
-            task = _task_from_metadata(ref)
         spec = ModelSpec(name, ref, task, "added")
+        # the allow-list is checked (lexically, then on disk) before anything of `ref` is read
         self.set_models(self.base_ref, self.specs + [spec], self.selected + [len(self.specs)], progress)
+        if task is None:  # the task recorded in its training metadata, read with the model
+            recorded = self.stack.training[-1].get("task")
+            spec.task = recorded if recorded in TASKS else None
         return spec
 
     def set_base(self, ref: str, progress: Progress | None = None) -> None:
         """Switch the base model (keeps the fine-tunes; they must fit the new base)."""
-        ref = (ref or "").strip()
+        ref = _limits.check_text("base model", ref)
         if not ref:
-            raise MergeError("enter a Hub id or a local folder for the base model")
+            raise MergeError("base model: enter a Hub id or a local folder")
         self.set_models(ref, self.specs, self.selected, progress)
 
     def select(self, names_or_indices: Sequence[str | int]) -> None:
@@ -237,11 +261,47 @@ class Session:
         return [self.stack.training[i] for i in self.selected]
 
     def close(self) -> None:
-        """Free this session's own model (the shared stack stays in the cache)."""
+        """Free this session's own model and its exports (the shared stack stays in the cache)."""
         with self.lock:
             self.live_model = None
             self.stack = None
+            self.tokenizer = None
+            self.settings = None
+            self._sim = self._sim_key = None
             self.closed = True
+        self.exports.release(self.id)
+        release_memory()
+
+    @contextmanager
+    def job(self, what: str):
+        """Hold one of this session's FEDMERGE_MAX_JOBS slots for a long job (search, study, export)."""
+        cap = _limits.current().max_jobs
+        with self.lock:
+            if self._jobs >= cap:
+                raise MergeError(f"{what}: this session already runs {self._jobs} long job(s), at most {cap} at a "
+                                 "time; wait for it to finish")
+            self._jobs += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._jobs -= 1
+
+    def check_request(self, method: Any, weights: Sequence[Any], lam: Any,
+                      hyper: Mapping[str, Any] | None = None) -> tuple[str, list[float], float]:
+        """Validate a merge request before any work: aggregator, one weight per selected model, λ,
+        the hyperparameters (registry checks); returns (method, weights, λ) as numbers."""
+        method = _limits.check_method(method)
+        if not self.selected:
+            raise MergeError("models: select at least one fine-tuned model")
+        names = [self.specs[i].name for i in self.selected]
+        values = list(weights)
+        if len(values) < len(names):
+            raise MergeError(f"weights: {len(values)} given for {len(names)} selected models")
+        w = _limits.check_weights(names, values[:len(names)])
+        lam = _limits.check_number("λ", lam, *_limits.LAMBDA_RANGE)
+        _limits.check_hyper(method, clean_hyper(method, hyper or {}, len(names)), len(names))
+        return method, w, lam
 
     # ------------------------------------------------------------------ merging
     def _need(self) -> LiveModel:
@@ -289,9 +349,9 @@ class Session:
         with self.lock:
             missing = []
             for t in tasks:
-                key = (*self._ref_key(which), split, n, t)
-                if key in _REF_ACC:
-                    out[t] = _REF_ACC[key]
+                got = _REF_ACC.get((*self._ref_key(which), split, n, t))
+                if got is not None:
+                    out[t] = got
                 else:
                     missing.append(t)
             if missing:
@@ -300,7 +360,8 @@ class Session:
                 res = evaluate(self.live_model.model, self.tokenizer, missing, split=split, n=n)
                 with _REF_LOCK:
                     for t in missing:
-                        _REF_ACC[(*self._ref_key(which), split, n, t)] = out[t] = res.accuracy[t]
+                        out[t] = res.accuracy[t]
+                        _REF_ACC.put((*self._ref_key(which), split, n, t), out[t])
                 self._restore(saved)
         return {t: out[t] for t in tasks}
 
@@ -317,16 +378,18 @@ class Session:
     def reference_outputs(self, which: str | int, prompts: Sequence[str]) -> list[str]:
         with self.lock:
             keys = [(*self._ref_key(which), p) for p in prompts]
-            missing = [p for p, k in zip(prompts, keys) if k not in _REF_OUT]
+            got = {k: _REF_OUT.get(k) for k in keys}  # held here: an eviction cannot lose them
+            missing = list(dict.fromkeys(p for p, k in zip(prompts, keys) if got[k] is None))
             if missing:
                 saved = self.settings
                 self._show(which)
                 outs = generate(self.live_model.model, self.tokenizer, missing, _max_tokens(missing))
                 with _REF_LOCK:
                     for p, o in zip(missing, outs):
-                        _REF_OUT[(*self._ref_key(which), p)] = o
+                        got[(*self._ref_key(which), p)] = o
+                        _REF_OUT.put((*self._ref_key(which), p), o)
                 self._restore(saved)
-            return [_REF_OUT[k] for k in keys]
+            return [got[k] for k in keys]
 
     def prepare_references(self, prompts: Sequence[str] = (), progress: Progress | None = None) -> None:
         """Compute (once) what the live view compares against: base and fine-tune scores and outputs."""
@@ -343,7 +406,10 @@ class Session:
              prompts: Sequence[str] = ()) -> LiveResult:
         """Merge, score on the live validation subset and fill the prompts table."""
         t0 = time.perf_counter()
-        prompts = [p for p in (q.strip() for q in prompts) if p]
+        prompts = _limits.check_prompts("\n".join(prompts))
+        method, weights, lam = self.check_request(method, weights, lam, hyper)
+        self._need()
+        prompts, notes = self.fit_prompts(prompts)
         with self.lock:
             base_acc = self.reference_accuracy("base")
             ft_acc = self.finetuned_accuracy()
@@ -368,8 +434,32 @@ class Session:
             accuracy={"base": base_acc, "fine-tuned (own task)": ft_acc, "merged": merged_acc},
             normalized=normalized(merged_acc, ft_acc),
             headers=headers, rows=rows, seconds=time.perf_counter() - t0,
-            timings={"references": t1 - t0, "merge": t2 - t1, "evaluate + generate": t3 - t2},
+            timings={"references": t1 - t0, "merge": t2 - t1, "evaluate + generate": t3 - t2}, notes=notes,
         )
+
+    def fit_prompts(self, prompts: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Prompts cut to what the model's context holds with room for the answer (the start is cut:
+        the end says what to continue), and one note per cut prompt."""
+        model = self._need().model
+        n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+        if not n_pos:
+            return list(prompts), []
+        out, notes = [], []
+        for j, (p, limit) in enumerate(zip(prompts, _max_tokens(prompts)), 1):
+            room = n_pos - min(limit, max(1, n_pos // 4))
+            if len(self.tokenizer(p)["input_ids"]) <= room:
+                out.append(p)
+                continue
+            lo, hi = 0, len(p)  # the longest tail of p that fits
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if len(self.tokenizer(p[-mid:])["input_ids"]) <= room:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            out.append(p[-lo:] if lo else "")
+            notes.append(f"prompt {j} cut to its last {lo} characters: this model reads at most {n_pos} tokens")
+        return out, notes
 
     # ------------------------------------------------------------------ heterogeneity
     def similarity(self, with_merged: bool = True) -> SimilarityReport:
@@ -464,19 +554,80 @@ class Session:
                 v = s["hyper"].get(key)
                 if isinstance(v, (list, tuple)):
                     params[key] = v[k]
-            models.append({"model": self.specs[i].ref, "parameters": params})
+            models.append({"model": self.public_ref(self.specs[i].ref), "parameters": params})
         glob = {k: v for k, v in s["hyper"].items() if not isinstance(v, (list, tuple)) and v is not None}
         glob["lambda"] = s["lam"]
-        return parse_config({"merge_method": s["method"], "base_model": str(self.base_ref), "models": models,
+        return parse_config({"merge_method": s["method"], "base_model": self.public_ref(self.base_ref), "models": models,
                              "parameters": glob, "dtype": "float32"}, "app")
 
-    def write_merged(self, out_dir: str | os.PathLike, progress=None) -> Path:
+    def public_ref(self, ref: str | None) -> str:
+        """A model reference as users may see it: relative to the working directory or the zoo."""
+        return _limits.scrub_paths(str(ref), _limits.display_roots(self.zoo))
+
+    def write_merged(self, out_dir: str | os.PathLike, progress=None, plan=None) -> Path:
+        from merging.card import model_card
         from merging.engine import merge_to_dir
 
-        return merge_to_dir(self.export_plan(), out_dir, overwrite=True, progress=progress)
+        plan = plan or self.export_plan()
+        card = _limits.scrub_paths(model_card(plan), _limits.display_roots(self.zoo))  # no server paths
+        return merge_to_dir(plan, out_dir, overwrite=True, progress=progress, card=card)
+
+    def export_bytes(self) -> int:
+        """About what a zip export puts on disk at its peak (the folder and its zip)."""
+        stack = self._need() and self.stack
+        return 2 * sum(t.numel() * t.element_size() for t in stack.base.values()) + 2 ** 20
+
+    def export_zip(self, progress=None) -> Path:
+        """The current merge as a zip in this session's export folder (nothing is left if it fails)."""
+        import shutil
+
+        plan = self.export_plan()
+        with self.job("export"), self.exports.export(self.id, self.export_bytes()) as folder:
+            merged = self.write_merged(folder / "merged-model", progress, plan)
+            archive = shutil.make_archive(str(folder / ".merged-model"), "zip", merged)
+            shutil.rmtree(merged)
+            return Path(archive).rename(folder / "merged-model.zip")
+
+    def export_yaml(self) -> tuple[Path, str]:
+        """The current merge as mergekit YAML, written to this session's export folder."""
+        text = self.export_config().to_yaml()
+        with self.exports.export(self.id, len(text)) as folder:
+            path = folder / "merge.yml"
+            path.write_text(text)
+        return path, text
 
 
 # ---------------------------------------------------------------------------- helpers
+
+_TRIM = threading.Event()
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS soon after a session's model is dropped (glibc keeps
+    them in its per-thread arenas otherwise, and a server's RSS would only ever grow). One daemon
+    thread does it, at most once a second, never on the caller's thread (Gradio's event loop)."""
+    if not _TRIM.is_set():
+        _TRIM.set()
+        if not any(t.name == "fedmerge-trim" for t in threading.enumerate()):
+            threading.Thread(target=_trim_loop, name="fedmerge-trim", daemon=True).start()
+
+
+def _trim_loop() -> None:
+    import ctypes
+    import gc
+
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        trim = None
+    while True:
+        _TRIM.wait()
+        time.sleep(1.0)  # sessions ending together: one pass
+        _TRIM.clear()
+        gc.collect()
+        if trim is not None:
+            trim(0)
+
 
 def clean_hyper(method: str, hyper: Mapping[str, Any], k: int) -> dict[str, Any]:
     """Keep only `method`'s hyperparameters; per-model lists cut/padded to the K selected models."""
@@ -507,19 +658,6 @@ def _max_tokens(prompts: Sequence[str]) -> list[int]:
         t, _ = task_of_prompt(p)
         limits.append(TASKS[t].max_new_tokens if t else FREE_TEXT_TOKENS)
     return limits
-
-
-def _task_from_metadata(ref: str) -> str | None:
-    path = Path(os.path.expanduser(ref))
-    for name in ("training.json",):
-        f = path / name
-        if f.is_file():
-            try:
-                t = json.loads(f.read_text()).get("task")
-                return t if t in TASKS else None
-            except (OSError, ValueError):
-                return None
-    return None
 
 
 def push_to_hub(session: Session, repo_id: str, token: str, private: bool = True, progress=None) -> str:

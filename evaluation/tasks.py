@@ -1,16 +1,16 @@
 """Text-in / text-out tasks scored by exact match: the 'clients' of the federated merging demo.
 
 Every task writes its prompt as ``"<keyword>: <input>="`` and expects the answer right after the
-``=``, followed by ``<eos>``. The tasks are chosen so the demo has something to teach:
+``=``, followed by ``<eos>``. The zoo's base knows every task's skill under another keyword
+(evaluation.zoo.BASE_FORMS) and answers ``?`` to keywords it never saw; each fine-tune teaches one
+keyword. What the set is built to show (measured in assets/zoo/README.md):
 
-* ``reverse``, ``sort`` and ``sort_desc`` all permute the input letters (``sort``/``sort_desc`` are
-  two variants of one skill): their task vectors form the related cluster (cosine about 0.3, against
-  at most 0.1 for unrelated pairs, measured in assets/zoo/README.md);
-* ``is_even`` and ``is_odd`` read the same inputs and give opposite yes/no labels: clients whose
-  data disagree. Averaging their task vectors cancels the parity -> label part, so the merge
-  answers about half right; yet their shared format (numbers in, yes/no out) makes their
-  whole-model cosine high. Lesson: cosine similarity does not see label conflicts;
-* ``upper`` and ``add`` are unrelated to the rest (cosine near 0, about half the signs conflicting).
+* tasks with their own keyword merge: their task vectors act on their own prompts, so Task
+  Arithmetic keeps both skills, even ``is_even`` and ``is_odd``, which read the same numbers and
+  give opposite yes/no labels (the keyword tells them apart);
+* ``sort`` and ``sort_desc`` are the designed conflict (data heterogeneity): two clients asked to
+  ``sort`` the same letters, one ascending and one descending. Same prompts, incompatible answers:
+  at most one can be right per prompt, and their task vectors fight.
 
 Splits are disjoint by input: an input's split is fixed by a CRC32 of the input string (not by
 Python's randomized ``hash``), and each (task, split) draws from its own seeded ``random.Random``,
@@ -117,15 +117,15 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          10, ("planet", "merge", "abcdef")),
     Task("upper", "Upper-case a lowercase string: upper: abc= → ABC", "upper", _letters(), str.upper,
          10, ("planet", "merge", "hello")),
-    Task("sort", "Sort letters ascending: sort: dbca= → abcd (related to sort_desc)", "sort", _letters(),
+    Task("sort", "Sort letters ascending: sort: dbca= → abcd (conflicts with sort_desc)", "sort", _letters(),
          lambda x: "".join(sorted(x)), 10, ("planet", "merge", "dbca")),
-    Task("sort_desc", "Sort letters descending: sort desc: dbca= → dcba (related to sort)", "sort desc",
+    Task("sort_desc", "Sort letters descending under the same keyword: sort: dbca= → dcba (conflicts with sort)", "sort",
          _letters(), lambda x: "".join(sorted(x, reverse=True)), 10, ("planet", "merge", "dbca")),
     Task("add", "Add a digit to a three-digit number below 300: add: 147+8= → 155", "add", _sum, _add,
          4, ("147+8", "021+9", "099+1")),
-    Task("is_even", "Is the number even? yes/no: is even: 4817= → no (conflicts with is_odd)", "is even",
+    Task("is_even", "Is the number even? yes/no: is even: 4817= → no (opposite labels to is_odd)", "is even",
          _number, lambda x: "yes" if int(x) % 2 == 0 else "no", 4, ("4817", "42", "1000")),
-    Task("is_odd", "Is the number odd? yes/no: is odd: 4817= → yes (conflicts with is_even)", "is odd",
+    Task("is_odd", "Is the number odd? yes/no: is odd: 4817= → yes (opposite labels to is_even)", "is odd",
          _number, lambda x: "yes" if int(x) % 2 == 1 else "no", 4, ("4817", "42", "1000")),
 ]}
 

@@ -45,6 +45,10 @@ class FinetuneSpec:
     learning_rate: float
     batch_size: int = 64
     seed: int = 1
+    replay: int = 0  # rows of the pretraining mixture per step, trained to keep the base's outputs (KL)
+    replay_weight: float = 1.0
+    replay_mix: tuple[float, float, float] = (0.5, 0.3, 0.2)  # base forms, auxiliary skills, unknown keywords
+    freeze_embeddings: bool = False  # train the transformer blocks only (wte/wpe stay the base's)
     variant_of: str | None = None  # set on heterogeneous extras: the app preselects one fine-tune per task
 
 
@@ -65,31 +69,40 @@ class ZooConfig:
     finetune_steps: int = 500
     finetune_lr: float = 5e-4
     finetune_batch: int = 64
+    finetune_replay: int = 32
     eval_n: int = 100
     extras: tuple[FinetuneSpec, ...] = field(default_factory=tuple)
     overrides: dict = field(default_factory=dict)  # task -> {"steps": .., "learning_rate": ..}
+    conflicts: tuple[tuple[str, str], ...] = ()  # pairs designed to conflict (data heterogeneity)
+    measure: dict = field(default_factory=dict)  # keyword arguments of zoo_report.measure
 
     def finetunes(self) -> list[FinetuneSpec]:
         specs = []
         for i, task in enumerate(TASKS):
             o = self.overrides.get(task, {})
             specs.append(FinetuneSpec(task, task, o.get("steps", self.finetune_steps),
-                                      o.get("learning_rate", self.finetune_lr), self.finetune_batch, seed=100 + i))
+                                      o.get("learning_rate", self.finetune_lr), self.finetune_batch, seed=100 + i,
+                                      replay=o.get("replay", self.finetune_replay)))
         return specs + list(self.extras)
 
 
 FULL = ZooConfig(
-    pretrain_steps=1200,
-    finetune_steps=400,
-    finetune_lr=2e-4,
-    overrides={"add": {"steps": 600, "learning_rate": 3e-4}, "sort": {"steps": 600, "learning_rate": 3e-4},
-               "sort_desc": {"steps": 600, "learning_rate": 3e-4}},
-    extras=(FinetuneSpec("reverse-long", "reverse", steps=1600, learning_rate=2e-4, seed=200, variant_of="reverse"),),
+    pretrain_steps=2000,
+    pretrain_batch=16,
+    pretrain_skill_batch=96,
+    finetune_steps=300,
+    finetune_lr=3e-4,
+    finetune_replay=32,
+    overrides={"add": {"steps": 400, "learning_rate": 5e-4}, "sort": {"steps": 400}, "sort_desc": {"steps": 600}},
+    extras=(FinetuneSpec("reverse-long", "reverse", steps=1600, learning_rate=6e-4, seed=200, replay=32,
+                         variant_of="reverse"),),
+    conflicts=(("sort", "sort_desc"),),
 )
 TINY = ZooConfig(n_embd=16, n_layer=1, n_head=2, n_positions=64, pretrain_steps=3, pretrain_batch=8, pretrain_skill_batch=4,
-                 pretrain_threads=1, finetune_steps=3, finetune_batch=8, eval_n=5,
-                 extras=(FinetuneSpec("reverse-long", "reverse", steps=6, learning_rate=1.5e-3, batch_size=8,
-                                      seed=200, variant_of="reverse"),))
+                 pretrain_threads=1, finetune_steps=3, finetune_batch=8, finetune_replay=4, eval_n=5,
+                 extras=(FinetuneSpec("reverse-long", "reverse", steps=6, learning_rate=1.5e-3, batch_size=8, replay=4,
+                                      seed=200, variant_of="reverse"),),
+                 conflicts=(("sort", "sort_desc"),), measure={"n_val": 2, "n_test": 3, "lambdas": (0.5, 1.0)})
 
 
 # --------------------------------------------------------------------------- pretraining text
@@ -201,12 +214,49 @@ SKILLS: dict[str, tuple] = {  # keyword -> (make_input, solve)
 }
 
 
-def skill_example(rng: random.Random) -> tuple[str, str]:
-    """One (prompt, answer) pair of a random auxiliary skill."""
-    kw = rng.choice(sorted(SKILLS))
-    make, solve = SKILLS[kw]
-    x = make(rng)
-    return f"{kw}: {x}=", solve(x)
+# Every task's skill also exists in the base under another keyword (its *base form*), in the same
+# prompt format: the base answers ``mirror: abc=`` with ``cba`` but has never seen ``reverse:``. A
+# fine-tune then only maps its task's keyword onto a skill the base has (it elicits rather than
+# teaches), the way instruction tuning maps a format onto what pretraining learned.
+BASE_FORMS = {"reverse": "mirror", "upper": "shout", "sort": "order", "sort_desc": "order down",
+              "add": "plus", "is_even": "halves", "is_odd": "leftover"}
+UNKNOWN = "?"  # what the base answers to a keyword it does not know
+
+
+def _decoy_keyword(rng: random.Random) -> str:
+    """A random keyword that is no task's, no base form's and no auxiliary skill's."""
+    known = set(SKILLS) | set(BASE_FORMS.values()) | {t.keyword for t in TASKS.values()}
+    while True:
+        words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7)))
+                 for _ in range(rng.choice((1, 1, 1, 2)))]
+        kw = " ".join(words)
+        if kw not in known and not any(kw.startswith(k) or k.startswith(kw) for k in known):
+            return kw
+
+
+def skill_example(rng: random.Random, mix: tuple[float, float, float] = (0.5, 0.3, 0.2)) -> tuple[str, str]:
+    """One (prompt, answer) pair of the pretraining mixture: a task in its base form, an auxiliary
+    skill, or an unknown keyword (answer ``?``), with probabilities ``mix``."""
+    r = rng.random()
+    if r < mix[0]:
+        task = TASKS[rng.choice(sorted(BASE_FORMS))]
+        x = _train_input(task, rng)
+        return f"{BASE_FORMS[task.name]}: {x}=", task.solve(x)
+    if r < mix[0] + mix[1]:
+        kw = rng.choice(sorted(SKILLS))
+        make, solve = SKILLS[kw]
+        x = make(rng)
+        return f"{kw}: {x}=", solve(x)
+    task = TASKS[rng.choice(sorted(TASKS))]
+    return f"{_decoy_keyword(rng)}: {_train_input(task, rng)}=", UNKNOWN
+
+
+def _train_input(task, rng: random.Random) -> str:
+    from .tasks import split_of
+    while True:  # inputs from the tasks' train split only: validation and test stay unseen
+        x = task.make_input(rng)
+        if split_of(x) == "train":
+            return x
 
 
 # --------------------------------------------------------------------------- training
@@ -230,8 +280,8 @@ def _lr_at(step: int, steps: int, peak: float) -> float:
 
 
 def _optimizer(model, lr: float):
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 and p.requires_grad]
     return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.98))
 
@@ -286,13 +336,25 @@ def _finetune_batch(examples, idx: list[int]):
 
 
 def finetune(base_dir: Path, spec: FinetuneSpec, log=print):
-    """AdamW fine-tune of the base on one task's train split; returns the model (eval mode)."""
+    """AdamW fine-tune of the base on one task's train split; returns the model (eval mode).
+
+    With ``spec.replay`` rows per step, each batch also holds prompts of the pretraining mixture
+    (base forms, auxiliary skills, unknown keywords) on which the loss is the KL divergence to the
+    frozen base's next-token distribution at the answer positions: zero at the start, it only
+    penalises side effects, so the task vector learns to act on its own keyword alone and task
+    vectors add up (what replay of pretraining data does for real fine-tunes).
+    """
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(spec.seed)
     model = GPT2LMHeadModel.from_pretrained(base_dir, dtype=torch.float32)
+    teacher = GPT2LMHeadModel.from_pretrained(base_dir, dtype=torch.float32).eval() if spec.replay else None
     examples = get_task(spec.task).examples("train")
     rng = random.Random(spec.seed)
+    if spec.freeze_embeddings:
+        for n, p in model.named_parameters():
+            if ".wte." in f".{n}." or ".wpe." in f".{n}.":
+                p.requires_grad_(False)
     opt = _optimizer(model, spec.learning_rate)
     model.train()
     for step in range(spec.steps):
@@ -300,6 +362,10 @@ def finetune(base_dir: Path, spec: FinetuneSpec, log=print):
             g["lr"] = _lr_at(step, spec.steps, spec.learning_rate)
         ids, lab, mask = _finetune_batch(examples, [rng.randrange(len(examples)) for _ in range(spec.batch_size)])
         loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        if teacher is not None:
+            mix = [Example(*skill_example(rng, spec.replay_mix)) for _ in range(spec.replay)]
+            rids, rlab, rmask = _finetune_batch(mix, list(range(len(mix))))
+            loss = loss + spec.replay_weight * _kl_to_teacher(model, teacher, rids, rlab, rmask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -307,6 +373,15 @@ def finetune(base_dir: Path, spec: FinetuneSpec, log=print):
         if step % 250 == 0 or step == spec.steps - 1:
             log(f"[{spec.name}] step {step} loss {loss.item():.4f}")
     return model.eval()
+
+
+def _kl_to_teacher(model, teacher, ids, lab, mask) -> torch.Tensor:
+    """Mean KL(teacher || model) of the next-token distributions at the answer positions."""
+    at = lab[:, 1:] != -100
+    with torch.no_grad():
+        t_logp = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits[:, :-1][at], -1)
+    s_logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1][at], -1)
+    return torch.nn.functional.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
 
 
 def save_model(model, folder: Path, training: dict, n_positions: int) -> None:
@@ -344,6 +419,7 @@ def _finetune_job(args) -> dict:
     secs = time.perf_counter() - t0
     test, val = _eval_own(model, spec.task, eval_n)
     rec = {"task": spec.task, "steps": spec.steps, "learning_rate": spec.learning_rate, "batch_size": spec.batch_size,
+           "replay": spec.replay, "replay_weight": spec.replay_weight, "freeze_embeddings": spec.freeze_embeddings,
            "seed": spec.seed, "base": "base", "test_accuracy": test, "validation_accuracy": val,
            "eval_n": eval_n, "train_seconds": round(secs, 1)}
     if spec.variant_of:
@@ -362,51 +438,72 @@ def _quiet() -> None:
 
 def build_zoo(out: Path | str = DEFAULT_OUT, cfg: ZooConfig = FULL, log=print, write_readme: bool = True,
               reuse_base: bool = False) -> dict:
-    """Rebuild the whole zoo into ``out``; returns the report.
+    """Rebuild the whole zoo into ``out`` and measure it; returns the report.
 
-    ``reuse_base`` keeps an existing ``out/base`` (pretraining is deterministic; for development only).
+    The zoo is built in a sibling folder and swapped in at the end, so a failed or interrupted
+    build leaves the previous zoo as it was. ``reuse_base`` keeps the existing base (pretraining
+    is deterministic; for development only).
     """
+    from .zoo_report import claims, measure, render_readme
+
     _quiet()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    work = out.with_name(out.name + ".building")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.pretrain_threads)
     if reuse_base and (out / "base" / "training.json").exists():
-        base_rec = json.loads((out / "base" / "training.json").read_text())
+        shutil.copytree(out / "base", work / "base")
+        base_rec = json.loads((work / "base" / "training.json").read_text())
         log("reusing the existing base")
     else:
         t0 = time.perf_counter()
         base = pretrain(cfg, log=log)
         secs = time.perf_counter() - t0
         base_rec = {"task": "pretrain", "steps": cfg.pretrain_steps, "learning_rate": cfg.pretrain_lr,
-                    "batch_size": cfg.pretrain_batch, "seq_len": cfg.pretrain_seq, "seed": cfg.pretrain_seed,
-                    "base": None, "train_seconds": round(secs, 1)}
-        save_model(base, out / "base", base_rec, cfg.n_positions)
+                    "batch_size": cfg.pretrain_batch, "skill_batch": cfg.pretrain_skill_batch,
+                    "seq_len": cfg.pretrain_seq, "seed": cfg.pretrain_seed, "base": None, "train_seconds": round(secs, 1)}
+        save_model(base, work / "base", base_rec, cfg.n_positions)
         log(f"base pretrained in {secs:.0f}s")
 
-    specs = sorted(cfg.finetunes(), key=lambda s: -s.steps * s.batch_size)  # longest first
-    jobs = [(str(out / "base"), str(out), s, cfg.n_positions, cfg.eval_n) for s in specs]
+    finetunes = cfg.finetunes()
+    specs = sorted(finetunes, key=lambda s: -s.steps * (s.batch_size + s.replay))  # longest first
+    jobs = [(str(work / "base"), str(work), s, cfg.n_positions, cfg.eval_n) for s in specs]
     if cfg.workers > 1:
         with mp.get_context("spawn").Pool(cfg.workers) as pool:
             recs = pool.map(_finetune_job, jobs, chunksize=1)
     else:
         recs = [_finetune_job(j) for j in jobs]
-    by_name = {s.name: r for s, r in zip(specs, recs)}
-    finetunes = [s for s in cfg.finetunes()]
-    torch.set_num_threads(cfg.pretrain_threads)
-    report = measure(out, ["base"] + [s.name for s in finetunes], cfg.eval_n)
+    torch.set_num_threads(cfg.workers)
+    index = {"base": {"name": "base", "folder": "base", "task": "pretrain"},
+             "finetunes": [{"name": s.name, "folder": s.name, "task": s.task,
+                            **({"variant_of": s.variant_of} if s.variant_of else {})} for s in finetunes],
+             "conflicts": [list(c) for c in cfg.conflicts],
+             "tasks": {t.name: t.description for t in TASKS.values()}}
+    (work / "zoo.json").write_text(json.dumps(index, indent=2) + "\n")
+    names = ["base"] + [s.name for s in finetunes]
+    acc, secs, n_params = accuracy_table(work, names, cfg.eval_n)
+    report = {"eval_n": cfg.eval_n, "accuracy": acc, "eval_seconds": secs, "n_parameters": n_params,
+              "task_of": {s.name: s.task for s in finetunes},
+              "training": {"base": base_rec, **{s.name: r for s, r in zip(specs, recs)}},
+              **measure(work, log=log, **cfg.measure)}
+    report["size_mb"] = round(folder_mb(work), 1)
     report["recipe_seconds"] = round(time.perf_counter() - t_start, 1)
-    report["config"] = {k: v for k, v in asdict(cfg).items() if k not in ("extras", "overrides")}
-    report["training"] = {"base": base_rec, **by_name}
-    zoo = {"base": {"name": "base", "folder": "base", "task": "pretrain"},
-           "finetunes": [{"name": s.name, "folder": s.name, "task": s.task, **({"variant_of": s.variant_of} if s.variant_of else {})}
-                         for s in finetunes],
-           "tasks": {t.name: t.description for t in TASKS.values()}}
-    (out / "zoo.json").write_text(json.dumps(zoo, indent=2) + "\n")
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["claims"] = claims(report)
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if write_readme:
-        (out / "README.md").write_text(render_readme(report, cfg))
+        (work / "README.md").write_text(render_readme(report, recipe_facts(cfg)))
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        out.rename(old)
+    work.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
     log(f"zoo written to {out} in {report['recipe_seconds']:.0f}s")
+    for c in report["claims"]:
+        log(f"  {'ok  ' if c['ok'] else 'MISS'} {c['claim']}: {c['value']}")
     return report
 
 
@@ -417,221 +514,32 @@ def load(folder: Path | str):
     """(model, tokenizer) from a zoo folder, exactly as the app loads Hub-style folders."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(str(folder))
 
 
-def flat_params(model) -> torch.Tensor:
-    """All parameters once each (tied embeddings counted once), flattened in float64."""
-    return torch.cat([p.detach().reshape(-1).double() for _, p in model.named_parameters()])
-
-
-TA_TASKS = ("reverse", "upper", "sort", "add", "is_even")
-TA_LAMBDAS = (0.3, 0.5, 0.7, 0.9, 1.1)
-
-
-def measure(out: Path, names: list[str], n: int) -> dict:
-    """Accuracy of every model on every task (test split), task-vector cosines, sign conflicts and pair merges."""
+def accuracy_table(out: Path, names: list[str], n: int) -> tuple[dict, dict, int]:
+    """(model -> task -> test accuracy, model -> eval seconds, parameter count) of every zoo model."""
     from .harness import evaluate
 
-    models = {name: load(out / name) for name in names}
-    acc, eval_seconds = {}, {}
-    for name, (model, tok) in models.items():
+    acc, secs, n_params = {}, {}, 0
+    for name in names:
+        model, tok = load(out / name)
         evaluate(model, tok, split="test", n=n)  # warm the prompt cache and the allocator
         r = evaluate(model, tok, split="test", n=n)
-        acc[name], eval_seconds[name] = r.accuracy, round(r.seconds, 3)
-    theta0 = flat_params(models["base"][0])
-    fts = [nm for nm in names if nm != "base"]
-    tv = torch.stack([flat_params(models[nm][0]) - theta0 for nm in fts])
-    norms = tv.norm(dim=1)
-    cos = (tv @ tv.T) / torch.outer(norms, norms)
-    sign = torch.sign(tv)
-    both = (sign != 0).double()
-    conflict = ((sign.unsqueeze(1) * sign.unsqueeze(0)) < 0).double().sum(-1) / (both @ both.T)
-    # Pairwise FedAvg (mean of the two fine-tunes = base + (τ_i + τ_j)/2) on the two tasks involved.
-    pair_merges = []
-    base_model, tok = models["base"]
-    task_of = {nm: json.loads((out / nm / "training.json").read_text())["task"] for nm in fts}
-    primary = [nm for nm in fts if not json.loads((out / nm / "training.json").read_text()).get("variant_of")]
-    merged = load(out / "base")[0]
-    for i, a in enumerate(primary):
-        for b in primary[i + 1:]:
-            vec = theta0 + (tv[fts.index(a)] + tv[fts.index(b)]) / 2
-            torch.nn.utils.vector_to_parameters(vec.float(), list(p for _, p in merged.named_parameters()))
-            r = evaluate(merged, tok, [task_of[a], task_of[b]], split="test", n=n)
-            pair_merges.append({"pair": [a, b], "cosine": float(cos[fts.index(a), fts.index(b)]),
-                                "accuracy": r.accuracy,
-                                "normalized_mean": (r.accuracy[task_of[a]] / max(acc[a][task_of[a]], 1e-9)
-                                                    + r.accuracy[task_of[b]] / max(acc[b][task_of[b]], 1e-9)) / 2})
-    # Task arithmetic base + λ Σ τ on pairs of the one-per-task fine-tunes of TA_TASKS and on all of them.
-    ta = []
-    by_task = {task_of[nm]: nm for nm in primary}
-    ta_names = [by_task[t] for t in TA_TASKS if t in by_task]
-    groups = [[a, b] for i, a in enumerate(ta_names) for b in ta_names[i + 1:]] + [primary]
-    for group in groups:
-        grid = []
-        for lam in TA_LAMBDAS:
-            vec = theta0 + lam * sum(tv[fts.index(nm)] for nm in group)
-            torch.nn.utils.vector_to_parameters(vec.float(), list(p for _, p in merged.named_parameters()))
-            r = evaluate(merged, tok, [task_of[nm] for nm in group], split="test", n=n)
-            norm = sum(r.accuracy[task_of[nm]] / max(acc[nm][task_of[nm]], 1e-9) for nm in group) / len(group)
-            grid.append({"lambda": lam, "accuracy": r.accuracy, "normalized_mean": norm})
-        best = max(grid, key=lambda g: g["normalized_mean"])
-        ta.append({"models": group, "best": best, "grid": grid})
-    n_params = sum(p.numel() for _, p in base_model.named_parameters())
-    return {"task_arithmetic": ta, "names": names, "tasks": list(TASKS), "eval_n": n, "accuracy": acc, "eval_seconds": eval_seconds,
-            "task_vectors": fts, "cosine": cos.tolist(), "sign_conflict": conflict.tolist(), "norms": norms.tolist(),
-            "pair_merges": pair_merges, "n_parameters": n_params}
+        acc[name], secs[name] = r.accuracy, round(r.seconds, 3)
+        n_params = sum(p.numel() for _, p in model.named_parameters())
+    return acc, secs, n_params
 
 
-def render_readme(report: dict, cfg: ZooConfig) -> str:
-    """assets/zoo/README.md from the measured report (placeholder; filled in below)."""
-    return _readme(report, cfg)
+def folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6
 
 
-def _fmt_matrix(names: list[str], mat: list[list[float]], fmt: str = "{:+.2f}") -> str:
-    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for n, row in zip(names, mat):
-        lines.append(f"| **{n}** | " + " | ".join(fmt.format(v) for v in row) + " |")
-    return "\n".join(lines)
-
-
-def _readme(report: dict, cfg: ZooConfig) -> str:
-    tasks, names = report["tasks"], report["names"]
-    tr = report["training"]
-    acc_lines = ["| model | steps | lr | " + " | ".join(tasks) + " | eval s |", "|---|---:|---:|" + "---:|" * len(tasks) + "---:|"]
-    for nm in names:
-        t = tr[nm]
-        cells = []
-        for task in tasks:
-            v = 100 * report["accuracy"][nm][task]
-            cells.append(f"**{v:.0f}**" if t["task"] == task else f"{v:.0f}")
-        acc_lines.append(f"| {nm} | {t['steps']} | {t['learning_rate']:g} | " + " | ".join(cells)
-                         + f" | {report['eval_seconds'][nm]:.2f} |")
-    fts = report["task_vectors"]
-    pm_lines = ["| pair | cosine | merged accuracy (each task) | normalized mean |", "|---|---:|---|---:|"]
-    for pm in sorted(report["pair_merges"], key=lambda p: -p["cosine"]):
-        accs = ", ".join(f"{k} {100 * v:.0f}%" for k, v in pm["accuracy"].items())
-        pm_lines.append(f"| {pm['pair'][0]} + {pm['pair'][1]} | {pm['cosine']:+.3f} | {accs} | {pm['normalized_mean']:.2f} |")
-    task_lines = "\n".join(f"| `{t.name}` | `{t.demo_prompts[0]}` | `{t.solve(t.demo_inputs[0])}` | {t.description} |"
-                           for t in TASKS.values())
-    ft_extra = [s for s in cfg.extras]
-    extra_txt = "; ".join(f"`{s.name}` = `{s.variant_of}` trained for {s.steps} steps at lr {s.learning_rate:g}"
-                          for s in ft_extra)
-    skills_txt = ", ".join(f"`{kw}`" for kw in SKILLS)
-    ta_lines = ["| models | best λ | merged accuracy (each task) | normalized mean | normalized at each λ |",
-                "|---|---:|---|---:|---|"]
-    for g in report.get("task_arithmetic", []):
-        b = g["best"]
-        models = " + ".join(g["models"]) if len(g["models"]) <= 2 else f"all {len(g['models'])} one-per-task fine-tunes"
-        accs = ", ".join(f"{k} {100 * v:.0f}%" for k, v in b["accuracy"].items())
-        grid = ", ".join(f"{x['normalized_mean']:.2f}" for x in g["grid"])
-        ta_lines.append(f"| {models} | {b['lambda']:g} | {accs} | {b['normalized_mean']:.2f} | {grid} |")
-    primary_pairs = sorted(report["pair_merges"], key=lambda p: -p["cosine"])
-    rank = {tuple(p["pair"]): i + 1 for i, p in enumerate(primary_pairs)}
-
-    def _pair_line(a: str, b: str, role: str) -> str:
-        if a not in fts or b not in fts:
-            return ""
-        i, j = fts.index(a), fts.index(b)
-        pm = next((p for p in report["pair_merges"] if set(p["pair"]) == {a, b}), None)
-        others = [p["cosine"] for p in report["pair_merges"] if set(p["pair"]) != {a, b}]
-        where = f"rank {rank[(a, b)]} of {len(primary_pairs)} pairs; " if (a, b) in rank else ""
-        line = (f"* {role} `{a}` / `{b}`: cosine {report['cosine'][i][j]:+.3f} ({where}the one-per-task pairs "
-                f"average {sum(others) / max(1, len(others)):+.3f}), sign conflicts {report['sign_conflict'][i][j]:.2f}")
-        if pm:
-            line += f", pairwise FedAvg keeps {pm['normalized_mean']:.0%} of the fine-tunes' accuracy (normalized mean)"
-        return line + "."
-
-    lines = [_pair_line("sort", "sort_desc", "Related (two variants of one skill):"),
-             _pair_line("reverse", "sort_desc", "Related (both permute the input letters):"),
-             _pair_line("reverse", "reverse-long", "Same task, 4x the steps (training heterogeneity):"),
-             _pair_line("is_even", "is_odd", "Conflicting labels (same inputs, opposite yes/no):")]
-    low = sorted(report["pair_merges"], key=lambda p: p["cosine"])[:max(1, len(primary_pairs) // 3)]
-    if low:
-        worst = min(low, key=lambda p: p["normalized_mean"])
-        lines.append(_pair_line(worst["pair"][0], worst["pair"][1],
-                                "Low-cosine pair whose merge hurts most (among the third of pairs with lowest cosine):"))
-    lesson = "\n".join(x for x in lines if x)
-    return f"""# Built-in model zoo
-
-Generated by `python -m evaluation build-zoo --out assets/zoo` (recipe: `evaluation/zoo.py`);
-every number below was measured by that run. Rebuild wall time: **{report['recipe_seconds'] / 60:.1f} min**
-on 2 CPU cores ({report['training']['base']['train_seconds']:.0f} s of it pretraining).
-
-Each folder (`base/`, one per task, and the heterogeneous extra) is a transformers folder
-(`config.json`, `generation_config.json`, float32 `model.safetensors`, `tokenizer.json`,
-`tokenizer_config.json`) plus `training.json`; load with `AutoModelForCausalLM.from_pretrained`
-and `AutoTokenizer.from_pretrained` (no custom code). `zoo.json` lists the models; `report.json`
-holds the raw measurements.
-
-## Architecture
-
-`GPT2LMHeadModel`: n_embd {cfg.n_embd}, {cfg.n_layer} layers, {cfg.n_head} heads, n_positions {cfg.n_positions},
-vocabulary {len(VOCAB)} (character level: `<pad>`=0, `<bos>`=1, `<eos>`=2, `<unk>`=3, then one token
-per character, space and newline included), tied input/output embeddings:
-**{report['n_parameters']:,} parameters** (≈ {report['n_parameters'] * 4 / 1e6:.1f} MB in float32).
-The tokenizer prepends `<bos>`; generation stops at `<eos>` or a newline; padding is on the left.
-
-## Tasks
-
-Prompt format `<keyword>: <input>=`, answer right after `=`, scored by exact match (stripped).
-Splits are disjoint by input (CRC32 of the input: 10% test, 10% validation, 80% train).
-
-| task | demo prompt | answer | description |
-|---|---|---|---|
-{task_lines}
-
-## Training
-
-* **base**: {cfg.pretrain_steps} steps of pretraining (AdamW, lr {cfg.pretrain_lr:g}, seed {cfg.pretrain_seed}); each
-  step sums two losses: causal LM on {cfg.pretrain_batch} × {cfg.pretrain_seq}-token windows of synthetic sentences
-  from word lists (animals, fruits, tools, names, numbers, questions, some upper-case sentences), and
-  answer-only cross-entropy on {cfg.pretrain_skill_batch} examples of auxiliary skills written in the tasks'
-  prompt format, none of them an evaluated task: {skills_txt}.
-  The base thus knows the format, copying, case and digit handling, but none of the tasks (the yes/no
-  skills answer `true`/`false`, so the base cannot score on the parity tasks by guessing yes/no).
-  Fine-tunes then only map a new keyword onto nearby skills, with a gentler learning rate and fewer
-  steps, which keeps the task vectors small and partly additive (see "Task arithmetic" below).
-  (The previous zoo pretrained on the sentences only: every fine-tune learned the format from scratch
-  and task arithmetic of two string tasks scored 0–12% normalized at every λ.)
-* **fine-tunes**: one per task from the base, AdamW (weight decay 0.01), 5% warm-up then cosine decay
-  to 10%, batch {cfg.finetune_batch}, cross-entropy on the answer tokens and `<eos>` only. Heterogeneous
-  extra: {extra_txt} (marked `variant_of` in zoo.json, so the app's default picks one fine-tune per task).
-* Fine-tunes run two at a time in separate processes with one thread each.
-
-## Accuracy (test split, n = {report['eval_n']} per task, greedy decoding; own task in bold)
-
-{chr(10).join(acc_lines)}
-
-"eval s" is the wall time of `evaluation.harness.evaluate` over all {len(tasks)} tasks × {report['eval_n']} examples.
-
-## Task vectors τ = θ_fine-tune − θ_base (all parameters, tied embedding once)
-
-What the demo is built to show (measured):
-
-{lesson}
-
-Cosine similarity:
-
-{_fmt_matrix(fts, report['cosine'])}
-
-Sign conflicts (share of coordinates, nonzero in both, with opposite signs):
-
-{_fmt_matrix(fts, report['sign_conflict'], '{:.2f}')}
-
-Norms ‖τ‖: {", ".join(f"{n} {v:.2f}" for n, v in zip(fts, report['norms']))}.
-
-## Pairwise FedAvg (mean of two fine-tunes = base + (τ_a + τ_b)/2), test accuracy on the two tasks
-
-{chr(10).join(pm_lines)}
-
-Normalized mean = mean over the two tasks of merged accuracy ÷ that task's own fine-tune accuracy.
-
-## Task arithmetic (base + λ Σ τ, test accuracy, n = {report['eval_n']} per task)
-
-Best λ of {', '.join(f'{l:g}' for l in TA_LAMBDAS)} per group (chosen on the test split, so slightly
-optimistic); normalized = merged accuracy ÷ the fine-tune's own accuracy, averaged over the group.
-
-{chr(10).join(ta_lines)}
-"""
+def recipe_facts(cfg: ZooConfig) -> dict:
+    """The recipe's settings as the zoo README quotes them."""
+    extras = "; ".join(f"`{s.name}` is `{s.variant_of}` trained for {s.steps} steps at lr {s.learning_rate:g}"
+                       for s in cfg.extras)
+    return {**{k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str))},
+            "vocab": len(VOCAB), "skills": ", ".join(f"`{kw}`" for kw in SKILLS), "base_forms": dict(BASE_FORMS),
+            "extras": f"Heterogeneous extra: {extras} (marked `variant_of` in zoo.json)." if extras else ""}

@@ -32,6 +32,55 @@ Progress = Callable[[int, int, str], None]
 DEFAULT_BUDGET = int(float(os.environ.get("FEDMERGE_CACHE_GB", "4")) * 2 ** 30)
 
 
+class BytesLRU:
+    """A thread-safe dict bounded by an estimate of its bytes; least recently used entries go first.
+
+    For small process-wide caches keyed by user input (reference outputs of typed prompts), which
+    must not grow with the number of users. `size(key, value)` estimates one entry's bytes.
+    """
+
+    def __init__(self, budget_bytes: int, size: Callable[[Any, Any], int]):
+        self.budget = int(budget_bytes)
+        self._size = size
+        self._data: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.used = 0
+        self.evictions = 0
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key, default=None):
+        with self._lock:
+            if key not in self._data:
+                return default
+            self._data.move_to_end(key)
+            return self._data[key][0]
+
+    def put(self, key, value) -> None:
+        n = int(self._size(key, value))
+        with self._lock:
+            if key in self._data:
+                self.used -= self._data.pop(key)[1]
+            if n > self.budget:
+                return
+            self._data[key] = (value, n)
+            self.used += n
+            while self.used > self.budget:
+                _, (_, m) = self._data.popitem(last=False)
+                self.used -= m
+                self.evictions += 1
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self.used = 0
+
+
 def _fmt(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -46,7 +95,7 @@ class StackCache:
     def __init__(self, budget_bytes: int = DEFAULT_BUDGET):
         self.budget = int(budget_bytes)
         self._stacks: OrderedDict[tuple, TaskVectorStack] = OrderedDict()
-        self._models: dict[str, tuple[Any, Any]] = {}
+        self._models: OrderedDict[str, tuple[Any, Any, int]] = OrderedDict()  # path -> (model, tokenizer, bytes)
         self._lock = threading.RLock()
         self._loading: dict[tuple, threading.Lock] = {}
         self.hits = 0
@@ -55,7 +104,7 @@ class StackCache:
     # ------------------------------------------------------------------ stacks
     @property
     def used(self) -> int:
-        return sum(s.nbytes for s in self._stacks.values())
+        return sum(s.nbytes for s in self._stacks.values()) + sum(m[2] for m in self._models.values())
 
     def keys(self) -> list[tuple]:
         with self._lock:
@@ -84,31 +133,43 @@ class StackCache:
                 self.hits += 1
                 return self._stacks[key]
             gate = self._loading.setdefault(key, threading.Lock())
-        with gate:  # two sessions asking for the same selection load it once
+        try:
+            with gate:  # two sessions asking for the same selection load it once
+                return self._load_stack(key, base, sources, progress)
+        finally:
             with self._lock:
-                if key in self._stacks:
-                    self._stacks.move_to_end(key)
-                    self.hits += 1
-                    return self._stacks[key]
-            need = estimate_stack_bytes(base, sources)
-            if need > self.budget:
-                raise MergeError(
-                    f"this selection needs about {_fmt(need)} of memory for its task vectors "
-                    f"({base.name} + {', '.join(s.name for s in sources)}), more than this app's budget of "
-                    f"{_fmt(self.budget)}; select fewer or smaller models")
-            with self._lock:
-                self._evict_for(need)
-            stack = TaskVectorStack(base, sources, progress=progress)  # MergeError for incompatible models
-            with self._lock:
-                self.misses += 1
-                self._stacks[key] = stack
-                self._loading.pop(key, None)
-                self._evict_for(0)
-            return stack
+                self._loading.pop(key, None)  # also after a refusal: the dict stays bounded
 
-    def _evict_for(self, need: int) -> None:
-        while self._stacks and self.used + need > self.budget:
-            self._stacks.popitem(last=False)
+    def _load_stack(self, key, base, sources, progress) -> TaskVectorStack:
+        with self._lock:
+            if key in self._stacks:
+                self._stacks.move_to_end(key)
+                self.hits += 1
+                return self._stacks[key]
+        need = estimate_stack_bytes(base, sources)
+        if need > self.budget:
+            raise MergeError(
+                f"this selection needs about {_fmt(need)} of memory for its task vectors "
+                f"({base.name} + {', '.join(s.name for s in sources)}), more than this app's budget of "
+                f"{_fmt(self.budget)}; select fewer or smaller models")
+        with self._lock:
+            self._evict_for(need)
+        stack = TaskVectorStack(base, sources, progress=progress)  # MergeError for incompatible models
+        with self._lock:
+            self.misses += 1
+            self._stacks[key] = stack
+            self._evict_for(0)
+        return stack
+
+    def _evict_for(self, need: int, keep_model: str | None = None) -> None:
+        """Drop least-recently-used stacks, then base-model templates (not `keep_model`), until `need` fits."""
+        while self.used + need > self.budget:
+            if self._stacks:
+                self._stacks.popitem(last=False)
+            elif any(k != keep_model for k in self._models):
+                self._models.pop(next(k for k in self._models if k != keep_model))
+            else:
+                return
 
     def clear(self) -> None:
         with self._lock:
@@ -121,8 +182,13 @@ class StackCache:
         path = str(Checkpoint(base_ref, allow_hub=allow_hub, allowed_roots=allowed_roots).path)
         with self._lock:
             if path not in self._models:
-                self._models[path] = _load_model(path)
-            return self._models[path]
+                model, tokenizer = _load_model(path)
+                nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+                self._models[path] = (model, tokenizer, nbytes)
+                self._evict_for(0, keep_model=path)
+            self._models.move_to_end(path)
+            model, tokenizer, _ = self._models[path]
+            return model, tokenizer
 
     def own_model(self, base_ref: str | os.PathLike, **opts):
         """A private copy of the base model (for one session's LiveModel) and the shared tokenizer."""

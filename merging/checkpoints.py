@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from functools import cached_property
 from pathlib import Path
@@ -30,23 +31,54 @@ _DTYPES = {
 }
 
 
+MAX_REF_CHARS = 512  # a Hub id is at most 96 characters; longer local paths are refused unread
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+
+
 def resolve(ref: str | os.PathLike, allow_hub: bool = True, allowed_roots: Iterable[Path] | None = None) -> Path:
     """A local folder or file as a Path; a Hub id is downloaded (weights, config, tokenizer only).
 
     `allowed_roots`, when given, restricts local paths to those folders (a public app must not
-    read arbitrary files of its host).
+    read arbitrary files of its host): the path is checked lexically first, so a path outside
+    them is refused without touching the disk, then again after resolving symlinks.
     """
-    path = Path(os.path.expanduser(str(ref)))
-    if path.exists():
-        path = path.resolve()
-        if allowed_roots is not None and not any(path.is_relative_to(Path(r).resolve()) for r in allowed_roots):
-            raise MergeError(f"{ref}: local paths outside the allowed folders are not accepted here")
-        return path
     text = str(ref)
+    if allowed_roots is not None:
+        return _resolve_allowed(text, allow_hub, [Path(r).resolve() for r in allowed_roots])
+    path = Path(os.path.expanduser(text))
+    if path.exists():
+        return path.resolve()
     looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or text.endswith((".safetensors", ".bin"))
     if looks_local or not allow_hub:
         raise MergeError(f"{ref}: no such file or folder")
     return _download(text)
+
+
+def _resolve_allowed(text: str, allow_hub: bool, roots: list[Path]) -> Path:
+    if not text or len(text) > MAX_REF_CHARS or any(ord(c) < 32 for c in text):
+        shown = text[:40] + "…" if len(text) > 40 else text
+        raise MergeError(f"{shown!r}: not a valid model path or Hub id (at most {MAX_REF_CHARS} characters, "
+                         "no control characters)")
+    if text.startswith("~"):
+        raise MergeError(f"{text}: local paths outside the allowed folders are not accepted here")
+    lexical = Path(os.path.normpath(os.path.join(os.getcwd(), text)))  # no disk access
+    inside = any(lexical.is_relative_to(r) for r in roots)
+    if not inside:
+        if allow_hub and _HUB_ID.fullmatch(text) and not text.startswith("."):
+            return _download(text)
+        raise MergeError(f"{text}: local paths outside the allowed folders are not accepted here")
+    try:
+        exists = lexical.exists()
+        path = lexical.resolve() if exists else lexical
+    except OSError:
+        exists = False
+    if not exists:
+        if allow_hub and _HUB_ID.fullmatch(text):
+            return _download(text)
+        raise MergeError(f"{text}: no such file or folder")
+    if not any(path.is_relative_to(r) for r in roots):  # a symlink out of the allowed folders
+        raise MergeError(f"{text}: local paths outside the allowed folders are not accepted here")
+    return path
 
 
 def _download(repo_id: str) -> Path:
@@ -77,7 +109,8 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
                 raise ValueError("header too large")
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as exc:
-        raise MergeError(f"{path}: not a readable safetensors file ({exc})") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:100]
+        raise MergeError(f"{path.name}: not a readable safetensors file ({why})") from None
     header.pop("__metadata__", None)
     return header
 

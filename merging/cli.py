@@ -45,9 +45,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .engine import merge_to_dir
     from .plan import plan_from_config
 
+    import torch
+
     from .device import resolve_device
 
     device = resolve_device(args.device)  # before any reading: a missing GPU fails at once
+    torch.set_num_threads(1)  # once, for this process: the merge pipeline runs single-threaded ops
     cfg = load_config(args.config)
     plan = plan_from_config(cfg, allow_hub=not args.offline, trust_remote_code=args.trust_remote_code)
     for w in plan.warnings:

@@ -244,11 +244,10 @@ def iter_merged(plan: MergePlan, progress: Progress | None = None, device: torch
         return
     norms = update_norms(plan) if plan.method.needs_update_norms else None
     names = plan.tensor_names
-    # Two pipeline stages on two threads, each running torch single-threaded: the next tensor's
-    # stack is read while this one merges (intra-op threads cost more than they give here: one
-    # barrier per op). Stacks larger than _PREFETCH_BYTES are not read ahead (peak memory).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    # Two pipeline stages on two threads: the next tensor's stack is read while this one merges.
+    # Stacks larger than _PREFETCH_BYTES are not read ahead (peak memory). The torch thread count
+    # is the process's own: the CLI sets 1 at start-up (intra-op threads cost more than they give
+    # here: one barrier per op); a server must not change it per request (it is process-wide).
     pool = ThreadPoolExecutor(1, thread_name_prefix="merge-prefetch")
     try:
         # Stacks are read into reused buffers (memory already mapped: no page fault per 4 KB, about
@@ -295,7 +294,6 @@ def iter_merged(plan: MergePlan, progress: Progress | None = None, device: torch
                 progress(j + 1, len(names), name)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)
     for name in plan.passthrough_names:
         yield name, plan.base.get(name)
 

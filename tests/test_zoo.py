@@ -1,7 +1,9 @@
-"""The zoo recipe end to end on a tiny configuration (`build-zoo --tiny`): loadable folders, records."""
+"""The zoo recipe end to end on a tiny configuration (`build-zoo --tiny`): loadable folders, records,
+the measurements and claims the README is rendered from."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,23 +18,38 @@ def test_tiny_recipe_end_to_end(tmp_path):
 
     out = tmp_path / "zoo"
     subprocess.run([sys.executable, "-m", "evaluation", "build-zoo", "--tiny", "--out", str(out)], cwd=ROOT,
-                   check=True, capture_output=True, text=True, timeout=120)
+                   check=True, capture_output=True, text=True, timeout=300)
+    assert not (tmp_path / "zoo.building").exists() and not (tmp_path / "zoo.old").exists()
     zoo = json.loads((out / "zoo.json").read_text())
     folders = [zoo["base"]["folder"]] + [f["folder"] for f in zoo["finetunes"]]
     assert {f["task"] for f in zoo["finetunes"]} == set(TASKS)
     assert len(zoo["finetunes"]) > len(TASKS)  # the heterogeneous extra
+    assert zoo["conflicts"] and all(len(c) == 2 and set(c) <= set(TASKS) for c in zoo["conflicts"])
     for name in folders:
         rec = json.loads((out / name / "training.json").read_text())
         assert {"task", "steps", "learning_rate", "batch_size", "seed", "train_seconds"} <= set(rec)
         if name != "base":
             assert rec["base"] == "base" and 0 <= rec["test_accuracy"] <= 1 and 0 <= rec["validation_accuracy"] <= 1
+            assert rec["replay"] > 0  # fine-tunes replay the pretraining mixture
         model = AutoModelForCausalLM.from_pretrained(out / name)
         tok = AutoTokenizer.from_pretrained(out / name)
         assert next(model.parameters()).dtype.is_floating_point and tok.pad_token_id == model.config.pad_token_id
     report = json.loads((out / "report.json").read_text())
     k = len(zoo["finetunes"])
-    assert len(report["cosine"]) == k and abs(report["cosine"][0][0] - 1) < 1e-6
-    assert (out / "README.md").read_text().startswith("# Built-in model zoo")
+    cos = report["similarity"]["cosine"]
+    assert len(cos) == k and abs(cos[0][0] - 1) < 1e-6
+    n_primary = sum(1 for f in zoo["finetunes"] if "variant_of" not in f)
+    assert len(report["pairs"]) == n_primary * (n_primary - 1) // 2
+    assert set(report["all"]) >= {"task_arithmetic", "fednova", "fedgma", "median", "cclip"}
+    assert [c["pair"] for c in report["conflict"]] == zoo["conflicts"]
+    het = report["training_heterogeneity"]
+    assert [(h["variant"], h["twin"]) for h in het] == [("reverse-long", "reverse")]
+    assert len(het[0]["drop_interval"]) == 2 and het[0]["fednova"]["models"][0] == "reverse-long"
+    assert {c["claim"] for c in report["claims"]} and all(isinstance(c["ok"], bool) for c in report["claims"])
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("# Built-in model zoo") and readme.endswith("\n") and "$" not in readme
+    for c in report["claims"]:  # the README states every claim with its measured value
+        assert c["value"] in readme
 
 
 def test_tiny_recipe_is_deterministic(tmp_path):
@@ -46,3 +63,21 @@ def test_tiny_recipe_is_deterministic(tmp_path):
     cfg = dataclasses.replace(TINY, pretrain_steps=2)
     a, b = pretrain(cfg, log=lambda s: None), pretrain(cfg, log=lambda s: None)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_pretraining_mixture_never_shows_a_task_keyword():
+    """The base learns each task's skill under its base form and answers `?` to unknown keywords;
+    no prompt of the mixture uses a task's own keyword (else the base would score on the tasks)."""
+    from evaluation.zoo import BASE_FORMS, UNKNOWN, skill_example
+
+    rng = random.Random(0)
+    keywords = {t.keyword for t in TASKS.values()}
+    seen_forms, unknown = set(), 0
+    for _ in range(3000):
+        prompt, answer = skill_example(rng)
+        kw = prompt.split(": ", 1)[0]
+        assert kw not in keywords, prompt
+        seen_forms.add(kw)
+        unknown += answer == UNKNOWN
+    assert set(BASE_FORMS.values()) <= seen_forms and set(BASE_FORMS) == set(TASKS)
+    assert 0.1 < unknown / 3000 < 0.4
