@@ -26,7 +26,8 @@ def _add_build_zoo(p: argparse.ArgumentParser) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from .compare import main
 
-    main(args.zoo, args.out, args.quick, args.methods.split(",") if args.methods else None, args.n_val, args.n_test)
+    main(args.zoo, args.out, args.quick, args.methods.split(",") if args.methods else None, args.n_val, args.n_test,
+         ray=args.ray)
     return 0
 
 
@@ -37,6 +38,8 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=None, help="comma-separated subset of methods")
     p.add_argument("--n-val", type=int, default=50, help="validation examples per task for tuning")
     p.add_argument("--n-test", type=int, default=100, help="test examples per task for the report")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="spread each search over Ray workers: a local Ray, or the cluster at ADDRESS")
 
 
 def _heterogeneity(args: argparse.Namespace) -> int:
@@ -87,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_, add, _) in COMMANDS.items():
         add(sub.add_parser(name, help=help_))
     args = parser.parse_args(argv)
-    return COMMANDS[args.command][2](args)
+    from merging.errors import MergeError
+
+    try:
+        return COMMANDS[args.command][2](args)
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

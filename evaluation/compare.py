@@ -27,7 +27,8 @@ def selection(zoo: str | Path | None, heterogeneous: bool) -> list[str]:
 
 
 def run(zoo: str | Path | None = None, heterogeneous: bool = False, methods: Sequence[str] | None = None,
-        quick: bool = False, n_val: int = 50, n_test: int = 100, log=print) -> list[SearchResult]:
+        quick: bool = False, n_val: int = 50, n_test: int = 100, log=print, ray: str | bool | None = None
+        ) -> list[SearchResult]:
     session = Session(zoo=zoo, allow_hub=False).load_zoo()
     session.select(selection(zoo, heterogeneous))
     k = len(session.selected)
@@ -36,7 +37,8 @@ def run(zoo: str | Path | None = None, heterogeneous: bool = False, methods: Seq
     results = []
     for m in methods:
         t0 = time.perf_counter()
-        r = search(session, m, lambdas=QUICK_LAMBDAS if quick else LAMBDAS, quick=quick, n_val=n_val, n_test=n_test)
+        r = search(session, m, lambdas=QUICK_LAMBDAS if quick else LAMBDAS, quick=quick, n_val=n_val, n_test=n_test,
+                   ray=ray)
         results.append(r)
         log(f"{m:18s} {r.describe():40s} val {r.best_score:.3f}  test {r.test_normalized.get('mean', float('nan')):.3f}"
             f"  ({time.perf_counter() - t0:.0f} s)")
@@ -73,14 +75,14 @@ def figure(plain: Sequence[SearchResult], hetero: Sequence[SearchResult] | None 
 
 
 def main(zoo: str | Path | None, out: str | Path, quick: bool, methods: Sequence[str] | None,
-         n_val: int, n_test: int) -> Path:
+         n_val: int, n_test: int, ray: str | bool | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     print("plain zoo:", ", ".join(selection(zoo, False)))
-    plain = run(zoo, False, methods, quick, n_val, n_test)
+    plain = run(zoo, False, methods, quick, n_val, n_test, ray=ray)
     print("heterogeneous:", ", ".join(selection(zoo, True)))
-    hetero = run(zoo, True, methods, quick, n_val, n_test)
+    hetero = run(zoo, True, methods, quick, n_val, n_test, ray=ray)
     grid = ("quick grid (λ 0.1…2.0" if quick else "full grid (λ 0.05…2.00") + ", ×K for fednova and median)"
     text = (markdown_table(plain, f"Plain zoo — {grid}, validation n={n_val}, test n={n_test}") + "\n"
             + markdown_table(hetero, f"With the heterogeneous fine-tune — {grid}") + "\n"

@@ -9,6 +9,7 @@ The session's own model is not touched, so the live view stays usable during a s
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -19,7 +20,8 @@ import torch
 from merging.errors import MergeError
 from merging.registry import AGGREGATORS
 
-from .harness import evaluate, normalized
+from .grouped import GroupedModel, group_size, supports
+from .harness import evaluate, evaluate_grouped, normalized
 
 LAMBDAS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 41))  # 0.05 … 2.00
 SEARCH_N = 20  # validation examples per task when tuning (the live view scores fewer)
@@ -117,14 +119,21 @@ class _Scratch:
 def search(session, method: str, weights: Sequence[float] | None = None, *, lambdas: Sequence[float] = LAMBDAS,
            grid: Sequence[Mapping[str, Any]] | None = None, fixed: Mapping[str, Any] | None = None,
            n_val: int | None = None, n_test: int = 100, quick: bool = False,
-           progress: Progress | None = None) -> SearchResult:
+           progress: Progress | None = None, batched: bool | None = None, ray: str | bool | None = None
+           ) -> SearchResult:
     """Tune λ and `method`'s hyperparameters for the session's selection.
 
     `weights` are the per-model coefficients (default 1); `fixed` hyperparameters are held
-    (e.g. fednova's steps); `grid` overrides `hyper_grid(method)`.
+    (e.g. fednova's steps); `grid` overrides `hyper_grid(method)`. `batched` (default: on where the
+    model qualifies, off with FEDMERGE_SEARCH_BATCH=0) scores a chunk of λ values per forward pass
+    (`evaluation.grouped`); the scores are the same as one λ at a time. `ray` (True for a local Ray,
+    or a cluster address) spreads the grid over Ray workers (`evaluation.distributed`): same result.
     """
     from .session import LIVE_SPLIT
 
+    if batched is None:
+        batched = os.environ.get("FEDMERGE_SEARCH_BATCH", "1") != "0"
+    lambdas = [float(x) for x in lambdas]
     t0 = time.perf_counter()
     n_val = n_val or SEARCH_N
     select = list(session.selected)
@@ -147,31 +156,16 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
     fixed = dict(fixed or {})
     scratch = _Scratch(session)
     total = len(grid) * len(lambdas) + 1
-    done = 0
-    scores: list[list[float]] = []
-    per_task: list[list[dict[str, float]]] = []
-    skipped: list[str] = []
-    for g in grid:
-        hyper = {**fixed, **g}
-        try:
-            update = scratch.update(method, weights, select, hyper)
-        except MergeError as exc:  # one setting the data does not allow: report it, try the others
-            skipped.append(f"{_desc(g) or method}: {exc}")
-            scores.append([float("nan")] * len(lambdas))
-            per_task.append([{t: float("nan") for t in tasks} for _ in lambdas])
-            done += len(lambdas)
-            continue
-        row, accs = [], []
-        for lam in lambdas:
-            scratch.write(update, lam)
-            res = evaluate(scratch.model, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val)
-            row.append(normalized(res.accuracy, ft_val).get("mean", float("nan")))
-            accs.append(res.accuracy)
-            done += 1
-            if progress:
-                progress(done / total, f"{method} {_desc(g)} λ={lam:g}: {row[-1]:.2f}")
-        scores.append(row)
-        per_task.append(accs)
+    settings = [{**fixed, **g} for g in grid]
+    if ray:
+        from .distributed import score_grid_on_ray
+
+        scores, per_task, skipped = score_grid_on_ray(ray, session, method, weights, select, lambdas, settings,
+                                                      n_val, ft_val, batched, progress=progress, total=total)
+    else:
+        scores, per_task, skipped = score_grid(session, method, weights, select, lambdas, settings, n_val, ft_val,
+                                               batched, progress=progress, total=total, scratch=scratch)
+    done = len(grid) * len(lambdas)
     if len(skipped) == len(grid):
         raise MergeError(f"{method}: no setting could be merged ({skipped[0]})")
     arr = np.nan_to_num(np.array(scores, dtype=float), nan=-1.0)
@@ -191,6 +185,66 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
         test_normalized=normalized(test.accuracy, ft_test), evaluations=done + 1,
         seconds=time.perf_counter() - t0, extra={"skipped": skipped} if skipped else {},
     )
+
+
+def score_grid(session, method: str, weights: Sequence[float], select: Sequence[int], lambdas: Sequence[float],
+               settings: Sequence[Mapping[str, Any]], n_val: int, ft_val: Mapping[str, float], batched: bool,
+               progress: Progress | None = None, total: int | None = None, scratch: "_Scratch | None" = None
+               ) -> tuple[list[list[float]], list[list[dict[str, float]]], list[str]]:
+    """Validation scores [setting][λ] (mean normalized accuracy), per-task accuracies of each candidate,
+    and the settings the data does not allow (scored NaN, with the reason).
+
+    The unit of work a Ray worker runs too (`evaluation.distributed`), so both give the same numbers.
+    """
+    from .session import LIVE_SPLIT
+
+    tasks = session.tasks
+    lambdas = [float(x) for x in lambdas]
+    scratch = scratch or _Scratch(session)
+    total = total or len(settings) * len(lambdas)
+    done = 0
+    scores: list[list[float]] = []
+    per_task: list[list[dict[str, float]]] = []
+    groups = _group_size(scratch.model, len(lambdas)) if batched else 1
+    pool = GroupedModel(scratch.model, groups) if groups > 1 else None
+    skipped: list[str] = []
+    for hyper in settings:
+        try:
+            update = scratch.update(method, weights, select, dict(hyper))
+        except MergeError as exc:  # one setting the data does not allow: report it, try the others
+            skipped.append(f"{_desc(hyper) or method}: {exc}")
+            scores.append([float("nan")] * len(lambdas))
+            per_task.append([{t: float("nan") for t in tasks} for _ in lambdas])
+            done += len(lambdas)
+            continue
+        row, accs = [], []
+        for c in range(0, len(lambdas), groups):
+            chunk = lambdas[c:c + groups]
+            if pool is None:
+                scratch.write(update, chunk[0])
+                results = [evaluate(scratch.model, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val)]
+            else:
+                for i, lam in enumerate(chunk + [chunk[-1]] * (groups - len(chunk))):
+                    pool.write(i, scratch.stack.base, update, lam)
+                results = evaluate_grouped(pool, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val)
+            for lam, res in zip(chunk, results):
+                row.append(normalized(res.accuracy, ft_val).get("mean", float("nan")))
+                accs.append(res.accuracy)
+                done += 1
+                if progress:
+                    progress(done / total, f"{method} {_desc(hyper)} λ={lam:g}: {row[-1]:.2f}")
+        scores.append(row)
+        per_task.append(accs)
+    return scores, per_task, skipped
+
+
+def _group_size(model, n: int) -> int:
+    """Candidates per grouped forward: the memory budget's count, spread evenly over the λ grid."""
+    if n < 2 or not supports(model):
+        return 1
+    cap = group_size(model)
+    chunks = -(-n // cap)
+    return -(-n // chunks)
 
 
 def _desc(g: Mapping[str, Any]) -> str:

@@ -47,6 +47,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .device import resolve_device
+
+    device = resolve_device(args.device)  # before any reading: a missing GPU fails at once
     torch.set_num_threads(1)  # once, for this process: the merge pipeline runs single-threaded ops
     cfg = load_config(args.config)
     plan = plan_from_config(cfg, allow_hub=not args.offline, trust_remote_code=args.trust_remote_code)
@@ -55,7 +58,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     update, close = _progress_bar(not args.no_progress, f"{cfg.merge_method}")
     start = time.perf_counter()
     try:
-        out = merge_to_dir(plan, args.out_dir, overwrite=args.overwrite, shard_bytes=args.shard_size, progress=update)
+        out = merge_to_dir(plan, args.out_dir, overwrite=args.overwrite, shard_bytes=args.shard_size, progress=update,
+                           device=device)
     finally:
         close()
     print(f"wrote {out} ({cfg.merge_method}, {len(plan.sources)} model(s), {time.perf_counter() - start:.1f} s)")
@@ -114,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shard-size", type=_size, default=_size("2GB"), help="max bytes per safetensors shard")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub")
+    m.add_argument("--device", default="cpu", help="where tensors are merged: cpu (default), cuda[:N] or auto")
     m.add_argument("--trust-remote-code", action="store_true", help="accept models that ship custom code")
     m.set_defaults(func=cmd_merge)
 

@@ -69,8 +69,8 @@ def final_step(agg: Aggregator, stack: torch.Tensor, weights: torch.Tensor, kwar
     Runs the fused kernel when there is one, else the torch definition (sliced when coordinate-wise).
     Returns the tensor and its count of non-finite entries when the kernel counted them (else None).
     """
-    out = torch.empty(base.shape, dtype=torch.float32) if out is None else out
-    if agg.fused is not None and kernels.enabled():
+    out = torch.empty(base.shape, dtype=torch.float32, device=base.device) if out is None else out
+    if agg.fused is not None and kernels.enabled() and stack.device.type == "cpu":  # numba kernels: CPU only
         k = stack.shape[0]
         bad = agg.fused(stack.reshape(k, -1), weights.to(torch.float32), base.reshape(-1), float(lam),
                         out.view(-1), **kwargs)
@@ -222,8 +222,15 @@ def exact_tensor(plan: MergePlan, name: str) -> torch.Tensor:
     return plan.method.exact(base, models, p.weight_values, lam=p.lam, **kwargs)
 
 
-def iter_merged(plan: MergePlan, progress: Progress | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor in the output dtype) in the base's tensor order."""
+def iter_merged(plan: MergePlan, progress: Progress | None = None, device: torch.device | str | None = None
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor in the output dtype, on the CPU) in the base's tensor order.
+
+    With a `device` other than the CPU, each tensor's stack is read on the CPU, merged there and the
+    result copied back (the methods defined on whole models, `uses_exact`, stay on the CPU).
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    gpu = dev.type != "cpu"
     if uses_exact(plan):
         names = plan.tensor_names
         for j, name in enumerate(names):
@@ -269,14 +276,20 @@ def iter_merged(plan: MergePlan, progress: Progress | None = None) -> Iterator[t
             c, data = ahead.result() if ahead is not None else load(name, big)
             ahead = fetch(j + 1)
             if c is not None:  # Σ λcᵢθᵢ straight from the models
+                if gpu:
+                    c, data = c.to(dev), data.to(dev, non_blocking=True)
                 merged = (c @ data.reshape(len(c), -1)).reshape(data.shape[1:])
             else:
                 p = plan.params_for(name)
                 base, deltas = data
-                merged = merge_tensor(plan.method, name, base, deltas, p.weights, p.lam, p.hyper, norms)
+                w, nrm = p.weights, norms
+                if gpu:
+                    base, deltas, w = base.to(dev), deltas.to(dev), w.to(dev)
+                    nrm = None if norms is None else norms.to(dev)
+                merged = merge_tensor(plan.method, name, base, deltas, w, p.lam, p.hyper, nrm)
             _check_finite_fast(name, merged, "the merge result")
             del data
-            yield name, merged.to(plan.output_dtype(name))
+            yield name, merged.to(plan.output_dtype(name)).cpu() if gpu else merged.to(plan.output_dtype(name))
             if progress:
                 progress(j + 1, len(names), name)
     finally:
@@ -287,12 +300,12 @@ def iter_merged(plan: MergePlan, progress: Progress | None = None) -> Iterator[t
 
 def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite: bool = False,
                  shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None,
-                 card: str | None = None) -> Path:
-    """Stream the merge into a transformers folder (atomically: all or nothing)."""
+                 card: str | None = None, device: torch.device | str | None = None) -> Path:
+    """Stream the merge into a transformers folder (atomically: all or nothing); merged on `device`."""
     specs = [(n, plan.base.shape(n), plan.output_dtype(n)) for n in plan.tensor_names]
     specs += [(n, plan.base.shape(n), plan.base.dtype(n)) for n in plan.passthrough_names]
     with StreamingModelWriter(out_dir, specs, shard_bytes=shard_bytes, overwrite=overwrite) as writer:
-        for name, tensor in iter_merged(plan, progress):
+        for name, tensor in iter_merged(plan, progress, device=device):
             writer.write(name, tensor)
         write_side_files(plan, writer, card)
         return writer.finish()

@@ -191,3 +191,22 @@ def test_cli_slerp_needs_two_models_at_most(tiny_zoo, tmp_path):
     cfg = yaml_file(tmp_path, {**ta(tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["ft1"], tiny_zoo["ft2"]),
                                "merge_method": "slerp"})
     assert_refused(run_cli("merge", cfg, tmp_path / "out", "--no-progress"), "slerp", "at most 2")
+
+
+def test_cli_device_auto_equals_cpu_and_cuda_without_gpu_is_refused(tiny_zoo, tmp_path):
+    """--device auto (here: the CPU) writes what the default writes; cuda on a machine without one
+    is one line naming the problem, before anything is read or written."""
+    cfg = yaml_file(tmp_path, {**ta(tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["ft1"], **{"lambda": 0.5}),
+                               "merge_method": "ties", "parameters": {"lambda": 0.5, "density": 0.5}})
+    assert run_cli("merge", cfg, tmp_path / "cpu", "--no-progress").returncode == 0
+    r = run_cli("merge", cfg, tmp_path / "auto", "--no-progress", "--device", "auto")
+    assert r.returncode == 0, r.stderr
+    a, b = load_sd(tmp_path / "cpu"), load_sd(tmp_path / "auto")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bad = run_cli("merge", cfg, tmp_path / "gpu", "--no-progress", "--device", "tpu")
+    assert_refused(bad, "unknown device")
+    if not torch.cuda.is_available():
+        r = run_cli("merge", cfg, tmp_path / "gpu", "--no-progress", "--device", "cuda")
+        assert_refused(r, "cuda", "no cuda gpu")
+        assert not (tmp_path / "gpu").exists()
+

@@ -69,3 +69,37 @@ def test_compare_all_tunes_each_applicable_method(session):
     headers, rows = comparison_table(results)
     assert len(rows) == 2 and headers[0] == "method"
     assert len(comparison_chart(results).data) == 2
+
+
+@pytest.fixture(scope="module")
+def zoo_session():
+    """The shipped zoo: its fine-tunes score well above 0, so equal scores mean something."""
+    from evaluation.session import Session
+
+    return Session(cache=StackCache(2 ** 30), allow_hub=False).load_zoo()
+
+
+def test_batched_search_gives_the_same_scores_and_choice(zoo_session, session):
+    """Many λ per grouped forward (evaluation.grouped) = one λ at a time: every score and the choice."""
+    import numpy as np
+
+    from evaluation.grouped import GroupedModel, supports
+    from evaluation.search import _Scratch, search
+
+    assert supports(_Scratch(zoo_session).model)
+    kw = dict(lambdas=[0.1, 0.3, 0.5, 0.7, 1.0, 1.3, 1.9], grid=[{"rho": 0.2}, {"rho": 0.7}], n_val=8, n_test=8)
+    one = search(zoo_session, "fedgma", batched=False, **kw)
+    many = search(zoo_session, "fedgma", batched=True, **kw)
+    assert np.nanmax(np.array(one.scores)) > 0.1  # not a degenerate all-zero comparison
+    np.testing.assert_array_equal(np.array(many.scores), np.array(one.scores))
+    assert many.curves == one.curves and many.val_accuracy == one.val_accuracy
+    assert (many.best_lambda, many.best_hyper, many.test_accuracy) == (one.best_lambda, one.best_hyper,
+                                                                        one.test_accuracy)
+    # the grouped copy really holds different candidates in its blocks
+    g = GroupedModel(_Scratch(session).model, 3)
+    u = _Scratch(session).update("task_arithmetic", [1.0] * 3, session.selected, {})
+    for i, lam in enumerate((0.0, 1.0, 2.0)):
+        g.write(i, session.stack.base, u, lam)
+    name = next(iter(u))
+    assert torch.equal(g.target(name)[0], session.stack.base[name])
+    assert not torch.equal(g.target(name)[1], g.target(name)[2])

@@ -1,0 +1,103 @@
+"""A search's grid spread over Ray workers (optional: `pip install -r requirements-ray.txt`).
+
+Each worker is a Ray actor holding its own `Session` on the same base and fine-tunes (loaded once,
+then reused by every search of the process); the driver cuts the (setting × λ) grid into pieces,
+each worker scores its pieces with `search.score_grid` (the function the local search runs, so the
+numbers are the same), and the driver chooses and scores the best candidate on test itself.
+Model paths must be readable on every node (a shared folder, or Hub ids with network).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Mapping, Sequence
+
+from merging.errors import MergeError
+
+_ACTORS: dict[tuple, list] = {}
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise MergeError("Ray is not installed: pip install -r requirements-ray.txt") from None
+    return ray
+
+
+def connect(address: str | bool | None) -> Any:
+    """ray.init once: `True`/"local" starts a local Ray, anything else is a cluster address ("auto", "ray://…")."""
+    ray = _ray()
+    if not ray.is_initialized():
+        addr = None if address in (True, "local", "", None) else str(address)
+        try:
+            ray.init(address=addr, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise MergeError(f"cannot reach the Ray cluster at {addr}: {str(exc).splitlines()[0]}") from None
+    return ray
+
+
+def _worker_class(ray):
+    @ray.remote(num_cpus=1)
+    class SearchWorker:
+        def __init__(self, zoo: str, base_ref: str, specs: list[dict], allow_hub: bool):
+            import torch
+
+            from .session import ModelSpec, Session
+
+            torch.set_num_threads(1)
+            self.session = Session(zoo=zoo, allow_hub=allow_hub)
+            self.session.set_models(base_ref, [ModelSpec(**s) for s in specs])
+
+        def score(self, select, method, weights, lambdas, settings, n_val, ft_val, batched):
+            from .search import score_grid
+
+            self.session.selected = list(select)
+            return score_grid(self.session, method, weights, select, lambdas, settings, n_val, ft_val, batched)
+
+    return SearchWorker
+
+
+def workers(session, address: str | bool) -> list:
+    """The actors for this session's models (created on first use: one per CPU of the cluster)."""
+    ray = connect(address)
+    key = (str(address), session.base_ref, tuple((s.name, s.ref) for s in session.specs))
+    if key not in _ACTORS:
+        n = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        cls = _worker_class(ray)
+        specs = [asdict(s) for s in session.specs]
+        _ACTORS[key] = [cls.remote(str(session.zoo), session.base_ref, specs, session.allow_hub) for _ in range(n)]
+    return _ACTORS[key]
+
+
+def score_grid_on_ray(address, session, method: str, weights: Sequence[float], select: Sequence[int],
+                      lambdas: Sequence[float], settings: Sequence[Mapping[str, Any]], n_val: int,
+                      ft_val: Mapping[str, float], batched: bool, progress=None, total: int | None = None):
+    """`search.score_grid`, its (setting, λ-slice) pieces spread round-robin over the workers."""
+    ray = _ray()
+    pool = workers(session, address)
+    lambdas = [float(x) for x in lambdas]
+    parts = max(1, min(len(lambdas), -(-len(pool) // max(1, len(settings)))))  # λ slices per setting
+    size = -(-len(lambdas) // parts)
+    pieces = [(gi, c) for gi in range(len(settings)) for c in range(0, len(lambdas), size)]
+    futures = [pool[j % len(pool)].score.remote(list(select), method, list(weights), lambdas[c:c + size],
+                                                [dict(settings[gi])], n_val, dict(ft_val), batched)
+               for j, (gi, c) in enumerate(pieces)]
+    scores = [[None] * len(lambdas) for _ in settings]
+    per_task = [[None] * len(lambdas) for _ in settings]
+    skipped: dict[int, str] = {}
+    done, pending = 0, dict(zip(futures, pieces))
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        gi, c = pending.pop(ready[0])
+        try:
+            (row,), (accs,), why = ray.get(ready[0])
+        except ray.exceptions.RayError as exc:
+            raise MergeError(f"a Ray worker failed: {str(exc).splitlines()[0]}") from None
+        if why:
+            skipped[gi] = why[0]
+        scores[gi][c:c + len(row)] = row
+        per_task[gi][c:c + len(accs)] = accs
+        done += len(row)
+        if progress:
+            progress(done / (total or done), f"{method}: {done} candidates scored on Ray")
+    return scores, per_task, [skipped[gi] for gi in sorted(skipped)]

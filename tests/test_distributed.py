@@ -1,0 +1,54 @@
+"""Search on Ray workers (optional dependency): the same scores and choice as the local search."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from merging.cache import StackCache
+from tests.conftest import ROOT
+
+
+def test_compare_ray_without_ray_is_one_line(tmp_path):
+    """Without Ray installed, `compare --ray` says how to install it (one line, exit 2)."""
+    try:
+        import ray  # noqa: F401
+        pytest.skip("ray is installed here")
+    except ImportError:
+        pass
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "evaluation", "compare", "--ray", "--methods", "task_arithmetic",
+                        "--quick", "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "error: Ray is not installed: pip install -r requirements-ray.txt"
+
+
+@pytest.mark.slow
+def test_search_on_a_local_ray_equals_the_local_search():
+    ray = pytest.importorskip("ray")
+    from evaluation.distributed import _ACTORS
+    from evaluation.search import search
+    from evaluation.session import Session
+
+    s = Session(cache=StackCache(2 ** 30), allow_hub=False).load_zoo()  # the shipped zoo: scores above 0
+    kw = dict(lambdas=[0.1, 0.3, 0.6, 1.0, 1.4], grid=[{"rho": 0.2}, {"rho": 0.6}, {"rho": 0.9}], n_val=8, n_test=8)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        local = search(s, "fedgma", **kw)
+        remote = search(s, "fedgma", ray=True, **kw)
+        again = search(s, "fedgma", ray=True, **kw)  # the workers (and their loaded stacks) are reused
+        actors = [a for v in _ACTORS.values() for a in v]
+        assert len(actors) == 2
+        assert np.nanmax(np.array(local.scores)) > 0.1
+        np.testing.assert_array_equal(np.array(remote.scores), np.array(local.scores))
+        assert remote.curves == local.curves
+        assert (remote.best_lambda, remote.best_hyper, remote.test_accuracy) == (
+            local.best_lambda, local.best_hyper, local.test_accuracy)
+        np.testing.assert_array_equal(np.array(again.scores), np.array(local.scores))
+    finally:
+        _ACTORS.clear()
+        ray.shutdown()
