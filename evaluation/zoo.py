@@ -3,29 +3,26 @@
 ``python -m evaluation build-zoo`` rebuilds ``assets/zoo`` deterministically (fixed seeds,
 deterministic data, one thread per training process). Steps:
 
-1. pretrain a base on synthetic English-like sentences plus auxiliary text-to-text skills in the
-   tasks' prompt format (``copy: abc=abc``, ``rot: abcd=bcda``, ``next: 041=042``, ...) whose
-   keywords and functions are not the evaluated tasks, so the base knows the format, copying and
-   character handling but none of the tasks (≤ 20% on each); fine-tunes then only map a keyword
-   onto a nearby skill, which keeps task vectors small enough for merges to partly work;
-2. fine-tune a copy of the base on each task (loss on answer tokens only), two processes at a
-   time with one thread each: a 1M-parameter model does not speed up with more threads, but two
-   independent jobs do run side by side;
-3. an extra, heterogeneous fine-tune of one task (many more steps), so the demo shows training
-   heterogeneity (a larger task vector) next to data heterogeneity;
-4. measure every model on every task, the cosine similarity / sign conflicts of the task vectors,
-   and write zoo.json, report.json and README.md.
+1. pretrain a base on synthetic English-like sentences plus a mixture of prompts in the tasks'
+   format: every task's skill under another keyword (its base form, ``mirror: abc=cba`` for
+   ``reverse``), auxiliary skills (``copy``, ``rot``, ``next``, ...) and random decoy keywords
+   answered ``?``; the base knows every skill but none of the tasks' keywords;
+2. fine-tune a copy of the base on each task (loss on the answer), replaying the mixture with a
+   KL-to-base loss so each task vector acts on its own keyword alone; two processes at a time with
+   one thread each (a 1M-parameter model does not speed up with more threads);
+3. an extra, heterogeneous fine-tune of one task (far more steps, a higher learning rate);
+4. build in a sibling folder, measure everything the README claims (``zoo_report.measure``), render
+   the README from its template and swap the folder in.
 """
 from __future__ import annotations
 
 import json
 import math
 import multiprocessing as mp
-import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,7 +44,7 @@ class FinetuneSpec:
     seed: int = 1
     replay: int = 0  # rows of the pretraining mixture per step, trained to keep the base's outputs (KL)
     replay_weight: float = 1.0
-    replay_mix: tuple[float, float, float] = (0.5, 0.3, 0.2)  # base forms, auxiliary skills, unknown keywords
+    replay_mix: tuple[float, float, float] | None = None  # shares of the mixture; None: the pretraining's MIXTURE
     freeze_embeddings: bool = False  # train the transformer blocks only (wte/wpe stay the base's)
     variant_of: str | None = None  # set on heterogeneous extras: the app preselects one fine-tune per task
 
@@ -234,9 +231,13 @@ def _decoy_keyword(rng: random.Random) -> str:
             return kw
 
 
-def skill_example(rng: random.Random, mix: tuple[float, float, float] = (0.5, 0.3, 0.2)) -> tuple[str, str]:
+MIXTURE = (0.5, 0.3, 0.2)  # base forms, auxiliary skills, unknown keywords
+
+
+def skill_example(rng: random.Random, mix: tuple[float, float, float] | None = None) -> tuple[str, str]:
     """One (prompt, answer) pair of the pretraining mixture: a task in its base form, an auxiliary
     skill, or an unknown keyword (answer ``?``), with probabilities ``mix``."""
+    mix = mix or MIXTURE
     r = rng.random()
     if r < mix[0]:
         task = TASKS[rng.choice(sorted(BASE_FORMS))]
@@ -398,8 +399,6 @@ def save_model(model, folder: Path, training: dict, n_positions: int) -> None:
 
 
 def _eval_own(model, task: str, n: int) -> tuple[float, float]:
-    from transformers import AutoTokenizer  # noqa: F401  (keeps imports symmetric with the app)
-
     from .harness import evaluate
     from .tokenizer import build_tokenizer
 
