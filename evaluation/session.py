@@ -116,11 +116,31 @@ def task_of_prompt(prompt: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+def expected_answer(prompt: str) -> tuple[str | None, list[str]]:
+    """(what the table shows as expected, the answers that count as right) for a prompt.
+
+    Tasks that share a keyword (the zoo's designed conflict: sort and sort_desc) each have their
+    answer; both count as right and the cell names whose is which."""
+    answers: dict[str, str] = {}
+    for task in TASKS.values():
+        m = re.fullmatch(re.escape(task.keyword) + r": (.*)=", prompt.strip())
+        if m:
+            try:
+                answers[task.name] = task.solve(m.group(1))
+            except Exception:  # e.g. "add: x+y=" with non-numbers
+                pass
+    distinct = list(dict.fromkeys(answers.values()))
+    if len(distinct) <= 1:
+        return (distinct[0] if distinct else None), distinct
+    return " / ".join(f"{a} ({t})" for t, a in answers.items()), distinct
+
+
 def default_prompts(tasks: Sequence[str], per_task: int = 1) -> list[str]:
-    out = []
+    """Each task's demo prompts, each prompt once (tasks that share a keyword share prompts)."""
+    out: list[str] = []
     for t in tasks:
         out += TASKS[t].demo_prompts[:per_task]
-    return out
+    return list(dict.fromkeys(out))
 
 
 # ---------------------------------------------------------------------------- results
@@ -429,9 +449,9 @@ class Session:
         headers = ["prompt", "expected", "base", *[self.specs[i].name for i in self.selected], "merged"]
         rows = []
         for j, p in enumerate(prompts):
-            _, answer = task_of_prompt(p)
+            shown, right = expected_answer(p)
             outs = [refs["base"][j], *[refs[i][j] for i in self.selected], merged_out[j]]
-            rows.append([p, answer if answer is not None else "", *[_mark(o, answer) for o in outs]])
+            rows.append([p, shown or "", *[_mark(o, right if shown is not None else None) for o in outs]])
         return LiveResult(
             tasks=tasks,
             accuracy={"base": base_acc, "fine-tuned (own task)": ft_acc, "merged": merged_acc},
@@ -652,10 +672,10 @@ def clean_hyper(method: str, hyper: Mapping[str, Any], k: int) -> dict[str, Any]
     return out
 
 
-def _mark(output: str, answer: str | None) -> str:
-    if answer is None:
+def _mark(output: str, answers: Sequence[str] | None) -> str:
+    if answers is None:
         return output
-    return ("✓ " if output.strip() == answer.strip() else "✗ ") + output
+    return ("✓ " if output.strip() in {a.strip() for a in answers} else "✗ ") + output
 
 
 def _max_tokens(prompts: Sequence[str]) -> list[int]:

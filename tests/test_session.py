@@ -186,3 +186,16 @@ def test_push_offline_says_the_hub_cannot_be_reached(session, monkeypatch):
     with pytest.raises(MergeError, match="cannot reach the Hugging Face Hub") as err:
         push_to_hub(session, "me/merged", "hf_secret_token")
     assert "hf_secret_token" not in str(err.value)
+
+
+def test_a_prompt_shared_by_two_tasks_names_both_answers():
+    """sort and sort_desc share the keyword `sort` (the zoo's designed conflict): the table shows
+    both answers, either counts as right, and the default prompts list the shared prompt once."""
+    from evaluation.session import _mark, default_prompts, expected_answer
+
+    shown, right = expected_answer("sort: dbca=")
+    assert shown == "abcd (sort) / dcba (sort_desc)" and right == ["abcd", "dcba"]
+    assert _mark("dcba", right).startswith("✓") and _mark("abdc", right).startswith("✗")
+    assert expected_answer("reverse: abc=") == ("cba", ["cba"]) and expected_answer("hello") == (None, [])
+    prompts = default_prompts(["sort", "sort_desc", "upper"])
+    assert len(prompts) == len(set(prompts)) == 2
