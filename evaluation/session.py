@@ -104,16 +104,18 @@ def allowed_roots(zoo: Path | None = None) -> list[Path]:
     return roots
 
 
-def task_of_prompt(prompt: str) -> tuple[str | None, str | None]:
-    """(task name, correct answer) when a prompt is written in a task's format, else (None, None)."""
-    for task in sorted(TASKS.values(), key=lambda t: -len(t.keyword)):
+def prompt_answers(prompt: str) -> dict[str, str | None]:
+    """Every task whose format `prompt` is written in, with its correct answer (None when the input
+    does not solve, e.g. "add: x+y=" with non-numbers). Tasks that share a keyword both appear."""
+    out: dict[str, str | None] = {}
+    for task in TASKS.values():
         m = re.fullmatch(re.escape(task.keyword) + r": (.*)=", prompt.strip())
         if m:
             try:
-                return task.name, task.solve(m.group(1))
-            except Exception:  # e.g. "add: x+y=" with non-numbers
-                return task.name, None
-    return None, None
+                out[task.name] = task.solve(m.group(1))
+            except Exception:
+                out[task.name] = None
+    return out
 
 
 def expected_answer(prompt: str) -> tuple[str | None, list[str]]:
@@ -121,14 +123,7 @@ def expected_answer(prompt: str) -> tuple[str | None, list[str]]:
 
     Tasks that share a keyword (the zoo's designed conflict: sort and sort_desc) each have their
     answer; both count as right and the cell names whose is which."""
-    answers: dict[str, str] = {}
-    for task in TASKS.values():
-        m = re.fullmatch(re.escape(task.keyword) + r": (.*)=", prompt.strip())
-        if m:
-            try:
-                answers[task.name] = task.solve(m.group(1))
-            except Exception:  # e.g. "add: x+y=" with non-numbers
-                pass
+    answers = {t: a for t, a in prompt_answers(prompt).items() if a is not None}
     distinct = list(dict.fromkeys(answers.values()))
     if len(distinct) <= 1:
         return (distinct[0] if distinct else None), distinct
@@ -682,8 +677,8 @@ def _max_tokens(prompts: Sequence[str]) -> list[int]:
     """Each prompt's own generation limit: its task's, or FREE_TEXT_TOKENS for free text."""
     limits = []
     for p in prompts:
-        t, _ = task_of_prompt(p)
-        limits.append(TASKS[t].max_new_tokens if t else FREE_TEXT_TOKENS)
+        tasks = prompt_answers(p)
+        limits.append(max(TASKS[t].max_new_tokens for t in tasks) if tasks else FREE_TEXT_TOKENS)
     return limits
 
 
