@@ -355,7 +355,7 @@ def job_estimate(pg: Playground | None, kind: str, methods: list[str] | None = N
 
 def _fits(method: str, k: int) -> bool:
     agg = AGGREGATORS[method]
-    return agg.min_models <= k and (agg.max_models is None or k <= agg.max_models)
+    return agg.accepts(k)
 
 
 def _job(pg: Playground, what: str, fn, progress, check: bool = True):
@@ -506,7 +506,7 @@ def do_zip(pg: Playground, progress=gr.Progress()):
     session's export folder (deleted with the session or after FEDMERGE_EXPORT_TTL)."""
     pg = ensure(pg)
     return str(pg.session.export_zip(card=model_card(pg),
-                                     progress=lambda i, n, name: progress(i / max(1, n), desc=name)))
+                                     progress=lambda f, name: progress(f, desc=name)))
 
 
 @_guard

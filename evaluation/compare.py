@@ -32,8 +32,7 @@ def run(zoo: str | Path | None = None, heterogeneous: bool = False, methods: Seq
     session = Session(zoo=zoo, allow_hub=False).load_zoo()
     session.select(selection(zoo, heterogeneous))
     k = len(session.selected)
-    methods = [m for m in (methods or AGGREGATORS) if AGGREGATORS[m].min_models <= k
-               and (AGGREGATORS[m].max_models is None or k <= AGGREGATORS[m].max_models)]
+    methods = [m for m in (methods or AGGREGATORS) if AGGREGATORS[m].accepts(k)]
     results = []
     for m in methods:
         t0 = time.perf_counter()

@@ -13,10 +13,11 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from merging.progress import Progress
 from merging.similarity import SimilarityReport
 
 from .search import search
@@ -30,7 +31,6 @@ MEASURES = {
 }
 DEFAULT_METHODS = ("task_arithmetic", "fedgma", "median", "fednova")
 STUDY_LAMBDAS = tuple(round(0.2 * i, 1) for i in range(1, 11))  # 0.2 … 2.0: a coarse λ grid per group
-Progress = Callable[[float, str], None]
 
 
 @dataclass

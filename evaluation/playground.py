@@ -145,7 +145,7 @@ class Playground:
 
     def check_count(self, method: str, k: int) -> None:
         agg = AGGREGATORS[method]
-        if k < agg.min_models or (agg.max_models is not None and k > agg.max_models):
+        if not agg.accepts(k):
             if agg.max_models == agg.min_models:
                 need = f"exactly {agg.max_models}"
             elif agg.max_models is not None:

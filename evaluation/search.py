@@ -12,11 +12,12 @@ import copy
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from merging.progress import Progress
 from merging.errors import MergeError
 from merging.registry import AGGREGATORS
 
@@ -26,7 +27,6 @@ from .harness import evaluate, evaluate_grouped, normalized
 LAMBDAS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 41))  # 0.05 … 2.00
 SEARCH_N = 20  # validation examples per task when tuning (the live view scores fewer)
 QUICK_LAMBDAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1 … 2.0
-Progress = Callable[[float, str], None]
 # Aggregators whose update U averages the task vectors instead of summing them: at λ = 1 each task
 # gets a 1/K share (FedNova's K̄/(K·Kᵢ) weights sum to 1; a median is one update's size). Their λ grid
 # is stretched by K so that, like Task Arithmetic's, it reaches every task vector at full strength
@@ -266,8 +266,7 @@ def compare_all(session, methods: Sequence[str] | None = None, weights: Sequence
 
     A method that cannot run on this selection is skipped, with its reason appended to `failed`."""
     k = len(session.selected)
-    methods = [m for m in (methods or list(AGGREGATORS))
-               if AGGREGATORS[m].min_models <= k and (AGGREGATORS[m].max_models is None or k <= AGGREGATORS[m].max_models)]
+    methods = [m for m in (methods or list(AGGREGATORS)) if AGGREGATORS[m].accepts(k)]
     out = []
     for j, m in enumerate(methods):
         def sub(frac, text, j=j):

@@ -24,11 +24,12 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from merging.progress import Progress
 from merging.cache import CACHE, BytesLRU, StackCache
 from merging.checkpoints import Checkpoint
 from merging.errors import MergeError
@@ -46,7 +47,6 @@ DEFAULT_ZOO = ROOT / "assets" / "zoo"
 LIVE_SPLIT = "validation"
 LIVE_N = int(os.environ.get("FEDMERGE_LIVE_N", "12"))  # per task, on every change: 12 keeps p50 < 300 ms
 FREE_TEXT_TOKENS = 16
-Progress = Callable[[float, str], None]
 
 
 # ---------------------------------------------------------------------------- models
@@ -205,9 +205,9 @@ class Session:
         if len(set(names)) != len(names):
             raise MergeError(f"two models are named {next(n for n in names if names.count(n) > 1)!r}; rename one")
 
-        def tick(i, n, name):
+        def tick(fraction, name):
             if progress:
-                progress(i / max(1, n), f"task vectors: {name}")
+                progress(fraction, f"task vectors: {name}")
 
         opts = dict(allow_hub=self.allow_hub, allowed_roots=self.roots)
         stack = self.cache.get_stack(base_ref, [s.ref for s in specs], names, progress=tick, **opts)

@@ -24,10 +24,10 @@ from typing import Any, Callable, Sequence
 
 from .checkpoints import Checkpoint
 from .errors import MergeError
+from .progress import Progress
 from .live import TaskVectorStack, estimate_stack_bytes
 from .task_vectors import load_source
 
-Progress = Callable[[int, int, str], None]
 
 DEFAULT_BUDGET = int(float(os.environ.get("FEDMERGE_CACHE_GB", "4")) * 2 ** 30)
 

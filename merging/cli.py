@@ -29,11 +29,11 @@ def _progress_bar(enabled: bool, desc: str):
         return None, lambda: None
     from tqdm import tqdm
 
-    bar = tqdm(desc=desc, unit="tensor", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(desc=desc, total=100, unit="%", file=sys.stderr, dynamic_ncols=True,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
 
-    def update(done: int, total: int, name: str) -> None:
-        bar.total = total
-        bar.n = done
+    def update(fraction: float, name: str) -> None:
+        bar.n = round(100 * fraction)
         bar.set_postfix_str(name[-40:], refresh=False)
         bar.refresh()
 

@@ -11,7 +11,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -19,13 +19,13 @@ from . import kernels
 from .aggregators import tensor_seed
 from .checkpoints import CONFIG_FILES, TOKENIZER_FILES, Checkpoint, StateDict
 from .errors import MergeError
+from .progress import Progress, report
 from .plan import MergePlan, plan_from_objects
 from .registry import Aggregator
 from .task_vectors import FullFinetune, TaskVectorSource
 from .validation import check_finite
 from .writer import DEFAULT_SHARD_BYTES, StreamingModelWriter
 
-Progress = Callable[[int, int, str], None]
 
 
 def call_kwargs(agg: Aggregator, name: str, base: torch.Tensor, hyper: Mapping[str, Any],
@@ -183,8 +183,7 @@ def update_norms(plan: MergePlan, progress: Progress | None = None) -> torch.Ten
         _, deltas = load_tensor_stack(plan, name)
         w = plan.params_for(name).weights.double()
         sq += deltas.reshape(len(plan.sources), -1).double().pow(2).sum(1) * w.pow(2)
-        if progress:
-            progress(j + 1, len(names), f"norms {name}")
+        report(progress, j + 1, len(names), f"norms {name}")
     return sq.sqrt()
 
 
@@ -237,8 +236,7 @@ def iter_merged(plan: MergePlan, progress: Progress | None = None, device: torch
             merged = exact_tensor(plan, name)
             _check_finite_fast(name, merged, "the merge result")
             yield name, merged.to(plan.output_dtype(name))
-            if progress:
-                progress(j + 1, len(names), name)
+            report(progress, j + 1, len(names), name)
         for name in plan.passthrough_names:
             yield name, plan.base.get(name)
         return
@@ -290,8 +288,7 @@ def iter_merged(plan: MergePlan, progress: Progress | None = None, device: torch
             _check_finite_fast(name, merged, "the merge result")
             del data
             yield name, merged.to(plan.output_dtype(name)).cpu() if gpu else merged.to(plan.output_dtype(name))
-            if progress:
-                progress(j + 1, len(names), name)
+            report(progress, j + 1, len(names), name)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     for name in plan.passthrough_names:

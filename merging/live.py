@@ -14,19 +14,19 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from . import kernels
 from .engine import call_kwargs, final_step, load_tensor_stack, merge_tensor
 from .errors import MergeError
+from .progress import Progress, report
 from .plan import TRAINING_KEYS, MergePlan, plan_from_objects, training_defaults
 from .registry import AGGREGATORS, LAMBDA, WEIGHT
 from .similarity import SimilarityReport, similarity_from_stacks
 from .task_vectors import TaskVectorSource
 
-Progress = Callable[[int, int, str], None]
 _MAX_INCREMENTS = 16  # incremental updates between two full linear merges (bounds rounding drift)
 
 
@@ -68,8 +68,7 @@ class TaskVectorStack:
             self._absmax[name] = _row_abs_max(d.reshape(len(sources), -1))
             self._absmax_base[name] = float(b.abs().max()) if b.numel() else 0.0
             sq += self._sq_norms[name]
-            if progress:
-                progress(j + 1, len(self.names), name)
+            report(progress, j + 1, len(self.names), name)
         self.norms = sq.sqrt()
         self.warnings = list(self.plan.warnings)
         self.warnings += [f"{n}: identical to the base (its task vector is zero; it adds nothing to a merge)"

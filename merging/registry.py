@@ -159,6 +159,10 @@ class Aggregator:
                 out[p.name] = p.check(value, f"{self.name}: ")
         return out
 
+    def accepts(self, n_models: int) -> bool:
+        """Whether this method merges `n_models` fine-tunes (the one place that says so)."""
+        return self.min_models <= n_models and (self.max_models is None or n_models <= self.max_models)
+
     def check_model_count(self, n_models: int) -> None:
         if n_models < self.min_models:
             raise MergeError(f"{self.name} needs at least {self.min_models} fine-tuned model(s), got {n_models}")

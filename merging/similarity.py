@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .plan import layer_of
+from .progress import Progress, report
 
 _CHUNK = 1 << 22
 
@@ -95,7 +96,7 @@ def similarity_from_stacks(stacks: Iterable[tuple[str, torch.Tensor]], names: li
     )
 
 
-def similarity(base, sources, progress=None) -> SimilarityReport:
+def similarity(base, sources, progress: Progress | None = None) -> SimilarityReport:
     """Stream the task vectors of `sources` relative to `base` (Checkpoints) into a report."""
     from .engine import load_tensor_stack
     from .plan import plan_from_objects
@@ -106,7 +107,6 @@ def similarity(base, sources, progress=None) -> SimilarityReport:
     def stacks():
         for j, name in enumerate(names):
             yield name, load_tensor_stack(plan, name)[1]
-            if progress:
-                progress(j + 1, len(names), name)
+            report(progress, j + 1, len(names), name)
 
     return similarity_from_stacks(stacks(), [s.name for s in sources], [dict(s.training) for s in sources])

@@ -288,7 +288,7 @@ def test_disk_merge_leaves_torch_threads_alone(tiny_zoo, tmp_path):
         seen = []
         plan = plan_from_objects(Checkpoint(tiny_zoo["base"]), [load_source(tiny_zoo["ft0"]), load_source(tiny_zoo["ft1"])],
                                  "ties", [1.0, 1.0], 1.0, {"density": 0.5})
-        merge_to_dir(plan, tmp_path / "out", progress=lambda i, n, name: seen.append(torch.get_num_threads()))
+        merge_to_dir(plan, tmp_path / "out", progress=lambda f, name: seen.append(torch.get_num_threads()))
         assert seen and set(seen) == {2} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
