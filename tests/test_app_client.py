@@ -7,26 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.shipped_app import ZOO, shipped_url  # noqa: F401  (the fixture)
 
-ZOO = Path(__file__).resolve().parent.parent / "assets" / "zoo"
 DEFAULT_SEVEN = ["reverse", "upper", "sort", "sort_desc", "add", "is_even", "is_odd"]  # one per task
-
-
-@pytest.fixture(scope="module")
-def shipped_url():
-    """The app (app.build_demo) on the zoo the README ships, whose fine-tunes do solve their tasks."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FEDMERGE_ZOO", str(ZOO))
-    import app
-
-    demo = app.build_demo()
-    demo.queue(default_concurrency_limit=2)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    mp.undo()
 
 
 def client(url):
