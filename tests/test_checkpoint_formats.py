@@ -87,7 +87,7 @@ class NotATensor:
     (lambda w: {"transformer.wte.weight": NotATensor()}, ["refused", "weights_only"]),
     (lambda w: {"transformer.wte.weight": w, "step": 3}, ["refused", "dict of tensors"]),
     (lambda w: [w], ["refused", "dict of tensors"]),
-])
+], ids=["pickled-object", "non-tensor-value", "not-a-dict"])
 def test_bin_with_anything_but_tensors_is_refused(models, tmp_path, content, needles):
     folder = tmp_path / "odd"
     folder.mkdir()
