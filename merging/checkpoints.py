@@ -163,7 +163,7 @@ class Checkpoint:
                 part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
                 raise MergeError(f"{f}: refused: not a plain tensor checkpoint "
-                                 f"(torch.load with weights_only=True failed: {str(exc).splitlines()[0]})") from None
+                                 f"(torch.load with weights_only=True failed: {_load_failure(exc)})") from None
             if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
                 raise MergeError(f"{f}: refused: expected a dict of tensors")
             state.update(part)
@@ -243,6 +243,16 @@ class Checkpoint:
 
     def side_files(self, names: Iterable[str]) -> list[Path]:
         return [self.folder / n for n in names if (self.folder / n).is_file()]
+
+
+def _load_failure(exc: Exception) -> str:
+    """What torch.load(weights_only=True) refused, in one line: the pickled global it names (torch's
+    own first line is advice on loading the file unsafely, with terminal escape codes)."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it pickles {found.group(1)}, which is not a tensor"
+    return re.sub(r"\x1b\[[0-9;]*m", "", text.strip().splitlines()[0] if text.strip() else type(exc).__name__)[:200]
 
 
 def _code(dtype: torch.dtype) -> str:

@@ -100,8 +100,9 @@ class LoraAdapter:
     def _scale(self, module: str, rank: int) -> float:
         alpha = self.config.get("lora_alpha", 8)
         for pattern, value in (self.config.get("alpha_pattern") or {}).items():
-            if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            if re.fullmatch(rf"(.*\.)?{pattern}", module):  # the first match wins, as in PEFT's get_pattern_key
                 alpha = value
+                break
         r = rank
         return alpha / (r ** 0.5) if self.config.get("use_rslora") else alpha / r
 

@@ -1,5 +1,6 @@
-"""The app in a real headless chromium (Playwright) on the tiny zoo: scenarios, readable outputs,
-one request per action, races, refusals in the Models tab, a 12-model selection."""
+"""The app in a real headless chromium (Playwright) on the shipped zoo: what the user sees (each
+scenario's answers, ✓ marks and scores, equal to the library's), one request per action, a slider
+that changes the answers, races, refusals in the Models tab, a 12-model selection."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.shipped_app import ZOO, shipped_url  # noqa: F401  (the fixture)
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -21,7 +24,7 @@ pytestmark = [pytest.mark.browser,
 def _scenarios():
     from evaluation import scenarios
 
-    return scenarios.load(Path(__file__).resolve().parent.parent / "assets" / "zoo" / "scenarios.json")
+    return scenarios.load(ZOO / "scenarios.json")
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +71,61 @@ class Page:
     def toasts(self) -> list[str]:
         return self.page.locator(".toast-body").all_inner_texts()
 
-    def close(self):
-        self.page.close()
+    def prompts(self) -> list[str]:
+        return [p for p in self.page.locator("#fm-prompts textarea").input_value().split("\n") if p.strip()]
+
+    def column(self, header: str) -> dict[str, str]:
+        """{prompt: cell text} of one column of the main outputs table, as displayed ("✓ cba")."""
+        heads = self.page.eval_on_selector_all("#fm-out-main thead th", "c => c.map(x => x.innerText.trim())")
+        rows = self.page.eval_on_selector_all(
+            "#fm-out-main tbody tr", "rows => rows.map(r => Array.from(r.cells).map(c => c.innerText.trim()))")
+        j = heads.index(header)
+        return {r[0]: r[j] for r in rows}
+
+    def bar_labels(self) -> list[str]:
+        """The percentages written on the accuracy chart's bars."""
+        return self.page.eval_on_selector_all("#fm-acc .bartext, #fm-acc text.bartext",
+                                              "t => t.map(x => x.textContent.trim())")
+
+
+@pytest.fixture()
+def open_page(browser):
+    """open_page(url, viewport) → a loaded Page; every page opened is closed after the test."""
+    pages: list[Page] = []
+
+    def make(url: str, viewport: dict = DESKTOP) -> Page:
+        pages.append(Page(browser, url, viewport))
+        return pages[-1]
+
+    yield make
+    for p in pages:
+        p.page.close()
+
+
+def library(models, method, weights, lam, hyper, prompts):
+    """The same merge and scores computed by evaluation.Session in this (the server's) process."""
+    from evaluation.session import Session
+
+    s = Session(zoo=ZOO, allow_hub=False).load_zoo()
+    try:
+        s.select(models)
+        return s.live(method, weights, lam, hyper, prompts)
+    finally:
+        s.close()
+
+
+def assert_shows(p: Page, res) -> None:
+    """The page shows the library's result: the merged column's answers and marks, the score."""
+    assert p.column("merged") == {r[0]: r[-1] for r in res.rows}
+    assert f"{round(100 * res.normalized['mean'])}%" in p.status()
+    want = [f"{round(100 * a)}%" for a in res.accuracy["merged"].values()]
+    t0, labels = time.time(), []
+    while time.time() - t0 < 30:  # plotly draws the chart after the table
+        labels = p.bar_labels()
+        if labels and all(w in labels for w in want):
+            break
+        time.sleep(0.2)
+    assert labels and all(w in labels for w in want), (labels, want)
 
 
 def merged_column_check(page, width: int) -> None:
@@ -86,163 +142,156 @@ def merged_column_check(page, width: int) -> None:
 
 
 @pytest.mark.parametrize("scenario", _scenarios(), ids=lambda s: s.id)
-def test_scenario_by_link_and_by_button(browser, app_url, scenario, tmp_path):
+def test_scenario_by_link_and_by_button(open_page, shipped_url, scenario):
     # a presenter's link: ?scenario=<id>
-    p = Page(browser, f"{app_url}?scenario={scenario.id}", DESKTOP)
-    try:
-        text = p.page.locator("#fm-scenario").inner_text()
-        assert scenario.title in text and "Claim" in text
-        assert f"{scenario.method}**" in p.page.locator("#fm-status").inner_html() or scenario.method in p.status()
-        assert p.page.locator("#fm-panel input[type=range]").count() == len(scenario.models)
-        merged_column_check(p.page, DESKTOP["width"])
-        assert len(p.joins) <= 3
-        if os.environ.get("FEDMERGE_SCREENSHOT_DIR"):
-            p.page.screenshot(path=f"{os.environ['FEDMERGE_SCREENSHOT_DIR']}/scenario-{scenario.id}-desktop.png")
-    finally:
-        p.close()
-    # the button, on a phone
-    p = Page(browser, app_url, PHONE)
-    try:
-        before = p.status()
-        p.page.locator(f"#fm-sc-{scenario.id}").click()
-        p.settle(before, expect=f"{len(scenario.models)} model(s)")
-        assert scenario.title in p.page.locator("#fm-scenario").inner_text()
-        merged_column_check(p.page, PHONE["width"])
-        p.page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
-    finally:
-        p.close()
+    p = open_page(f"{shipped_url}?scenario={scenario.id}")
+    text = p.page.locator("#fm-scenario").inner_text()
+    assert scenario.title in text and "Claim" in text
+    assert f"{scenario.method}**" in p.page.locator("#fm-status").inner_html() or scenario.method in p.status()
+    assert p.page.locator("#fm-panel input[type=range]").count() == len(scenario.models)
+    merged_column_check(p.page, DESKTOP["width"])
+    assert len(p.joins) <= 3
+    # what the user reads is the scenario's merge: answers, ✓/✗ marks and scores as the library computes them
+    res = library(scenario.models, scenario.method, scenario.weight_list(), scenario.lam, scenario.hyper, p.prompts())
+    assert_shows(p, res)
+    if scenario.id == "two-tasks":  # the scenario's point, on its own prompts: the merge answers both tasks
+        assert all(c.startswith("✓") for c in p.column("merged").values()), p.column("merged")
+    if os.environ.get("FEDMERGE_SCREENSHOT_DIR"):
+        p.page.screenshot(path=f"{os.environ['FEDMERGE_SCREENSHOT_DIR']}/scenario-{scenario.id}-desktop.png")
+    # the button, on a phone: the same answers
+    q = open_page(shipped_url, PHONE)
+    before = q.status()
+    q.page.locator(f"#fm-sc-{scenario.id}").click()
+    q.settle(before, expect=f"{len(scenario.models)} model(s)")
+    assert scenario.title in q.page.locator("#fm-scenario").inner_text()
+    merged_column_check(q.page, PHONE["width"])
+    assert q.column("merged") == p.column("merged")
 
 
-def test_requests_per_action(browser, app_url):
-    p = Page(browser, app_url, DESKTOP)
-    try:
-        p.settle("")
-        assert len(p.joins) <= 3, p.joins  # page load: one merge
-        n = len(p.joins)
-        # a coefficient slider: keyboard, then a mouse click (one release)
-        slider = p.page.locator("#fm-panel input[type=range]").first
-        before = p.status()
-        slider.focus()
-        slider.press("Home")  # w = -1: the merge points away from that task vector
-        p.settle(before)
-        assert 1 <= len(p.joins) - n <= 2, p.joins[n:]
-        n = len(p.joins)
-        box = slider.bounding_box()
-        before = p.status()
-        p.page.mouse.click(box["x"] + box["width"] * 0.8, box["y"] + box["height"] / 2)
-        p.settle(before, timeout=30)
-        assert 1 <= len(p.joins) - n <= 2, p.joins[n:]
-        # λ: keyboard
-        n = len(p.joins)
-        lam = p.page.locator("#fm-lambda input[type=range]")
-        before = p.status()
-        lam.focus()
-        lam.press("ArrowLeft")  # the page opens on the first scenario: λ 0.8, reverse + upper
-        assert "λ = 0.75" in p.settle(before, expect="λ = 0.75")
-        assert 1 <= len(p.joins) - n <= 2
-        # a checkbox
-        n = len(p.joins)
-        before = p.status()
-        p.page.locator("#fm-models label", has_text="sort_desc").click()
-        assert "3 model(s)" in p.settle(before, expect="3 model(s)")
-        assert 1 <= len(p.joins) - n <= 2, p.joins[n:]
-        assert p.page.locator("#fm-panel input[type=range]").count() == 3
-        # switching the aggregator shows only its registry-built widgets
-        assert not p.page.locator("#hp-fedgma-rho").is_visible()
-        box = p.page.locator("#fm-method input")
-        box.click()
-        box.fill("fedgma")
-        box.press("ArrowDown")
-        box.press("Enter")
-        p.page.locator("#hp-fedgma-rho").wait_for(state="visible", timeout=15_000)
-        assert "fedgma" in p.settle(before, expect="fedgma")
-        assert not p.page.locator("#hp-ties-density").is_visible()
-        assert not [t for t in p.toasts() if "rror" in t]
-    finally:
-        p.close()
+def test_requests_per_action(open_page, shipped_url):
+    p = open_page(shipped_url)
+    p.settle("")
+    prompts = p.prompts()
+    shown = p.column("merged")
+    assert len(p.joins) <= 3, p.joins  # page load: one merge
+    n = len(p.joins)
+    # a coefficient slider: keyboard, then a mouse click (one release)
+    slider = p.page.locator("#fm-panel input[type=range]").first
+    before = p.status()
+    slider.focus()
+    slider.press("Home")  # w = -1: the merge points away from that task vector
+    p.settle(before)
+    assert 1 <= len(p.joins) - n <= 2, p.joins[n:]
+    # the answers move with the slider: the reverse task is lost, exactly as the library merges it
+    reverse_prompt = next(q for q in prompts if q.startswith("reverse:"))
+    assert shown[reverse_prompt].startswith("✓") and p.column("merged")[reverse_prompt].startswith("✗")
+    assert_shows(p, library(["reverse", "upper"], "task_arithmetic", [-1.0, 1.0], 0.8, {}, prompts))
+    n = len(p.joins)
+    box = slider.bounding_box()
+    before = p.status()
+    p.page.mouse.click(box["x"] + box["width"] * 0.8, box["y"] + box["height"] / 2)
+    p.settle(before, timeout=30)
+    assert 1 <= len(p.joins) - n <= 2, p.joins[n:]
+    # λ: keyboard
+    n = len(p.joins)
+    lam = p.page.locator("#fm-lambda input[type=range]")
+    before = p.status()
+    lam.focus()
+    lam.press("ArrowLeft")  # the page opens on the first scenario: λ 0.8, reverse + upper
+    assert "λ = 0.75" in p.settle(before, expect="λ = 0.75")
+    assert 1 <= len(p.joins) - n <= 2
+    # a checkbox
+    n = len(p.joins)
+    before = p.status()
+    p.page.locator("#fm-models label", has_text="sort_desc").click()
+    assert "3 model(s)" in p.settle(before, expect="3 model(s)")
+    assert 1 <= len(p.joins) - n <= 2, p.joins[n:]
+    assert p.page.locator("#fm-panel input[type=range]").count() == 3
+    # switching the aggregator shows only its registry-built widgets
+    assert not p.page.locator("#hp-fedgma-rho").is_visible()
+    box = p.page.locator("#fm-method input")
+    box.click()
+    box.fill("fedgma")
+    box.press("ArrowDown")
+    box.press("Enter")
+    p.page.locator("#hp-fedgma-rho").wait_for(state="visible", timeout=15_000)
+    assert "fedgma" in p.settle(before, expect="fedgma")
+    assert not p.page.locator("#hp-ties-density").is_visible()
+    assert not [t for t in p.toasts() if "rror" in t]
 
 
-def test_race_lambda_then_checkbox_shows_no_error(browser, app_url):
-    p = Page(browser, app_url, DESKTOP)
-    try:
-        p.settle("")
-        lam = p.page.locator("#fm-lambda input[type=range]")
-        before = p.status()
-        lam.focus()
-        lam.press("ArrowRight")
-        p.page.wait_for_timeout(100)
-        p.page.locator("#fm-models label", has_text="reverse-long").click()
-        final = p.settle(before, expect="3 model(s)")
-        assert "3 model(s)" in final and "λ = 0.85" in final and "⚠️" not in final, final
-        assert not p.toasts(), p.toasts()
-        # deselecting every model: one message, the selection comes back
-        for label in p.page.locator("#fm-models label").all():
-            if label.locator("input").is_checked():
-                label.click()
-                p.page.wait_for_timeout(60)
-        time.sleep(3)
-        toasts = p.toasts()
-        assert toasts and all("select at least one" in t for t in toasts)
-        assert p.page.locator("#fm-models input:checked").count() >= 1
-    finally:
-        p.close()
+def test_race_lambda_then_checkbox_shows_no_error(open_page, shipped_url):
+    p = open_page(shipped_url)
+    p.settle("")
+    lam = p.page.locator("#fm-lambda input[type=range]")
+    before = p.status()
+    lam.focus()
+    lam.press("ArrowRight")
+    p.page.wait_for_timeout(100)
+    p.page.locator("#fm-models label", has_text="reverse-long").click()
+    final = p.settle(before, expect="3 model(s)")
+    assert "3 model(s)" in final and "λ = 0.85" in final and "⚠️" not in final, final
+    assert not p.toasts(), p.toasts()
+    # deselecting every model: one message, the selection comes back
+    for label in p.page.locator("#fm-models label").all():
+        if label.locator("input").is_checked():
+            label.click()
+            p.page.wait_for_timeout(60)
+    time.sleep(3)
+    toasts = p.toasts()
+    assert toasts and all("select at least one" in t for t in toasts)
+    assert p.page.locator("#fm-models input:checked").count() >= 1
 
 
-def test_models_tab_refusals_leave_the_merge_tab_working(browser, app_url):
-    p = Page(browser, app_url, DESKTOP)
-    try:
-        p.settle("")
-        p.page.get_by_role("tab", name="Models").click()
-        for ref in ["/etc", "", "someone/not-a-model"]:
-            p.page.locator("#fm-add-ref textarea, #fm-add-ref input").first.fill(ref)
-            before = p.page.locator("#fm-models-md").inner_text()
-            p.page.locator("#fm-add-btn").click()
-            t0 = time.time()
-            msg = before
-            while (msg == before or not msg.startswith("⚠️")) and time.time() - t0 < 30:
-                time.sleep(0.2)
-                msg = p.page.locator("#fm-models-md").inner_text()
-            assert msg.startswith("⚠️") and msg != before, msg
-            assert "Traceback" not in msg and "Error:" not in msg
-        p.page.get_by_role("tab", name="Merge").click()
-        assert p.page.locator("#fm-tab-merge .error, #fm-models .error").count() == 0
-        assert p.page.get_by_text("Error", exact=True).count() == 0
-        before = p.status()
-        p.page.locator("#fm-models label", has_text="add").first.click()
-        assert "3 model(s)" in p.settle(before, expect="3 model(s)")
-    finally:
-        p.close()
+def test_models_tab_refusals_leave_the_merge_tab_working(open_page, shipped_url):
+    p = open_page(shipped_url)
+    p.settle("")
+    p.page.get_by_role("tab", name="Models").click()
+    for ref in ["/etc", "", "someone/not-a-model"]:
+        p.page.locator("#fm-add-ref textarea, #fm-add-ref input").first.fill(ref)
+        before = p.page.locator("#fm-models-md").inner_text()
+        p.page.locator("#fm-add-btn").click()
+        t0 = time.time()
+        msg = before
+        while (msg == before or not msg.startswith("⚠️")) and time.time() - t0 < 30:
+            time.sleep(0.2)
+            msg = p.page.locator("#fm-models-md").inner_text()
+        assert msg.startswith("⚠️") and msg != before, msg
+        assert "Traceback" not in msg and "Error:" not in msg
+    p.page.get_by_role("tab", name="Merge").click()
+    assert p.page.locator("#fm-tab-merge .error, #fm-models .error").count() == 0
+    assert p.page.get_by_text("Error", exact=True).count() == 0
+    before = p.status()
+    p.page.locator("#fm-models label", has_text="add").first.click()
+    assert "3 model(s)" in p.settle(before, expect="3 model(s)")
 
 
-def test_twelve_models(browser, app_url, tmp_path, monkeypatch):
-    zoo = Path(os.environ["FEDMERGE_ZOO"])
+def test_twelve_models(open_page, shipped_url, tmp_path, monkeypatch):
+    zoo = ZOO
     extra = tmp_path / "extra"
     for name in ["upper", "add", "sort", "is_even"]:
         shutil.copytree(zoo / name, extra / f"{name}-copy")
     monkeypatch.setenv("FEDMERGE_ALLOWED_DIRS", str(extra))
     monkeypatch.setenv("FEDMERGE_MAX_MODELS", "12")  # above the public default of 10 (evaluation/limits.py)
-    p = Page(browser, app_url, DESKTOP)
-    try:
-        p.settle("")
-        p.page.get_by_role("tab", name="Models").click()
-        for name in ["upper", "add", "sort", "is_even"]:
-            p.page.locator("#fm-add-ref textarea, #fm-add-ref input").first.fill(str(extra / f"{name}-copy"))
-            p.page.locator("#fm-add-btn").click()
-            p.page.locator("#fm-models-md", has_text=f"{name}-copy").wait_for(timeout=60_000)
-        p.page.get_by_role("tab", name="Merge").click()
-        before = p.status()
-        for label in p.page.locator("#fm-models label").all():  # tick every model not yet selected
-            if not label.locator("input").is_checked():
-                label.click()
-                p.page.wait_for_timeout(150)
-        final = p.settle(before, expect="12 model(s)")
-        assert "12 model(s)" in final and "⚠️" not in final, final
-        assert p.page.locator("#fm-panel input[type=range]").count() == 12
-        before = p.status()
-        slider = p.page.locator("#fm-panel input[type=range]").nth(11)
-        slider.focus()
-        slider.press("Home")
-        assert "⚠️" not in p.settle(before)
-        merged_column_check(p.page, DESKTOP["width"])
-    finally:
-        p.close()
+    p = open_page(shipped_url)
+    p.settle("")
+    p.page.get_by_role("tab", name="Models").click()
+    for name in ["upper", "add", "sort", "is_even"]:
+        p.page.locator("#fm-add-ref textarea, #fm-add-ref input").first.fill(str(extra / f"{name}-copy"))
+        p.page.locator("#fm-add-btn").click()
+        p.page.locator("#fm-models-md", has_text=f"{name}-copy").wait_for(timeout=60_000)
+    p.page.get_by_role("tab", name="Merge").click()
+    before = p.status()
+    for label in p.page.locator("#fm-models label").all():  # tick every model not yet selected
+        if not label.locator("input").is_checked():
+            label.click()
+            p.page.wait_for_timeout(150)
+    final = p.settle(before, expect="12 model(s)")
+    assert "12 model(s)" in final and "⚠️" not in final, final
+    assert p.page.locator("#fm-panel input[type=range]").count() == 12
+    before = p.status()
+    slider = p.page.locator("#fm-panel input[type=range]").nth(11)
+    slider.focus()
+    slider.press("Home")
+    assert "⚠️" not in p.settle(before)
+    merged_column_check(p.page, DESKTOP["width"])

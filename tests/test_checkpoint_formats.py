@@ -1,0 +1,165 @@
+"""Input formats a merge must read like plain safetensors: legitimate `.bin` files, tied weights,
+sharded folders, bf16/fp16 weights. Tiny GPT-2s built here; merged through the YAML API to disk."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from merging import Checkpoint, MergeError, parse_config, plan_from_config
+from merging.engine import merge_to_dir
+from tests.conftest import load_sd, perturbed, save_model, tiny_config
+
+WEIGHTS = [0.7, 1.2]
+LAM = 0.8
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A base and two fine-tunes of a tiny GPT-2 (tied lm_head), each as safetensors."""
+    from transformers import GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("formats")
+    torch.manual_seed(1)
+    base = GPT2LMHeadModel(tiny_config()).eval()
+    out = {"base": save_model(base, root / "base")}
+    for i in range(2):
+        out[f"ft{i}"] = save_model(perturbed(base, seed=30 + i), root / f"ft{i}")
+    return out
+
+
+def merge(tmp: Path, base: Path, fts: list[Path], name: str = "out", **extra) -> Path:
+    cfg = parse_config({"merge_method": "task_arithmetic", "base_model": str(base),
+                        "models": [{"model": str(f), "parameters": {"weight": w}} for f, w in zip(fts, WEIGHTS)],
+                        "parameters": {"lambda": LAM}, **extra})
+    return merge_to_dir(plan_from_config(cfg), tmp / name)
+
+
+def reference(base: dict, fts: list[dict]) -> dict[str, torch.Tensor]:
+    """θ₀ + λ Σ wᵢ(θᵢ − θ₀), in float64, from the float tensors of the safetensors files."""
+    out = {}
+    for k, b in base.items():
+        b64 = b.double()
+        out[k] = b64 + LAM * sum(w * (ft[k].double() - b64) for w, ft in zip(WEIGHTS, fts))
+    return out
+
+
+def as_bin(src: Path, dst: Path) -> Path:
+    """The same model as a transformers-era `pytorch_model.bin`: torch.save of the module's
+    state_dict, so the tied lm_head.weight is saved too, sharing wte's storage."""
+    from transformers import GPT2LMHeadModel
+
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    state = GPT2LMHeadModel.from_pretrained(src).state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()
+    torch.save(state, dst / "pytorch_model.bin")
+    return dst
+
+
+def test_bin_checkpoint_merges_like_its_safetensors_twin(models, tmp_path):
+    want = load_sd(merge(tmp_path, models["base"], [models["ft0"], models["ft1"]], "st"))
+    bins = [as_bin(models[k], tmp_path / f"{k}-bin") for k in ("base", "ft0", "ft1")]
+    ck = Checkpoint(bins[1])
+    # the tie is de-duplicated: lm_head.weight is read once, as transformers' safetensors have it
+    assert "lm_head.weight" not in ck.keys() and "transformer.wte.weight" in ck.keys()
+    assert sorted(ck.keys()) == sorted(Checkpoint(models["ft0"]).keys())
+    got = load_sd(merge(tmp_path, bins[0], bins[1:], "bin"))
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    # mixed: a .bin fine-tune over a safetensors base
+    mixed = load_sd(merge(tmp_path, models["base"], [bins[1], models["ft1"]], "mixed"))
+    assert all(torch.equal(mixed[k], want[k]) for k in want)
+
+
+class NotATensor:
+    """An arbitrary object: torch.load(weights_only=True) must refuse to unpickle it."""
+
+    def __init__(self):
+        self.payload = [1, 2, 3]
+
+
+@pytest.mark.parametrize("content,needles", [
+    (lambda w: {"transformer.wte.weight": NotATensor()}, ["refused", "weights_only", "pickles", "NotATensor"]),
+    (lambda w: {"transformer.wte.weight": w, "step": 3}, ["refused", "dict of tensors"]),
+    (lambda w: [w], ["refused", "dict of tensors"]),
+], ids=["pickled-object", "non-tensor-value", "not-a-dict"])
+def test_bin_with_anything_but_tensors_is_refused(models, tmp_path, content, needles):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    shutil.copy(models["base"] / "config.json", folder / "config.json")
+    torch.save(content(torch.zeros(40, 16)), folder / "pytorch_model.bin")
+    with pytest.raises(MergeError) as err:
+        merge(tmp_path, models["base"], [models["ft0"], folder])
+    msg = str(err.value)
+    assert all(n in msg for n in needles), msg
+    assert "Traceback" not in msg and len(msg.splitlines()) == 1
+    assert "\x1b" not in msg and "weights_only=False" not in msg  # not torch's advice to load it unsafely
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_tied_weights_stay_tied_and_merge_once(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    fts = [models["ft0"], models["ft1"]]
+    assert "lm_head.weight" not in load_sd(models["base"])  # transformers writes the tie once
+    out = merge(tmp_path, models["base"], fts)
+    merged = load_sd(out)
+    assert "lm_head.weight" not in merged  # ... and so does the merge
+    assert json.loads((out / "config.json").read_text()).get("tie_word_embeddings", True) is True
+    expected = reference(load_sd(models["base"]), [load_sd(f) for f in fts])
+    torch.testing.assert_close(merged["transformer.wte.weight"], expected["transformer.wte.weight"].float(),
+                               rtol=0, atol=2e-7)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, merged["transformer.wte.weight"])
+
+
+def test_sharded_input_merges_like_the_single_file(models, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    sharded = {}
+    for k in ("base", "ft0", "ft1"):
+        sharded[k] = tmp_path / f"{k}-sharded"
+        GPT2LMHeadModel.from_pretrained(models[k]).save_pretrained(sharded[k], max_shard_size="10KB")
+        assert len(list(sharded[k].glob("*.safetensors"))) >= 3
+        assert (sharded[k] / "model.safetensors.index.json").exists()
+    assert sorted(Checkpoint(sharded["ft0"]).keys()) == sorted(Checkpoint(models["ft0"]).keys())
+    want = load_sd(merge(tmp_path, models["base"], [models["ft0"], models["ft1"]], "single"))
+    got = load_sd(merge(tmp_path, sharded["base"], [sharded["ft0"], sharded["ft1"]], "sharded"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_merge_in_float32_and_keep_their_dtype(models, tmp_path, dtype):
+    """The documented rule (MergeConfig, MergePlan.output_dtype): without `dtype`/`out_dtype` the
+    merge is computed in float32 and written in the base's dtype; `out_dtype` picks another."""
+    from transformers import GPT2LMHeadModel
+
+    half = {}
+    for k in ("base", "ft0", "ft1"):
+        half[k] = tmp_path / f"{k}-half"
+        GPT2LMHeadModel.from_pretrained(models[k]).to(dtype).save_pretrained(half[k])
+    inputs = {k: load_sd(v) for k, v in half.items()}
+    assert inputs["ft0"]["transformer.wte.weight"].dtype == dtype
+    # θ₀ + λΣwᵢτᵢ from the half-precision values, in float64: the float32 merge is within float32 rounding
+    expected = reference(inputs["base"], [inputs["ft0"], inputs["ft1"]])
+
+    as_input = merge(tmp_path, half["base"], [half["ft0"], half["ft1"]], "same")
+    got = load_sd(as_input)
+    assert {t.dtype for t in got.values()} == {dtype}
+    assert json.loads((as_input / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    wide = load_sd(merge(tmp_path, half["base"], [half["ft0"], half["ft1"]], "f32", out_dtype="float32"))
+    assert {t.dtype for t in wide.values()} == {torch.float32}
+    for k, e in expected.items():
+        # computed in float32, not in the half dtype: float32 rounding only, then one rounding to `dtype`
+        torch.testing.assert_close(wide[k].double(), e, rtol=1e-6, atol=1e-7)
+        assert torch.equal(got[k], wide[k].to(dtype)), k
+    # a merge computed in the half dtype itself (mergekit's `dtype:`) rounds at every step: not the same
+    low = load_sd(merge(tmp_path, half["base"], [half["ft0"], half["ft1"]], "low", dtype=str(dtype)[6:]))
+    assert {t.dtype for t in low.values()} == {dtype}
+    assert any(not torch.equal(low[k], got[k]) for k in got)

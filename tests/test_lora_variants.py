@@ -1,0 +1,91 @@
+"""LoRA adapter variants against PEFT's own merge_and_unload: per-module ranks and alphas
+(`rank_pattern`, `alpha_pattern`), whole modules trained beside the adapter (`modules_to_save`),
+and DoRA, which is refused with a message that names it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from merging import Checkpoint, MergeError, load_source, parse_config, plan_from_config
+from merging.engine import merge_to_dir
+from tests.conftest import load_sd
+
+
+def peft_adapter(base_dir, folder, seed: int = 0, **lora):
+    """A PEFT LoRA adapter of the base saved to `folder`, and PEFT's merged state dict."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(fan_in_fan_out=True, init_lora_weights=False, **lora))
+    for name, module in model.named_modules():  # modules_to_save: the trained copy moves away from the base
+        if name.endswith("modules_to_save.default"):
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.add_(0.25 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return folder, {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def assert_deltas_match_peft(base_dir, adapter_dir, merged) -> set[str]:
+    """θ₀ + τ equals PEFT's merged weights for every tensor of the base; returns the changed names."""
+    base = Checkpoint(base_dir)
+    src = load_source(adapter_dir)
+    changed = set()
+    for key in base.keys():
+        b = base.get(key).float()
+        delta = src.delta(key, b)
+        torch.testing.assert_close(b + delta, merged[key].float(), atol=1e-6, rtol=1e-5, msg=key)
+        if delta.abs().sum() > 0:
+            changed.add(key)
+    return changed
+
+
+def test_rank_and_alpha_patterns_match_peft(tiny_zoo, tmp_path):
+    # overlapping alpha patterns: PEFT takes the first key that matches (peft.utils.other.get_pattern_key)
+    adapter, merged = peft_adapter(
+        tiny_zoo["base"], tmp_path / "ad", r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+        rank_pattern={"h.1.attn.c_attn": 2, "c_fc": 3},
+        alpha_pattern={"h.0.attn.c_attn": 2, "c_fc": 12, "h.0.mlp.c_fc": 5})
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] and cfg["alpha_pattern"]
+    changed = assert_deltas_match_peft(tiny_zoo["base"], adapter, merged)
+    assert changed == {f"transformer.h.{i}.{m}.weight" for i in (0, 1) for m in ("attn.c_attn", "mlp.c_fc")}
+
+
+def test_rslora_with_patterns_matches_peft(tiny_zoo, tmp_path):
+    adapter, merged = peft_adapter(tiny_zoo["base"], tmp_path / "ad", seed=1, r=4, lora_alpha=6,
+                                   target_modules=["c_proj"], use_rslora=True,
+                                   rank_pattern={"mlp.c_proj": 2}, alpha_pattern={"h.1.attn.c_proj": 3})
+    assert len(assert_deltas_match_peft(tiny_zoo["base"], adapter, merged)) == 4
+
+
+def test_modules_to_save_are_merged_as_full_weights(tiny_zoo, tmp_path):
+    adapter, merged = peft_adapter(tiny_zoo["base"], tmp_path / "ad", seed=2, r=2, lora_alpha=4,
+                                   target_modules=["c_attn"], modules_to_save=["ln_f"])
+    changed = assert_deltas_match_peft(tiny_zoo["base"], adapter, merged)
+    assert {"transformer.ln_f.weight", "transformer.ln_f.bias"} <= changed
+    assert {"transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"} <= changed
+    # through a YAML merge to disk (w = λ = 1): exactly PEFT's merged model
+    cfg = parse_config({"merge_method": "task_arithmetic", "base_model": str(tiny_zoo["base"]),
+                        "models": [{"model": str(adapter)}]})
+    out = load_sd(merge_to_dir(plan_from_config(cfg), tmp_path / "out"))
+    for k, v in out.items():
+        torch.testing.assert_close(v, merged[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_dora_adapter_is_refused_by_name(tiny_zoo, tmp_path):
+    adapter, _ = peft_adapter(tiny_zoo["base"], tmp_path / "dora", r=2, lora_alpha=4,
+                              target_modules=["c_attn"], use_dora=True)
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    with pytest.raises(MergeError, match="DoRA"):
+        load_source(adapter)
+    cfg = parse_config({"merge_method": "task_arithmetic", "base_model": str(tiny_zoo["base"]),
+                        "models": [{"model": str(tiny_zoo["ft0"])}, {"model": str(adapter)}]})
+    with pytest.raises(MergeError) as err:
+        plan_from_config(cfg)
+    assert "DoRA" in str(err.value) and "dora" in str(err.value)  # names the method and the adapter
+    assert len(str(err.value).splitlines()) == 1
