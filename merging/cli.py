@@ -85,7 +85,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
             pairs = ", ".join(f"{report.names[i]}~{report.names[j]} {mat[i, j]:.3f}" for i, j in report.pairs())
             print(f"{layer}: {pairs}")
     if args.html:
-        from evaluation.plots import similarity_heatmap
+        from .report import similarity_heatmap
 
         fig = similarity_heatmap(report)
         Path(args.html).parent.mkdir(parents=True, exist_ok=True)
