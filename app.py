@@ -33,8 +33,8 @@ import torch  # noqa: E402
 from evaluation import heterogeneity, landscape, limits, plots, scenarios  # noqa: E402
 from evaluation.learn import learn_markdown  # noqa: E402
 from evaluation.playground import (DEFAULT_LAMBDA, DEFAULT_METHOD, LAMBDA_RANGE, OUTPUTS_CSS,  # noqa: E402
-                                   PANEL_CSS, PANEL_JS, Cancelled, Playground, View, add_model, method_label,
-                                   model_card, panel_html)
+                                   PANEL_CSS, PANEL_JS, Cancelled, Playground, View, add_model, live_kwargs,
+                                   method_label, model_card, panel_html)
 from evaluation.search import (LAMBDAS, QUICK_LAMBDAS, SEARCH_N, compare_all, comparison_chart,  # noqa: E402
                                comparison_table, hyper_grid, search, sweep)
 from evaluation.session import default_threads, push_to_hub, read_zoo  # noqa: E402
@@ -306,13 +306,6 @@ def live_api(pg: Playground | None, selection: list[str], method: str, lam: floa
     res = view.result
     data = {"headers": res.headers, "rows": res.rows, "accuracy": res.accuracy, "normalized": res.normalized}
     return [pg, *view_out(view), data]
-
-
-def live_kwargs(method: str = DEFAULT_METHOD, lam: float = 1.0, weights: list[float] | None = None,
-                hyper: dict[str, Any] | None = None, prompts: str = "", selection: list[str] | None = None) -> dict:
-    """Keyword arguments of the /live endpoint for gradio_client: `client.predict(**live_kwargs(...), api_name="/live")`."""
-    return dict(selection=list(selection or []), method=method, lam=float(lam), weights=list(weights or []),
-                hyper=dict(hyper or {}), prompts=prompts)
 
 
 @_guard

@@ -140,7 +140,7 @@ def main() -> int:
         args.zoo = str(gpt2_zoo())
     from gradio_client import Client
 
-    from app import live_kwargs
+    from evaluation.playground import live_kwargs
     from evaluation.session import default_prompts, default_threads, read_zoo
 
     specs = [s for s in read_zoo(args.zoo)[1] if not s.variant_of]

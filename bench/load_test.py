@@ -58,7 +58,7 @@ def main() -> int:
         return soak(args)
     from gradio_client import Client
 
-    from app import live_kwargs
+    from evaluation.playground import live_kwargs
     from evaluation.session import read_zoo
 
     k = len([s for s in read_zoo(args.zoo)[1] if not s.variant_of])
@@ -163,7 +163,7 @@ def soak(args) -> int:
     """S sessions × M merges with long prompts, exports and disconnects; then idle past the TTL."""
     from gradio_client import Client
 
-    from app import live_args
+    from evaluation.playground import live_kwargs
     from evaluation.exports import folder_bytes
     from evaluation.session import default_prompts, read_zoo
 
@@ -197,7 +197,7 @@ def soak(args) -> int:
         return Client(url, verbose=False, download_files=False, httpx_kwargs={"timeout": 300})
 
     def call(client, method, lam, weights, hyper, text=prompts):
-        return client.predict(*live_args(method, lam, weights, hyper, prompts=text), api_name="/live")
+        return client.predict(**live_kwargs(method, lam, weights, hyper, prompts=text), api_name="/live")
 
     results: dict[tuple[int, int], object] = {}
     latencies: list[float] = []
