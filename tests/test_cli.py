@@ -91,6 +91,8 @@ def test_cli_merge_writes_a_complete_folder(run_cli, tiny_zoo, tmp_path):
     assert "wrote" in r.stdout
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"model.safetensors", "config.json", "merge_config.yml", "README.md"} <= files
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "# Merged with FedMerge: `task_arithmetic`" in card and card.endswith(".\n") and not card.endswith("\n\n")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
     # the written YAML reproduces the merge
     again = run_cli("merge", tmp_path / "out" / "merge_config.yml", tmp_path / "again", "--no-progress")
@@ -107,6 +109,21 @@ def test_cli_refuses_to_overwrite_without_flag(run_cli, tiny_zoo, tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     r = run_cli("merge", cfg, tmp_path / "out", "--no-progress", "--overwrite")
     assert r.returncode == 0 and not (tmp_path / "out" / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_cli_output_folder_follows_the_umask(run_cli, tiny_zoo, tmp_path, umask):
+    """The folder is renamed into place from a temporary one: it must get the mode any new folder
+    gets (not tempfile's 0700), and so must its files."""
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"]))
+    old = os.umask(umask)
+    try:
+        r = run_cli("merge", cfg, tmp_path / "out", "--no-progress")
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {0o666 & ~umask}
 
 
 def test_cli_similarity_prints_matrix_and_writes_html(run_cli, tiny_zoo, tmp_path):
