@@ -33,8 +33,8 @@ import torch  # noqa: E402
 from evaluation import heterogeneity, landscape, limits, plots, scenarios  # noqa: E402
 from evaluation.learn import learn_markdown  # noqa: E402
 from evaluation.playground import (DEFAULT_LAMBDA, DEFAULT_METHOD, LAMBDA_RANGE, OUTPUTS_CSS,  # noqa: E402
-                                   PANEL_CSS, PANEL_JS, Cancelled, Playground, View, add_model, live_kwargs,
-                                   method_label, model_card, panel_html)
+                                   PANEL_CSS, PANEL_JS, Cancelled, Playground, View, add_model, method_label,
+                                   model_card, panel_html)
 from evaluation.search import (LAMBDAS, QUICK_LAMBDAS, SEARCH_N, compare_all, comparison_chart,  # noqa: E402
                                comparison_table, hyper_grid, search, sweep)
 from evaluation.session import default_threads, push_to_hub, read_zoo  # noqa: E402
