@@ -194,7 +194,7 @@ def test_exports_live_in_the_session_folder_and_go_with_the_session(app_url, zoo
     yml = _path(yml)
     card = zipfile.ZipFile(zipped).read("README.md").decode()
     assert "merge_config.yml" in zipfile.ZipFile(zipped).namelist() and "## Live scores" in card  # the app's card
-    assert card.endswith(")\n") and not card.endswith("\n\n")  # one final newline
+    assert card.endswith(".\n") and not card.endswith("\n\n")  # one final newline
     # the model references, without the server's install path
     assert str(zoo_root) not in text and "model: zoo/reverse" in text and "base_model: zoo/base" in text
     assert str(zoo_root) not in card and "base model: `zoo/base`" in card
