@@ -290,6 +290,7 @@ def test_process_refusal_is_one_line_and_a_non_zero_exit(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a virtual environment, an editable install and three fresh interpreters
 def test_fedmerge_console_script_from_any_folder(tmp_path):
     """pyproject.toml's `fedmerge` script, installed with `pip install -e .` into a fresh virtual
     environment: it runs `merging.cli:main` outside the checkout, as `python -m merging` does."""
