@@ -308,13 +308,6 @@ def live_api(pg: Playground | None, selection: list[str], method: str, lam: floa
     return [pg, *view_out(view), data]
 
 
-def live_kwargs(method: str = DEFAULT_METHOD, lam: float = 1.0, weights: list[float] | None = None,
-                hyper: dict[str, Any] | None = None, prompts: str = "", selection: list[str] | None = None) -> dict:
-    """Keyword arguments of the /live endpoint for gradio_client: `client.predict(**live_kwargs(...), api_name="/live")`."""
-    return dict(selection=list(selection or []), method=method, lam=float(lam), weights=list(weights or []),
-                hyper=dict(hyper or {}), prompts=prompts)
-
-
 @_guard
 def hetero(pg: Playground | None, layer_name: str, metric_name: str) -> list:
     try:

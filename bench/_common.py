@@ -1,10 +1,12 @@
-"""Shared helpers of the benchmarks: timed subprocesses with peak RSS, the mergekit venv, results."""
+"""Shared helpers of the benchmarks: the work folder, timed subprocesses with peak RSS, the mergekit
+venv, a free port, and the one way results are appended to bench/RESULTS.md (`--no-record` skips it)."""
 from __future__ import annotations
 
 import datetime as _dt
 import os
 import platform
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +17,19 @@ WORK = ROOT / "bench" / "_work"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 MERGEKIT_VERSION = "0.1.5"
 TORCH_VERSION = "2.13.0"
+
+
+def work_dir(*parts: str) -> Path:
+    """bench/_work (git-ignored, so a fresh clone has none) or a folder under it, created if missing."""
+    path = WORK.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = None) -> tuple[float, float, int]:
@@ -70,7 +85,33 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores{mem}, Python {platform.python_version()}"
 
 
+def best_of(fn, repeat: int = 1):
+    """(shortest wall time of `repeat` calls of `fn`, the last call's result)."""
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def zoo_session():
+    """An evaluation Session on the zoo (assets/zoo or FEDMERGE_ZOO), loaded: what the evaluation
+    benchmarks measure on."""
+    from evaluation.session import Session
+
+    session = Session()
+    session.load_zoo()
+    return session
+
+
+def add_record_flag(ap) -> None:
+    """Every benchmark's opt-out of bench/RESULTS.md."""
+    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+
+
 def append_results(title: str, command: list[str] | str, body: str) -> None:
+    """Append one section to bench/RESULTS.md: title, date, machine, the command, then `body` (markdown)."""
     cmd = command if isinstance(command, str) else " ".join(shlex.quote(c) for c in command)
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     new = not RESULTS.exists()

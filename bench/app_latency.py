@@ -8,7 +8,7 @@ headless Chromium loads the page --loads times on the warm server (time to the o
 to the plots; the baseline is one /live round trip measured in the same run) and performs each
 user action once, counting the queue requests it sends. Appends to bench/RESULTS.md.
 
-    python bench/app_latency.py [--n 60] [--loads 5] [--zoo assets/zoo] [--per-task 1] [--no-browser] [--no-append]
+    python bench/app_latency.py [--n 60] [--loads 5] [--zoo assets/zoo] [--per-task 1] [--no-browser] [--no-record]
 
 For the GPT-2-small-shaped run (4 synthetic fine-tunes of bench/make_checkpoints.py, each given
 one zoo task, 2 prompts per task = 8 generations per event):
@@ -19,23 +19,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import ROOT, WORK, add_record_flag, append_results, free_port, work_dir  # noqa: E402
 
 GPT2_TASKS = ("reverse", "upper", "sort", "add")
 
@@ -44,7 +36,7 @@ def gpt2_zoo() -> Path:
     """bench/_work/ckpt-1x with a zoo.json naming one task per synthetic fine-tune."""
     import json
 
-    ckpt = ROOT / "bench" / "_work" / "ckpt-1x"
+    ckpt = WORK / "ckpt-1x"
     if not (ckpt / "ft3" / "model.safetensors").exists():
         subprocess.run([sys.executable, str(ROOT / "bench" / "make_checkpoints.py"), "--out", str(ckpt)], check=True)
     index = {"base": {"name": "base", "folder": "base", "task": "pretrain"},
@@ -134,23 +126,23 @@ def main() -> int:
                     help="use bench/_work/ckpt-1x (GPT-2-small shape, made if missing) as a 4-task zoo")
     ap.add_argument("--loads", type=int, default=5, help="page loads in the browser part")
     ap.add_argument("--no-browser", action="store_true")
-    ap.add_argument("--no-append", action="store_true")
+    add_record_flag(ap)
     args = ap.parse_args()
     if args.gpt2:
         args.zoo = str(gpt2_zoo())
     from gradio_client import Client
 
-    from app import live_kwargs
+    from evaluation.playground import live_kwargs
     from evaluation.session import default_prompts, default_threads, read_zoo
 
     specs = [s for s in read_zoo(args.zoo)[1] if not s.variant_of]
     names = [s.name for s in specs]
     prompts = "\n".join(default_prompts([s.task for s in specs], args.per_task)) if args.per_task else ""
     k = len(names)
-    port = _port()
+    port = free_port()
     env = {**os.environ, "FEDMERGE_ZOO": str(Path(args.zoo).resolve()), "GRADIO_SERVER_PORT": str(port)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(ROOT / "bench" / "_work" / "app_latency.log", "w"))
+                            stdout=subprocess.DEVNULL, stderr=open(work_dir() / "app_latency.log", "w"))
     try:
         url = f"http://127.0.0.1:{port}/"
         for _ in range(120):
@@ -186,22 +178,19 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-    if not args.no_append:
-        cmd = "python bench/app_latency.py " + " ".join(sys.argv[1:])
-        text = [f"\n## App latency: slider event → updated outputs + scores ({datetime.now(timezone.utc):%Y-%m-%d})\n",
-                f"`{cmd.strip()}` — gradio_client round trips to `python app.py` (127.0.0.1), zoo `{Path(args.zoo).name}`, "
+    if not args.no_record:
+        text = [f"gradio_client round trips to `python app.py` (127.0.0.1), zoo `{Path(args.zoo).name}`, "
                 f"{k} fine-tunes, {len(prompts.splitlines()) or k} prompts, app torch threads "
                 f"{default_threads(args.zoo)}, {args.n} events per row; each event merges, scores the live validation subset "
-                f"(FEDMERGE_LIVE_N={os.environ.get('FEDMERGE_LIVE_N', '12')} per task) and regenerates the prompts table. "
-                f"2-core CPU machine, shared with other jobs.\n",
-                "| event | p50 | p95 |", "|---|---|---|"]
+                f"(FEDMERGE_LIVE_N={os.environ.get('FEDMERGE_LIVE_N', '12')} per task) and regenerates the prompts table.",
+                "", "| event | p50 | p95 |", "|---|---|---|"]
         text += [f"| {label} | {p50:.0f} ms | {p95:.0f} ms |" for label, p50, p95 in rows]
         if browser_rows:
             text += ["", f"Headless Chromium on the same warm server ({args.loads} page loads; baseline: the λ-slider "
                          "/live round trip above):", "", "| measure | value |", "|---|---|"]
             text += [f"| {label} | {value} |" for label, value in browser_rows]
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n".join(text) + "\n")
+        append_results("App latency: slider event → updated outputs + scores",
+                       ["python", "bench/app_latency.py", *sys.argv[1:]], "\n".join(text))
     return 0
 
 

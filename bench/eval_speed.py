@@ -18,23 +18,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import append_results  # noqa: E402
-
-
-def best_of(fn, repeat: int):
-    times, out = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+from _common import add_record_flag, append_results, best_of, zoo_session  # noqa: E402
 
 
 def generate_baseline(model, tokenizer, tasks, n: int) -> dict[str, list[str]]:
@@ -64,15 +54,14 @@ def generate_baseline(model, tokenizer, tasks, n: int) -> dict[str, list[str]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--no-record", action="store_true")
+    add_record_flag(ap)
     args = ap.parse_args(argv)
     from evaluation.harness import evaluate
     from evaluation.search import LAMBDAS, SEARCH_N, search
-    from evaluation.session import LIVE_SPLIT, Session
+    from evaluation.session import LIVE_SPLIT
     from evaluation.tasks import TASKS
 
-    session = Session()
-    session.load_zoo()
+    session = zoo_session()
     tasks = [t for t in TASKS if t in session.tasks]
     session.apply("task_arithmetic", [1.0] * len(session.selected), 0.3)
     model, tok = session.live_model.model, session.tokenizer
@@ -89,12 +78,8 @@ def main(argv=None) -> int:
                 f"{'met' if ours < 2 else 'NOT met'}")
     print(rows[-1], flush=True)
 
-    s0 = time.perf_counter()
-    search(session, "task_arithmetic", lambdas=LAMBDAS)  # first: also scores each fine-tune (cached after)
-    first = time.perf_counter() - s0
-    s0 = time.perf_counter()
-    result = search(session, "task_arithmetic", lambdas=LAMBDAS)
-    ours = time.perf_counter() - s0
+    first, _ = best_of(lambda: search(session, "task_arithmetic", lambdas=LAMBDAS))  # also scores each fine-tune
+    ours, result = best_of(lambda: search(session, "task_arithmetic", lambdas=LAMBDAS))
 
     def plain_loop():
         for lam in LAMBDAS:

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import WORK, append_results  # noqa: E402
+from _common import WORK, add_record_flag, append_results  # noqa: E402
 
 HYPER = {"ties": {"density": 0.5}, "dare_linear": {"density": 0.5}, "dare_ties": {"density": 0.5},
          "breadcrumbs": {"density": 0.5, "gamma": 0.01}, "breadcrumbs_ties": {"density": 0.5, "gamma": 0.01},
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt", default=str(WORK / "ckpt-1x"))
     ap.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--no-record", action="store_true")
+    add_record_flag(ap)
     args = ap.parse_args(argv)
     from transformers import GPT2LMHeadModel
 

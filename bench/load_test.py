@@ -12,8 +12,8 @@ server idles past the session and export TTLs. It reports errors, bleed (replay-
 differences), p50/p95, server RSS after warm-up / at peak / after the TTL, and the export bytes
 left on disk (target 0).
 
-    python bench/load_test.py [--sessions 8] [--merges 50] [--no-append]
-    python bench/load_test.py --soak [--sessions 16] [--merges 25] [--ttl 30]
+    python bench/load_test.py [--sessions 8] [--merges 50] [--no-record]
+    python bench/load_test.py --soak [--sessions 16] [--merges 25] [--ttl 30] [--no-record]
 """
 from __future__ import annotations
 
@@ -25,16 +25,19 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from bench.app_latency import _port  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import ROOT, add_record_flag, append_results, free_port  # noqa: E402
 
 METHODS = [("task_arithmetic", {}), ("fedgma", {"rho": 0.5}), ("ties", {"density": 0.5}), ("median", {})]
+
+
+def _command() -> list[str]:
+    return ["python", "bench/load_test.py", *sys.argv[1:]]
 
 
 def settings_for(session: int, step: int, k: int):
@@ -50,7 +53,7 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--merges", type=int, default=50)
     ap.add_argument("--zoo", default=os.environ.get("FEDMERGE_ZOO", str(ROOT / "assets" / "zoo")))
-    ap.add_argument("--no-append", action="store_true")
+    add_record_flag(ap)
     ap.add_argument("--soak", action="store_true", help="long prompts, exports, disconnects, then idle past the TTL")
     ap.add_argument("--ttl", type=int, default=30, help="--soak: session and export TTL of the server (s)")
     args = ap.parse_args()
@@ -58,11 +61,11 @@ def main() -> int:
         return soak(args)
     from gradio_client import Client
 
-    from app import live_kwargs
+    from evaluation.playground import live_kwargs
     from evaluation.session import read_zoo
 
     k = len([s for s in read_zoo(args.zoo)[1] if not s.variant_of])
-    port = _port()
+    port = free_port()
     env = {**os.environ, "FEDMERGE_ZOO": str(Path(args.zoo).resolve()), "GRADIO_SERVER_PORT": str(port)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -138,14 +141,12 @@ def main() -> int:
           f"(×{growth:.2f} after warm-up)")
     for e in errors[:5]:
         print("  ", e)
-    if not args.no_append:
-        cmd = "python bench/load_test.py " + " ".join(sys.argv[1:])
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(f"\n## Load test: {args.sessions} concurrent sessions × {args.merges} merges "
-                    f"({datetime.now(timezone.utc):%Y-%m-%d})\n\n`{cmd.strip()}` on 127.0.0.1, zoo `{Path(args.zoo).name}`, "
-                    f"2-core machine.\n\n| errors | replayed alone, differing | p50 | p95 | server RSS after warm-up → end |\n"
-                    f"|---|---|---|---|---|\n| {len(errors)} | {mismatches} of {checked} | {p50:.0f} ms | {p95:.0f} ms | "
-                    f"{rss_warm / 2**20:.0f} → {rss_end / 2**20:.0f} MiB (×{growth:.2f}) |\n")
+    if not args.no_record:
+        append_results(f"Load test: {args.sessions} concurrent sessions × {args.merges} merges", _command(),
+                       f"127.0.0.1, zoo `{Path(args.zoo).name}`.\n\n"
+                       f"| errors | replayed alone, differing | p50 | p95 | server RSS after warm-up → end |\n"
+                       f"|---|---|---|---|---|\n| {len(errors)} | {mismatches} of {checked} | {p50:.0f} ms | {p95:.0f} ms | "
+                       f"{rss_warm / 2**20:.0f} → {rss_end / 2**20:.0f} MiB (×{growth:.2f}) |")
     return 0 if not errors and not mismatches else 1
 
 
@@ -163,7 +164,7 @@ def soak(args) -> int:
     """S sessions × M merges with long prompts, exports and disconnects; then idle past the TTL."""
     from gradio_client import Client
 
-    from app import live_args
+    from evaluation.playground import live_kwargs
     from evaluation.exports import folder_bytes
     from evaluation.session import default_prompts, read_zoo
 
@@ -172,7 +173,7 @@ def soak(args) -> int:
     tasks = list(dict.fromkeys(s.task for s in specs if not s.variant_of and s.task))
     prompts = "\n".join(default_prompts(tasks) + [LONG, "hello there, " + LONG[:60]])
     too_many = "\n".join(["hi"] * 500)
-    port = _port()
+    port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="fedmerge-soak-"))
     env = {**os.environ, "FEDMERGE_ZOO": str(Path(args.zoo).resolve()), "GRADIO_SERVER_PORT": str(port),
            "FEDMERGE_SESSION_TTL": str(args.ttl), "FEDMERGE_EXPORT_TTL": str(args.ttl),
@@ -197,7 +198,7 @@ def soak(args) -> int:
         return Client(url, verbose=False, download_files=False, httpx_kwargs={"timeout": 300})
 
     def call(client, method, lam, weights, hyper, text=prompts):
-        return client.predict(*live_args(method, lam, weights, hyper, prompts=text), api_name="/live")
+        return client.predict(**live_kwargs(method, lam, weights, hyper, prompts=text), api_name="/live")
 
     results: dict[tuple[int, int], object] = {}
     latencies: list[float] = []
@@ -312,20 +313,18 @@ def soak(args) -> int:
           f"{exports_left} after the TTL")
     for e in errors[:5]:
         print("  ", e)
-    if not args.no_append:
-        cmd = "python bench/load_test.py " + " ".join(sys.argv[1:])
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(f"\n## Soak: {args.sessions} sessions × {args.merges} steps, exports, disconnects, idle past "
-                    f"a {args.ttl} s TTL ({datetime.now(timezone.utc):%Y-%m-%d})\n\n`{cmd.strip()}` on 127.0.0.1, "
-                    f"zoo `{Path(args.zoo).name}`, 2-core machine shared with other jobs. {counts['merges']} merges "
-                    f"(each with 2 long prompts; {counts['cut']} answers noted a prompt cut to the context), "
-                    f"{counts['refused']} requests with 500 prompts refused, {counts['exports']} zip exports, "
-                    f"{counts['disconnects']} disconnects; after the load half the clients disconnect, half idle.\n\n"
-                    f"| errors | bleed (replayed alone, differing) | p50 | p95 | RSS after warm-up | peak | after the TTL "
-                    f"| export bytes left after the TTL |\n|---|---|---|---|---|---|---|---|\n"
-                    f"| {len(errors)} | {mismatches} of {checked} | {p50:.0f} ms | {p95:.0f} ms | {rss_warm / mib:.0f} MiB "
-                    f"| {max(peak[0], rss_end) / mib:.0f} MiB | {rss_ttl / mib:.0f} MiB ({(rss_ttl - rss_warm) / mib:+.0f}) "
-                    f"| {exports_left} (at the end of the load: {exports_end}) |\n")
+    if not args.no_record:
+        append_results(f"Soak: {args.sessions} sessions × {args.merges} steps, exports, disconnects, idle past "
+                       f"a {args.ttl} s TTL", _command(),
+                       f"127.0.0.1, zoo `{Path(args.zoo).name}`. {counts['merges']} merges "
+                       f"(each with 2 long prompts; {counts['cut']} answers noted a prompt cut to the context), "
+                       f"{counts['refused']} requests with 500 prompts refused, {counts['exports']} zip exports, "
+                       f"{counts['disconnects']} disconnects; after the load half the clients disconnect, half idle.\n\n"
+                       f"| errors | bleed (replayed alone, differing) | p50 | p95 | RSS after warm-up | peak | after the TTL "
+                       f"| export bytes left after the TTL |\n|---|---|---|---|---|---|---|---|\n"
+                       f"| {len(errors)} | {mismatches} of {checked} | {p50:.0f} ms | {p95:.0f} ms | {rss_warm / mib:.0f} MiB "
+                       f"| {max(peak[0], rss_end) / mib:.0f} MiB | {rss_ttl / mib:.0f} MiB ({(rss_ttl - rss_warm) / mib:+.0f}) "
+                       f"| {exports_left} (at the end of the load: {exports_end}) |")
     return 0 if not errors and not mismatches and exports_left == 0 else 1
 
 

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import WORK  # noqa: E402
 
 N_EMBD, N_HEAD, VOCAB, N_POS = 768, 12, 50257, 1024
 PER_LAYER = 12 * N_EMBD * N_EMBD + 13 * N_EMBD  # params of one GPT-2 block
@@ -65,7 +69,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    out = Path(args.out or f"bench/_work/ckpt-{args.scale:g}x")
+    out = Path(args.out) if args.out else WORK / f"ckpt-{args.scale:g}x"  # from any working directory
     names = ["base"] + [f[0] for f in FINETUNES]
     if not args.force and all((out / n / "model.safetensors").exists() for n in names):
         print(f"{out}: exists (use --force to regenerate)")

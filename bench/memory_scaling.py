@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import WORK, append_results, ours_env, run_measured  # noqa: E402
+from _common import WORK, add_record_flag, append_results, ours_env, run_measured  # noqa: E402
 from mergekit_compare import write_yaml  # noqa: E402
 
 TARGET = 1.25
@@ -22,7 +22,7 @@ TARGET = 1.25
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="task_arithmetic,ties")
-    ap.add_argument("--no-record", action="store_true")
+    add_record_flag(ap)
     args = ap.parse_args(argv)
     work = WORK / "memory"
     work.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (WORK, append_results, mergekit_env, mergekit_venv, ours_env,  # noqa: E402
+from _common import (WORK, add_record_flag, append_results, mergekit_env, mergekit_venv, ours_env,  # noqa: E402
                      run_measured)
 
 WEIGHTS = [1.0, 0.8, 0.6, 0.4]
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool and method (the best is kept)")
     ap.add_argument("--zoo", action="store_true", help="also merge the model zoo in assets/zoo if present")
-    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    add_record_flag(ap)
     args = ap.parse_args(argv)
 
     ckpt = Path(args.ckpt).resolve()

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from _common import WORK, append_results, mergekit_env, mergekit_venv  # noqa: E402
+from _common import WORK, add_record_flag, append_results, mergekit_env, mergekit_venv  # noqa: E402
 
 FIXTURES = ROOT / "bench" / "fixtures" / "mergekit"
 STOCHASTIC = ("dare_ties", "della", "della_linear", "dare_linear")
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16,float16")
     ap.add_argument("--only", default="", help="comma-separated fixture names")
     ap.add_argument("--write-expected", default="", help="store mergekit's outputs (llama-tiny) for the tests here")
-    ap.add_argument("--no-record", action="store_true")
+    add_record_flag(ap)
     args = ap.parse_args(argv)
 
     fixtures = sorted(FIXTURES.glob("*.yml"))

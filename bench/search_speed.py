@@ -13,35 +13,26 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import append_results  # noqa: E402
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
+from _common import add_record_flag, append_results, best_of, zoo_session  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-record", action="store_true")
+    add_record_flag(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from evaluation.heterogeneity import STUDY_LAMBDAS
     from evaluation.search import LAMBDAS, QUICK_LAMBDAS, compare_all, search
-    from evaluation.session import Session
 
-    session = Session()
-    session.load_zoo()
+    session = zoo_session()
     allsel = list(session.selected)
     session.finetuned_accuracy("validation", 20), session.finetuned_accuracy("test", 100)  # references, once
     lams = QUICK_LAMBDAS if args.quick else LAMBDAS
@@ -58,16 +49,16 @@ def main(argv=None) -> int:
 
     for method in (["fedgma"] if args.quick else ["task_arithmetic", "fedgma"]):
         kw = dict(lambdas=lams, quick=args.quick, n_test=100)
-        old, a = timed(lambda: search(session, method, batched=False, **kw))
-        new, b = timed(lambda: search(session, method, batched=True, **kw))
+        old, a = best_of(lambda: search(session, method, batched=False, **kw))
+        new, b = best_of(lambda: search(session, method, batched=True, **kw))
         row(f"auto-tune {method} ({len(a.grid)}x{len(lams)})", old, new, same([a], [b]))
 
     methods = ["task_arithmetic", "ties", "median"] if args.quick else None
     import os
     os.environ["FEDMERGE_SEARCH_BATCH"] = "0"
-    old, a = timed(lambda: compare_all(session, methods=methods, quick=True))
+    old, a = best_of(lambda: compare_all(session, methods=methods, quick=True))
     os.environ["FEDMERGE_SEARCH_BATCH"] = "1"
-    new, b = timed(lambda: compare_all(session, methods=methods, quick=True))
+    new, b = best_of(lambda: compare_all(session, methods=methods, quick=True))
     row(f"compare-all ({len(a)} methods, quick)", old, new, same(a, b))
 
     pairs = list(itertools.combinations(allsel, 2))[: 3 if args.quick else None]
@@ -81,8 +72,8 @@ def main(argv=None) -> int:
         session.select(allsel)
         return out
 
-    old, a = timed(lambda: study(False))
-    new, b = timed(lambda: study(True))
+    old, a = best_of(lambda: study(False))
+    new, b = best_of(lambda: study(True))
     row(f"heterogeneity searches ({len(pairs)} pairs)", old, new, same(a, b))
     if not args.no_record:
         append_results("search_speed", ["python", "bench/search_speed.py", *(argv or sys.argv[1:])],

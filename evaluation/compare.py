@@ -75,6 +75,10 @@ def figure(plain: Sequence[SearchResult], hetero: Sequence[SearchResult] | None 
 
 def main(zoo: str | Path | None, out: str | Path, quick: bool, methods: Sequence[str] | None,
          n_val: int, n_test: int, ray: str | bool | None = None) -> Path:
+    if ray:  # a missing Ray is one line at once, not after the first search's loading and scoring
+        from .distributed import require_ray
+
+        require_ray()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

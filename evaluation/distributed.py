@@ -16,7 +16,8 @@ from merging.errors import MergeError
 _ACTORS: dict[tuple, list] = {}
 
 
-def _ray():
+def require_ray():
+    """The ray module, or the one-line error saying how to install it."""
     try:
         import ray
     except ImportError:
@@ -26,7 +27,7 @@ def _ray():
 
 def connect(address: str | bool | None) -> Any:
     """ray.init once: `True`/"local" starts a local Ray, anything else is a cluster address ("auto", "ray://…")."""
-    ray = _ray()
+    ray = require_ray()
     if not ray.is_initialized():
         addr = None if address in (True, "local", "", None) else str(address)
         try:
@@ -73,7 +74,7 @@ def score_grid_on_ray(address, session, method: str, weights: Sequence[float], s
                       lambdas: Sequence[float], settings: Sequence[Mapping[str, Any]], n_val: int,
                       ft_val: Mapping[str, float], batched: bool, progress=None, total: int | None = None):
     """`search.score_grid`, its (setting, λ-slice) pieces spread round-robin over the workers."""
-    ray = _ray()
+    ray = require_ray()
     pool = workers(session, address)
     lambdas = [float(x) for x in lambdas]
     parts = max(1, min(len(lambdas), -(-len(pool) // max(1, len(settings)))))  # λ slices per setting

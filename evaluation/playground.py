@@ -386,6 +386,14 @@ def model_card(pg: Playground) -> str:
     return "\n".join(lines) + "\n"
 
 
+def live_kwargs(method: str = DEFAULT_METHOD, lam: float = 1.0, weights: list[float] | None = None,
+                hyper: dict[str, Any] | None = None, prompts: str = "", selection: list[str] | None = None) -> dict:
+    """Keyword arguments of the app's /live endpoint for gradio_client (tests, benchmarks):
+    `client.predict(**live_kwargs(...), api_name="/live")`. Here, not in app.py, so callers need not import the app."""
+    return dict(selection=list(selection or []), method=method, lam=float(lam), weights=list(weights or []),
+                hyper=dict(hyper or {}), prompts=prompts)
+
+
 # ---------------------------------------------------------------------------- the per-model panel
 
 PANEL_JS = ("element.addEventListener('input', (e) => { const t = e.target; if (t.type === 'range') { "

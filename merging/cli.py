@@ -1,4 +1,4 @@
-"""`python -m merging`: merge from a mergekit-style YAML, inspect task vectors, list the methods.
+"""`fedmerge` (or `python -m merging`): merge from a mergekit-style YAML, inspect task vectors, list the methods.
 
 Errors print one line (`error: ...`) and exit with status 2; `--debug` shows the traceback.
 """
@@ -85,7 +85,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
             pairs = ", ".join(f"{report.names[i]}~{report.names[j]} {mat[i, j]:.3f}" for i, j in report.pairs())
             print(f"{layer}: {pairs}")
     if args.html:
-        from evaluation.plots import similarity_heatmap
+        from .report import similarity_heatmap
 
         fig = similarity_heatmap(report)
         Path(args.html).parent.mkdir(parents=True, exist_ok=True)
@@ -106,8 +106,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m merging", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "fedmerge") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "fedmerge") -> int:
+    """Run one command; returns the exit status (the `fedmerge` console script's entry point)."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

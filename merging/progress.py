@@ -1,4 +1,4 @@
-"""The one progress callback type, shared by the library, the CLI, the evaluation and the app.
+"""The one progress callback type, shared by the library, its CLI and every package built on it (scores, app).
 
 `progress(fraction, text)`: fraction done in [0, 1] and what is being done. Gradio's
 `gr.Progress` and a tqdm bar both take this form without adapters that count.

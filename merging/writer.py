@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import secrets
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,6 +27,19 @@ _CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
           torch.bool: "BOOL"}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 _PENDING = 2  # merged tensors queued for the writing thread (bounds the extra memory)
+
+
+def _partial_dir(parent: Path, name: str) -> Path:
+    """A new hidden folder beside the target, with the mode the umask gives like any folder the user
+    makes (tempfile.mkdtemp's is always 0700, and the folder is renamed into place as it is)."""
+    for _ in range(100):
+        path = parent / f".{name}.partial-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise MergeError(f"{parent}: cannot create a temporary folder for {name}")
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -61,7 +74,7 @@ class StreamingModelWriter:
         if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
             raise MergeError(f"{self.out_dir}: folder exists and is not empty (pass --overwrite to replace it)")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        self.tmp = _partial_dir(self.out_dir.parent, self.out_dir.name)
         self.specs = specs
         self.shards = plan_shards(specs, shard_bytes)
         n = len(self.shards)

@@ -56,6 +56,18 @@ def tiny_zoo(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def build_tiny_zoo(tmp_path_factory) -> Path:
+    """A zoo built by the real recipe at its tiny size, once per test run, shared by the files that need one."""
+    from dataclasses import replace
+
+    from evaluation.zoo import TINY, build_zoo
+
+    root = tmp_path_factory.getbasetemp() / "app-tiny-zoo"
+    if not (root / "zoo.json").exists():
+        build_zoo(root, replace(TINY, workers=1), log=lambda *a: None, write_readme=False)
+    return root
+
+
 def free_port() -> int:
     import socket
 
@@ -67,8 +79,6 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     """The real app (app.build_demo) on a free 127.0.0.1 port, over a tiny zoo built by the recipe."""
-    from tests.test_session import build_tiny_zoo
-
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDMERGE_ZOO", str(build_tiny_zoo(tmp_path_factory)))
     import app

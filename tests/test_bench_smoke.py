@@ -49,3 +49,22 @@ def test_eval_speed_baseline_agrees_with_the_harness():
         res = evaluate(model, tok, tasks, split="test", n=12)
         assert res.predictions == generate_baseline(model, tok, tasks, 12)
         assert res.accuracy[spec.task] > 0.5  # a real fine-tune: its own task is solved
+
+
+def test_every_benchmark_records_through_one_helper_and_takes_no_record():
+    """One way into bench/RESULTS.md and one opt-out flag, the one bench/README.md documents."""
+    scripts = [p for p in BENCH.glob("*.py") if not p.name.startswith("_") and p.name != "make_checkpoints.py"]
+    for p in scripts:
+        text = p.read_text()
+        assert "add_record_flag(ap)" in text and "append_results(" in text, p.name
+        assert "RESULTS.md\", \"a\"" not in text and "--no-append" not in text, p.name
+    readme = (BENCH / "README.md").read_text()
+    assert "--no-record" in readme and "--no-append" not in readme
+
+
+def test_work_dir_is_created_on_first_use(tmp_path, monkeypatch):
+    """bench/_work/ is git-ignored: a fresh clone has none, and every script must still run."""
+    import _common
+
+    monkeypatch.setattr(_common, "WORK", tmp_path / "_work")
+    assert _common.work_dir("logs").is_dir() and _common.work_dir().is_dir()

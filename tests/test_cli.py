@@ -1,5 +1,8 @@
-"""The CLI as a user runs it (a subprocess): merges, similarity, and every bad input it must refuse.
+"""The CLI (`fedmerge` / `python -m merging`): merges, similarity, and every bad input it must refuse.
 
+Commands run in-process through `merging.cli.main(argv)` (its exit status, stdout and stderr are
+what a user sees); three tests start a real process for what only a process shows: the one-line
+error and exit status of `python -m merging`, and the installed `fedmerge` console script.
 Each refusal is one line on stderr that names the problem, a non-zero exit, no traceback and
 nothing written.
 """
@@ -9,19 +12,55 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from merging.cli import main
 from tests.conftest import ROOT, load_sd, perturbed, save_model, tiny_config
 
 
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "merging", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=120)
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """`merge` sets torch to one thread for its process; here that process is the test run."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def run_cli(capsys):
+    """`run_cli(*args)`: the CLI's main(argv) in this process, as (returncode, stdout, stderr)."""
+    def run(*args) -> Result:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's own refusals
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run
+
+
+def run_process(*args: str, cwd: Path = ROOT, exe: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m merging ARGS` with the checkout on PYTHONPATH, or an installed `exe` without it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    if exe is None:
+        env["PYTHONPATH"] = str(ROOT)
+    cmd = (exe or [sys.executable, "-m", "merging"]) + [str(a) for a in args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=180)
 
 
 def yaml_file(tmp_path: Path, data, name="merge.yml") -> Path:
@@ -30,7 +69,7 @@ def yaml_file(tmp_path: Path, data, name="merge.yml") -> Path:
     return p
 
 
-def assert_refused(result: subprocess.CompletedProcess, *needles: str) -> None:
+def assert_refused(result: Result | subprocess.CompletedProcess, *needles: str) -> None:
     assert result.returncode != 0, result.stdout
     err = result.stderr.strip()
     assert "Traceback" not in err, err
@@ -45,13 +84,15 @@ def ta(base, *models, **params):
             "models": [{"model": str(m)} for m in models], "parameters": params}
 
 
-def test_cli_merge_writes_a_complete_folder(tiny_zoo, tmp_path):
+def test_cli_merge_writes_a_complete_folder(run_cli, tiny_zoo, tmp_path):
     cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["ft1"], **{"lambda": 0.5}))
     r = run_cli("merge", cfg, tmp_path / "out", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"model.safetensors", "config.json", "merge_config.yml", "README.md"} <= files
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "# Merged with FedMerge: `task_arithmetic`" in card and card.endswith(".\n") and not card.endswith("\n\n")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
     # the written YAML reproduces the merge
     again = run_cli("merge", tmp_path / "out" / "merge_config.yml", tmp_path / "again", "--no-progress")
@@ -60,7 +101,7 @@ def test_cli_merge_writes_a_complete_folder(tiny_zoo, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cli_refuses_to_overwrite_without_flag(tiny_zoo, tmp_path):
+def test_cli_refuses_to_overwrite_without_flag(run_cli, tiny_zoo, tmp_path):
     cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"]))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
@@ -70,7 +111,22 @@ def test_cli_refuses_to_overwrite_without_flag(tiny_zoo, tmp_path):
     assert r.returncode == 0 and not (tmp_path / "out" / "keep.txt").exists()
 
 
-def test_cli_similarity_prints_matrix_and_writes_html(tiny_zoo, tmp_path):
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_cli_output_folder_follows_the_umask(run_cli, tiny_zoo, tmp_path, umask):
+    """The folder is renamed into place from a temporary one: it must get the mode any new folder
+    gets (not tempfile's 0700), and so must its files."""
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"]))
+    old = os.umask(umask)
+    try:
+        r = run_cli("merge", cfg, tmp_path / "out", "--no-progress")
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {0o666 & ~umask}
+
+
+def test_cli_similarity_prints_matrix_and_writes_html(run_cli, tiny_zoo, tmp_path):
     r = run_cli("similarity", "--base", tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["ft1"], tiny_zoo["ft0"],
                 "--html", tmp_path / "sim.html", "--json", tmp_path / "sim.json", "--no-progress", "--per-layer")
     assert r.returncode == 0, r.stderr
@@ -81,7 +137,7 @@ def test_cli_similarity_prints_matrix_and_writes_html(tiny_zoo, tmp_path):
     assert "plotly" in (tmp_path / "sim.html").read_text()[:100000].lower()
 
 
-def test_cli_methods_lists_the_registry():
+def test_cli_methods_lists_the_registry(run_cli):
     r = run_cli("methods", "--markdown")
     assert r.returncode == 0
     for name in ("task_arithmetic", "fednova", "fedgma", "median", "cclip", "ties", "dare_ties", "slerp"):
@@ -138,14 +194,14 @@ def odd_models(tmp_path_factory, tiny_zoo):
     ("nan", ["non-finite", "transformer.h.1.mlp.c_fc.weight"]),
     ("remote", ["trust_remote_code"]),
 ])
-def test_cli_refuses_incompatible_models(tiny_zoo, odd_models, tmp_path, which, needles):
+def test_cli_refuses_incompatible_models(run_cli, tiny_zoo, odd_models, tmp_path, which, needles):
     cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"], odd_models[which]))
     assert_refused(run_cli("merge", cfg, tmp_path / "out", "--no-progress"), *needles)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
-def test_pickle_payload_is_refused_and_never_runs(tiny_zoo, odd_models, tmp_path):
+def test_pickle_payload_is_refused_and_never_runs(run_cli, tiny_zoo, odd_models, tmp_path):
     cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], odd_models["evil"]))
     assert_refused(run_cli("merge", cfg, tmp_path / "out", "--no-progress"), "refused", "weights_only")
     assert not odd_models["marker"].exists()
@@ -164,12 +220,12 @@ def test_pickle_payload_is_refused_and_never_runs(tiny_zoo, odd_models, tmp_path
     ({"merge_method": "ties", "base_model": "x", "models": [{"model": "y"}], "dtype": "float8"}, ["dtype", "float8"]),
     ({"merge_method": "ties", "base_model": "x", "models": [{"model": "y"}], "slices": []}, ["slices"]),
 ])
-def test_cli_malformed_config_names_the_field(tmp_path, text, needles):
+def test_cli_malformed_config_names_the_field(run_cli, tmp_path, text, needles):
     assert_refused(run_cli("merge", yaml_file(tmp_path, text), tmp_path / "out"), *needles)
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_out_of_range_hyperparameters(tiny_zoo, tmp_path):
+def test_cli_out_of_range_hyperparameters(run_cli, tiny_zoo, tmp_path):
     for params, needle in [({"rho": 2.0}, "rho"), ({"rho": -1}, "rho")]:
         cfg = yaml_file(tmp_path, {**ta(tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["ft1"]), "merge_method": "fedgma",
                                    "parameters": params})
@@ -179,7 +235,7 @@ def test_cli_out_of_range_hyperparameters(tiny_zoo, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_missing_path_and_offline_hub_id(tiny_zoo, tmp_path):
+def test_cli_missing_path_and_offline_hub_id(run_cli, tiny_zoo, tmp_path):
     cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tmp_path / "nope"))
     assert_refused(run_cli("merge", cfg, tmp_path / "out", "--no-progress"), "no such file or folder")
     cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], "some-org/some-model"))
@@ -187,13 +243,13 @@ def test_cli_missing_path_and_offline_hub_id(tiny_zoo, tmp_path):
                    "cannot reach the hugging face hub")
 
 
-def test_cli_slerp_needs_two_models_at_most(tiny_zoo, tmp_path):
+def test_cli_slerp_needs_two_models_at_most(run_cli, tiny_zoo, tmp_path):
     cfg = yaml_file(tmp_path, {**ta(tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["ft1"], tiny_zoo["ft2"]),
                                "merge_method": "slerp"})
     assert_refused(run_cli("merge", cfg, tmp_path / "out", "--no-progress"), "slerp", "at most 2")
 
 
-def test_cli_device_auto_equals_cpu_and_cuda_without_gpu_is_refused(tiny_zoo, tmp_path):
+def test_cli_device_auto_equals_cpu_and_cuda_without_gpu_is_refused(run_cli, tiny_zoo, tmp_path):
     """--device auto (here: the CPU) writes what the default writes; cuda on a machine without one
     is one line naming the problem, before anything is read or written."""
     cfg = yaml_file(tmp_path, {**ta(tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["ft1"], **{"lambda": 0.5}),
@@ -210,3 +266,48 @@ def test_cli_device_auto_equals_cpu_and_cuda_without_gpu_is_refused(tiny_zoo, tm
         assert_refused(r, "cuda", "no cuda gpu")
         assert not (tmp_path / "gpu").exists()
 
+
+
+def test_cli_usage_errors_and_sizes(run_cli):
+    from merging.cli import build_parser
+
+    r = run_cli()
+    assert r.returncode == 2 and "usage: fedmerge" in r.stderr
+    r = run_cli("merge", "x.yml", "out", "--shard-size", "lots")
+    assert r.returncode == 2 and "not a size: 'lots'" in r.stderr
+    args = build_parser().parse_args(["merge", "x.yml", "out", "--shard-size", "500MB"])
+    assert args.shard_size == 500_000_000 and args.device == "cpu" and not args.overwrite
+
+
+# ----------------------------------------------------------------- what only a process shows
+
+def test_process_refusal_is_one_line_and_a_non_zero_exit(tmp_path):
+    """`python -m merging` from another folder: exit status 2, stderr one `error:` line, no traceback."""
+    r = run_process("merge", yaml_file(tmp_path, "merge_method: [unclosed"), tmp_path / "out", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "malformed yaml" in r.stderr.lower() and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # a virtual environment, an editable install and three fresh interpreters
+def test_fedmerge_console_script_from_any_folder(tmp_path):
+    """pyproject.toml's `fedmerge` script, installed with `pip install -e .` into a fresh virtual
+    environment: it runs `merging.cli:main` outside the checkout, as `python -m merging` does."""
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"] == {"fedmerge": "merging.cli:main"}
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+                          "--no-deps", "--no-build-isolation", "-e", str(ROOT)], capture_output=True, text=True,
+                         timeout=300)
+    assert pip.returncode == 0, pip.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    listed = run_process("methods", cwd=elsewhere, exe=[str(venv / "bin" / "fedmerge")])
+    assert listed.returncode == 0 and "task_arithmetic" in listed.stdout and "fednova" in listed.stdout, listed.stderr
+    as_module = subprocess.run([str(venv / "bin" / "python"), "-m", "merging", "methods"], cwd=elsewhere, env=env,
+                               capture_output=True, text=True, timeout=180)
+    assert as_module.returncode == 0 and as_module.stdout == listed.stdout
+    bad = run_process("merge", "missing.yml", "out", cwd=elsewhere, exe=[str(venv / "bin" / "fedmerge")])
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr

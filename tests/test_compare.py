@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from evaluation import compare
 from evaluation.session import read_zoo
-from tests.test_session import build_tiny_zoo
+from tests.conftest import build_tiny_zoo
 
 
 def test_selections_swap_in_the_heterogeneous_variant(tmp_path_factory):

@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 
 
 def test_compare_ray_without_ray_is_one_line(tmp_path):
-    """Without Ray installed, `compare --ray` says how to install it (one line, exit 2)."""
+    """Without Ray installed, `compare --ray` says how to install it (one line, exit 2) before doing any work."""
     try:
         import ray  # noqa: F401
         pytest.skip("ray is installed here")
@@ -25,6 +25,7 @@ def test_compare_ray_without_ray_is_one_line(tmp_path):
                        cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == "error: Ray is not installed: pip install -r requirements-ray.txt"
+    assert not (tmp_path / "o").exists()  # refused before any loading, scoring or writing
 
 
 @pytest.mark.slow

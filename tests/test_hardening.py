@@ -35,7 +35,7 @@ def _path(x) -> Path:
 
 def live(c, **kwargs):
     """The /live endpoint (named arguments): html, accuracy, heatmap, status, data."""
-    from app import live_kwargs
+    from evaluation.playground import live_kwargs
 
     return c.predict(**live_kwargs(**kwargs), api_name="/live")
 
@@ -170,7 +170,7 @@ def test_nan_weight_refused_by_the_session(tmp_path_factory):
     from evaluation.session import Session
     from merging.cache import StackCache
     from merging.errors import MergeError
-    from tests.test_session import build_tiny_zoo
+    from tests.conftest import build_tiny_zoo
 
     s = Session(cache=StackCache(2 ** 30), zoo=build_tiny_zoo(tmp_path_factory), allow_hub=False).load_zoo()
     s.select([0, 1])
@@ -194,6 +194,7 @@ def test_exports_live_in_the_session_folder_and_go_with_the_session(app_url, zoo
     yml = _path(yml)
     card = zipfile.ZipFile(zipped).read("README.md").decode()
     assert "merge_config.yml" in zipfile.ZipFile(zipped).namelist() and "## Live scores" in card  # the app's card
+    assert card.endswith(".\n") and not card.endswith("\n\n")  # one final newline
     # the model references, without the server's install path
     assert str(zoo_root) not in text and "model: zoo/reverse" in text and "base_model: zoo/base" in text
     assert str(zoo_root) not in card and "base model: `zoo/base`" in card
@@ -243,7 +244,7 @@ def test_session_long_jobs_bounded(tmp_path_factory):
     from evaluation.session import Session
     from merging.cache import StackCache
     from merging.errors import MergeError
-    from tests.test_session import build_tiny_zoo
+    from tests.conftest import build_tiny_zoo
 
     s = Session(cache=StackCache(2 ** 30), zoo=build_tiny_zoo(tmp_path_factory), allow_hub=False).load_zoo()
     with s.job("auto-tune"):
@@ -261,7 +262,7 @@ def test_session_long_jobs_bounded(tmp_path_factory):
 def test_reference_caches_are_bounded_by_bytes(tmp_path_factory):
     import evaluation.session as sm
     from merging.cache import BytesLRU, StackCache
-    from tests.test_session import build_tiny_zoo
+    from tests.conftest import build_tiny_zoo
 
     lru = BytesLRU(1000, lambda k, v: len(k) + len(v))
     for i in range(100):
@@ -298,7 +299,7 @@ def test_cclip_with_a_zero_task_vector_and_compare_all_carries_on(tmp_path_facto
     from evaluation.search import compare_all, hyper_grid, search
     from evaluation.session import Session
     from merging.cache import StackCache
-    from tests.test_session import build_tiny_zoo
+    from tests.conftest import build_tiny_zoo
 
     assert all(g["rho"] > 0 for g in hyper_grid("cclip", norms=[0.0, 1.0, 3.0]))
     s = Session(cache=StackCache(2 ** 30), zoo=build_tiny_zoo(tmp_path_factory), allow_hub=False).load_zoo()

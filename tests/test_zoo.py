@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from evaluation.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # trains a tiny base and seven fine-tunes: ~30 CPU s
 def test_tiny_recipe_end_to_end(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
