@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import WORK, append_results, mergekit_env, mergekit_venv, ours_env, run_measured  # noqa: E402
+from _common import add_record_flag, append_results, mergekit_env, mergekit_venv, ours_env, run_measured, work_dir  # noqa: E402
 
 # Qwen2.5-0.5B / 1.5B dimensions on the llama architecture (tied embeddings, no biases).
 SHAPES = {
@@ -174,11 +174,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="the YAML's compute dtype (output is bfloat16 either way)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints in bench/_work/scale")
-    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    add_record_flag(ap)
     args = ap.parse_args(argv)
 
-    root = WORK / "scale"
-    root.mkdir(parents=True, exist_ok=True)
+    root = work_dir("scale")
     mk = str(mergekit_venv() / "bin" / "mergekit-yaml")
     cold = drop_caches()
     header = (f"{'size':5} {'method':16} {'read s':>7} {'GB/s':>5} {'mergekit s':>10} {'ours s':>7} {'time x':>6} "
@@ -226,8 +225,10 @@ def main(argv=None) -> int:
                 print(row, flush=True)
                 rows.append(row)
     finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+        if not args.keep:  # this run's sizes only: checkpoints, YAMLs, logs, outputs
+            for size in args.sizes.split(","):
+                for path in [root / size, *root.glob(f"{size}-*")]:
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     sizes = args.sizes.split(",")
     flat = ""
     if len(sizes) > 1:
