@@ -347,7 +347,7 @@ def _weighted_sum_kernel(t, w, theta0, lam, out, normalize, **_) -> int:
 
 
 def gta(name: str, summary: str, params: Sequence[HyperParam], sparsifier: Sparsifier, consensus: bool,
-        reference: str) -> Callable:
+        reference: str) -> None:
     """Declare one member of the TIES family: `sparsifier`, then combine (electing signs if `consensus`).
 
     Without the sign consensus the combine step is linear in the weights (coefficients over the
@@ -358,28 +358,28 @@ def gta(name: str, summary: str, params: Sequence[HyperParam], sparsifier: Spars
         return combine(deltas, weights, consensus, hp["normalize"])
 
     step.__name__, step.__doc__ = name, summary
-    return aggregator(name, summary, params, sparsifier=sparsifier, reference=reference,
-                      coefficients=None if consensus else _gta_coefficients,
-                      kernel=_consensus_kernel if consensus else _weighted_sum_kernel,
-                      exact=Exact(gta_exact(sparsifier, consensus)))(step)
+    aggregator(name, summary, params, sparsifier=sparsifier, reference=reference,
+               coefficients=None if consensus else _gta_coefficients,
+               kernel=_consensus_kernel if consensus else _weighted_sum_kernel,
+               exact=Exact(gta_exact(sparsifier, consensus)))(step)
 
 
-ties = gta("ties", "TIES: trim each task vector to its top `density`, elect signs, average the agreeing entries.",
-           [DENSITY, NORMALIZE_ON, RESCALE_OFF], MAGNITUDE, True, "https://arxiv.org/abs/2306.01708")
-dare_linear = gta("dare_linear", "DARE: randomly drop 1 − density of each task vector, rescale, then sum.",
-                  [DENSITY, RESCALE, NORMALIZE_OFF, SEED], RANDOM, False, "https://arxiv.org/abs/2311.03099")
-dare_ties = gta("dare_ties", "DARE drop and rescale, then TIES sign consensus.",
-                [DENSITY, RESCALE, NORMALIZE_OFF, SEED], RANDOM, True, "https://arxiv.org/abs/2311.03099")
-breadcrumbs = gta("breadcrumbs", "Model Breadcrumbs: keep a middle band of magnitudes (drop outliers and the smallest).",
-                  [DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF], BAND, False, "https://arxiv.org/abs/2312.06795")
-breadcrumbs_ties = gta("breadcrumbs_ties", "Breadcrumbs band, then TIES sign consensus.",
-                       [DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF], BAND, True, "https://arxiv.org/abs/2312.06795")
-magnitude_prune = gta("magnitude_prune", "Keep each task vector's top `density` magnitudes, then a weighted sum (PEFT).",
-                      [DENSITY, NORMALIZE_OFF], MAGNITUDE, False, "https://arxiv.org/abs/2306.01708")
-della = gta("della", "DELLA: drop entries at random, less likely the larger their magnitude rank; rescale; TIES consensus.",
-            [DENSITY, EPSILON, RESCALE, NORMALIZE_ON, SEED], DELLA, True, "https://arxiv.org/abs/2406.11617")
-della_linear = gta("della_linear", "DELLA's magnitude-ranked random drop and rescale, then a weighted sum.",
-                   [DENSITY, EPSILON, RESCALE, NORMALIZE_OFF, SEED], DELLA, False, "https://arxiv.org/abs/2406.11617")
+gta("ties", "TIES: trim each task vector to its top `density`, elect signs, average the agreeing entries.",
+    [DENSITY, NORMALIZE_ON, RESCALE_OFF], MAGNITUDE, True, "https://arxiv.org/abs/2306.01708")
+gta("dare_linear", "DARE: randomly drop 1 − density of each task vector, rescale, then sum.",
+    [DENSITY, RESCALE, NORMALIZE_OFF, SEED], RANDOM, False, "https://arxiv.org/abs/2311.03099")
+gta("dare_ties", "DARE drop and rescale, then TIES sign consensus.",
+    [DENSITY, RESCALE, NORMALIZE_OFF, SEED], RANDOM, True, "https://arxiv.org/abs/2311.03099")
+gta("breadcrumbs", "Model Breadcrumbs: keep a middle band of magnitudes (drop outliers and the smallest).",
+    [DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF], BAND, False, "https://arxiv.org/abs/2312.06795")
+gta("breadcrumbs_ties", "Breadcrumbs band, then TIES sign consensus.",
+    [DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF], BAND, True, "https://arxiv.org/abs/2312.06795")
+gta("magnitude_prune", "Keep each task vector's top `density` magnitudes, then a weighted sum (PEFT).",
+    [DENSITY, NORMALIZE_OFF], MAGNITUDE, False, "https://arxiv.org/abs/2306.01708")
+gta("della", "DELLA: drop entries at random, less likely the larger their magnitude rank; rescale; TIES consensus.",
+    [DENSITY, EPSILON, RESCALE, NORMALIZE_ON, SEED], DELLA, True, "https://arxiv.org/abs/2406.11617")
+gta("della_linear", "DELLA's magnitude-ranked random drop and rescale, then a weighted sum.",
+    [DENSITY, EPSILON, RESCALE, NORMALIZE_OFF, SEED], DELLA, False, "https://arxiv.org/abs/2406.11617")
 
 
 # ----------------------------------------------------------------------------- SLERP

@@ -176,7 +176,8 @@ class Aggregator:
     base_optional: bool = False  # a YAML may leave out base_model (linear, nuslerp, multislerp, karcher)
     inert: tuple[str, ...] = ()  # mergekit parameters accepted with no effect (task_arithmetic's density)
     coefficients: Callable[..., torch.Tensor] | None = None  # linear in the weights: U = Σ cᵢ(weights, **hp)·τᵢ
-    sparsifier: Sparsifier | None = None  # a weight-independent first step (the live app caches it)
+    # A weight-independent first step (the live app caches it); `step` after it must be coordinate-wise.
+    sparsifier: Sparsifier | None = None
     # The final step as one fused pass: kernel(stack [K, n], weights [K], θ₀ [n], λ, out [n], **hp) writes
     # θ₀ + λ·U into `out` and returns its count of non-finite entries (same values as `step`).
     kernel: Callable[..., int] | None = None
@@ -190,6 +191,8 @@ class Aggregator:
         for fn in (self.step, self.coefficients, self.kernel):
             if fn is not None:
                 takes |= set(check_defaults_once(self.name, fn, self.params))
+        if self.exact is not None:
+            check_defaults_once(self.name, self.exact.fn, self.params)
         object.__setattr__(self, "needs_base", "base" in takes)
         object.__setattr__(self, "needs_update_norms", "update_norms" in takes)
 
