@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         first = best_of(lambda _: run(-1), 1)  # warm-up: masks computed into freshly allocated memory
         s = best_of(run, args.repeat)
         row = f"{method:18} {len(sel):2d} {bound:6.3f} {s:8.3f} {s / bound:8.1f}"
-        if agg.prepare is not None:  # cold: a new density each run, so the masks are recomputed
+        if agg.sparsifier is not None:  # cold: a new density each run, so the masks are recomputed
             def cold(r, method=method, sel=sel, hyper=hyper):
                 w = [1.0 - 0.1 * ((i + r) % 3) for i in range(len(sel))]
                 live.apply(method, w, 1.0, sel, **{**hyper, "density": hyper.get("density", 0.5) - 0.01 * (r + 2)})

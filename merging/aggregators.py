@@ -3,12 +3,13 @@
 Each takes `deltas` [K, ...] (τᵢ = θᵢ − θ₀ for one tensor, float32) and `weights` [K] (the
 per-task coefficients wᵢ) and returns the merged update U; the engine forms θ₀ + λ·U. The math
 is in shared/spec/merging-math.md. Linear aggregators are declared by their coefficients cᵢ
-(U = Σ cᵢ·τᵢ), which lets the live app update a merge incrementally when one slider moves.
+(U = Σ cᵢ·τᵢ), which lets the live app update a merge incrementally when one slider moves; the
+TIES family by its sparsifier and whether it elects signs (`gta`). Hyperparameter defaults live in
+the HyperParams only: the functions here take every hyperparameter without a default.
 """
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -16,7 +17,9 @@ import torch
 
 from . import kernels, sparsify
 from .errors import MergeError
-from .registry import Aggregator, AGGREGATORS, HyperParam, aggregator
+from .method import Exact, HyperParam, Sparsifier, weighted_sum
+from .registry import aggregator
+from .seeds import task_seed
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -53,13 +56,6 @@ def _per_model(value, k: int) -> list[float]:
     return [float(value)] * k
 
 
-def weighted_sum(deltas: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """Σᵢ cᵢ·τᵢ as one matrix-vector product over the flattened stack (no [K, ...] temporary)."""
-    k = deltas.shape[0]
-    flat = deltas.reshape(k, -1)
-    return (coefficients.to(deltas.dtype) @ flat).reshape(deltas.shape[1:])
-
-
 def _arrays(*tensors: torch.Tensor):
     """numpy views (no copy) of contiguous float32 tensors, for the fused kernels."""
     return [t.detach().numpy() for t in tensors]
@@ -77,18 +73,13 @@ def true_median(values: torch.Tensor) -> float:
     return float(s[k // 2]) if k % 2 else float((s[k // 2 - 1] + s[k // 2]) / 2)
 
 
-def tensor_seed(seed: int, tensor_name: str) -> int:
-    """A per-tensor seed that does not depend on Python's hash randomization."""
-    return (seed * 1_000_003 + zlib.crc32(tensor_name.encode())) % (2**31 - 1)
-
-
 def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
     """TIES election: mask of entries whose sign agrees with sign(Σ) (a zero sum counts as +)."""
     elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
     return weighted.sign() == elected
 
 
-def gta_exact(sparsify_one: Callable | None, consensus: bool) -> Callable:
+def gta_exact(sparsifier: Sparsifier | None, consensus: bool) -> Callable:
     """mergekit's generalized task arithmetic op for op, in the dtype of its inputs: δᵢ = θᵢ − θ₀,
     sparsify, weight, (elect), sum, normalise, scale by λ, add θ₀ — each step rounded as mergekit
     rounds it, so a bfloat16 merge equals mergekit's bit for bit (up to the random masks)."""
@@ -101,7 +92,7 @@ def gta_exact(sparsify_one: Callable | None, consensus: bool) -> Callable:
         deltas = base.new_empty((k, *base.shape))
         for i, m in enumerate(models):
             d = m - base
-            deltas[i] = d if sparsify_one is None else sparsify_one(d, i, k, hp)
+            deltas[i] = d if sparsifier is None else sparsifier.exact(d, i, k, hp)
         w = torch.tensor([float(x) for x in weights], dtype=deltas.dtype).reshape(-1, *([1] * base.dim()))
         deltas.mul_(w)
         if consensus:
@@ -113,7 +104,7 @@ def gta_exact(sparsify_one: Callable | None, consensus: bool) -> Callable:
             mixed = deltas.sum(dim=0)
             divisor = w.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
-        if hp.get("normalize", False):
+        if hp["normalize"]:
             mixed /= divisor
         if lam != 1:
             mixed *= lam
@@ -122,41 +113,25 @@ def gta_exact(sparsify_one: Callable | None, consensus: bool) -> Callable:
     return exact
 
 
-def linear_aggregator(name: str, summary: str, params: Sequence[HyperParam] = (), **flags):
-    """Register a linear aggregator from its coefficient function cᵢ(weights, **hp)."""
-
-    def wrap(coefficients: Callable[..., torch.Tensor]):
-        def fn(deltas: torch.Tensor, weights: torch.Tensor, **hp) -> torch.Tensor:
-            return weighted_sum(deltas, coefficients(weights, **hp))
-
-        fn.__name__, fn.__doc__ = coefficients.__name__, coefficients.__doc__
-        AGGREGATORS.register(
-            Aggregator(name=name, fn=fn, summary=summary, params=tuple(params), linear=True,
-                       coefficients=coefficients, **flags)
-        )
-        return coefficients
-
-    return wrap
-
-
 # ----------------------------------------------------------------------------- FedAvg family
 
 
-@linear_aggregator(
+@aggregator(
     "task_arithmetic",
     "θ₀ + λ·Σ wᵢτᵢ: Task Arithmetic, i.e. one round of FedAvg.",
     [NORMALIZE_OFF],
+    linear=True,
     family="federated",
     inert=("density", "rescale"),  # mergekit takes them on every task-arithmetic method; no effect here
-    exact=gta_exact(None, False),
+    exact=Exact(gta_exact(None, False)),
     reference="https://arxiv.org/abs/2212.04089",
 )
-def task_arithmetic(weights: torch.Tensor, normalize: bool = False, **_) -> torch.Tensor:
+def task_arithmetic(weights: torch.Tensor, normalize: bool) -> torch.Tensor:
     """FedAvg: the weighted sum of the updates."""
     return weights / _normalizer(weights) if normalize else weights.clone()
 
 
-def linear_exact(base, models, weights, lam: float = 1.0, normalize: bool = True, **_) -> torch.Tensor:
+def linear_exact(base, models, weights, lam: float, normalize: bool, **_) -> torch.Tensor:
     """mergekit's linear: Σ wᵢθᵢ (/ Σ wᵢ) accumulated in float32 (float64 for float64 models), in the
     models' order, rounded once to the compute dtype. Reads no base; λ ≠ 1 scales the step from it."""
     first = models[0]
@@ -172,22 +147,21 @@ def linear_exact(base, models, weights, lam: float = 1.0, normalize: bool = True
     return out.to(first.dtype)
 
 
-@linear_aggregator(
+@aggregator(
     "linear",
     "Model soup: Σ wᵢθᵢ / Σ wᵢ (needs no base model).",
     [NORMALIZE_ON],
-    exact=linear_exact,
-    models_only=True,
-    exact_reads_base=False,
+    linear=True,
+    exact=Exact(linear_exact, always=True, reads_base=False),
     base_optional=True,
     reference="https://arxiv.org/abs/2203.05482",
 )
-def linear(weights: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+def linear(weights: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Weighted average of the models; with a base it is θ₀ + Σ wᵢτᵢ / Σ wᵢ (Task Arithmetic, normalised)."""
     return task_arithmetic(weights, normalize)
 
 
-@linear_aggregator(
+@aggregator(
     "fednova",
     "FedNova: rescale each update by K̄/(K·Kᵢ) so long-trained fine-tunes do not dominate.",
     [
@@ -198,10 +172,11 @@ def linear(weights: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         HyperParam("fednova_mode", str, "steps", "Normalise by the steps Kᵢ, or by ηᵢ·Kᵢ.",
                    choices=("steps", "lr_steps")),
     ],
+    linear=True,
     family="federated",
     reference="https://arxiv.org/abs/2007.07481",
 )
-def fednova(weights: torch.Tensor, steps=None, learning_rates=None, fednova_mode: str = "steps") -> torch.Tensor:
+def fednova(weights: torch.Tensor, steps, learning_rates, fednova_mode: str) -> torch.Tensor:
     """Normalised averaging: an update's size grows with local steps, so divide it back out."""
     k = weights.shape[0]
     if steps is None:
@@ -218,22 +193,26 @@ def fednova(weights: torch.Tensor, steps=None, learning_rates=None, fednova_mode
     return weights * scale.to(weights.dtype)
 
 
-@linear_aggregator(
+@aggregator(
     "cclip",
     "Centered clipping: shrink each whole task vector to L2 norm at most ρ, then sum.",
     [HyperParam("rho", float, None, "Clipping radius ρ for the whole-model norm ‖wᵢτᵢ‖ (default: the median norm).",
                 low=0.0, low_open=True, optional=True)],
+    linear=True,
     family="federated",
-    needs_update_norms=True,
     reference="https://arxiv.org/abs/2012.10333",
 )
-def cclip(weights: torch.Tensor, rho=None, *, update_norms: torch.Tensor) -> torch.Tensor:
+def cclip(weights: torch.Tensor, rho, *, update_norms: torch.Tensor) -> torch.Tensor:
     """Robust aggregation: an update larger than ρ (over ALL tensors) counts only up to ρ."""
     norms = update_norms.to(torch.float64)
     if rho is None:
         rho = true_median(norms)
     scale = torch.where(norms > 0, (rho / norms.clamp_min(1e-30)).clamp(max=1.0), torch.ones_like(norms))
     return weights * scale.to(weights.dtype)
+
+
+def _fedgma_kernel(t, w, theta0, lam, out, rho, **_) -> int:
+    return kernels.gradient_masked(*_arrays(t, w, theta0), np.float32(lam), np.float32(rho), out.numpy())
 
 
 @aggregator(
@@ -243,11 +222,10 @@ def cclip(weights: torch.Tensor, rho=None, *, update_norms: torch.Tensor) -> tor
                 low=0.0, high=1.0)],
     family="federated",
     elementwise=True,
-    fused=lambda t, w, theta0, lam, out, rho=0.5, **_: kernels.gradient_masked(
-        *_arrays(t, w, theta0), np.float32(lam), np.float32(rho), out.numpy()),
+    kernel=_fedgma_kernel,
     reference="https://arxiv.org/abs/2202.10143",
 )
-def fedgma(deltas: torch.Tensor, weights: torch.Tensor, rho: float = 0.5) -> torch.Tensor:
+def fedgma(deltas: torch.Tensor, weights: torch.Tensor, rho: float) -> torch.Tensor:
     """Gradient-masked averaging: A = |Σ sign(uᵢ)|/K; mask 1 where A ≥ ρ, else A.
 
     sign(wᵢτᵢ) = sign(wᵢ)·sign(τᵢ), so both sums are matrix-vector products over the stack.
@@ -269,6 +247,10 @@ def _sorted_stack(u: torch.Tensor) -> list[torch.Tensor]:
     return rows
 
 
+def _median_kernel(t, w, theta0, lam, out, median_kind, **_) -> int:
+    return kernels.median(*_arrays(t, w, theta0), np.float32(lam), median_kind == "lower", out.numpy())
+
+
 @aggregator(
     "median",
     "Coordinate-wise median of the updates: robust to one outlying task.",
@@ -276,11 +258,10 @@ def _sorted_stack(u: torch.Tensor) -> list[torch.Tensor]:
                 "the lower one (torch.median, as the paper's code).", choices=("true", "lower"))],
     family="federated",
     elementwise=True,
-    fused=lambda t, w, theta0, lam, out, median_kind="true", **_: kernels.median(
-        *_arrays(t, w, theta0), np.float32(lam), median_kind == "lower", out.numpy()),
+    kernel=_median_kernel,
     reference="https://arxiv.org/abs/1803.01498",
 )
-def median(deltas: torch.Tensor, weights: torch.Tensor, median_kind: str = "true") -> torch.Tensor:
+def median(deltas: torch.Tensor, weights: torch.Tensor, median_kind: str) -> torch.Tensor:
     """Median per coordinate of uᵢ = wᵢτᵢ."""
     u = deltas * _col(weights, deltas)
     k = u.shape[0]
@@ -292,16 +273,9 @@ def median(deltas: torch.Tensor, weights: torch.Tensor, median_kind: str = "true
     return (rows[k // 2 - 1] + rows[k // 2]) * 0.5
 
 
-# ----------------------------------------------------------------------------- mergekit family
-
-
-def _sparsified(deltas: torch.Tensor, keep: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """Apply a per-task sparsifier `keep(i, τᵢ, out)` row by row into a new stack (or `out`)."""
-    out = torch.empty_like(deltas) if out is None else out
-    for i, d in enumerate(deltas.unbind(0)):
-        keep(i, d, out[i])
-    return out
+# ----------------------------------------------------------------------------- the TIES family
+# mergekit's generalized task arithmetic: sparsify each task vector (weight-independent), then
+# weight, optionally elect signs (TIES), sum and normalise. A member is its sparsifier and a flag.
 
 
 def combine(deltas: torch.Tensor, weights: torch.Tensor, consensus: bool, normalize: bool) -> torch.Tensor:
@@ -320,107 +294,92 @@ def combine(deltas: torch.Tensor, weights: torch.Tensor, consensus: bool, normal
     return mixed
 
 
-def _register_gta(name: str, summary: str, params, sparsifier, consensus: bool, reference: str,
-                  exact_sparsifier=None):
-    """Declare one member of the TIES / DARE / Breadcrumbs / DELLA family: sparsify, then combine.
+def _density(hp, i: int, k: int, key: str = "density") -> float:
+    return _per_model(hp[key], k)[i]
+
+
+# Each selection twice: float32 through the fused kernels (fast path), and mergekit's own ordering
+# in the compute dtype (exact path). A method without a `rescale` knob does not rescale.
+MAGNITUDE = Sparsifier(
+    "magnitude",
+    keep=lambda d, i, k, hp, o: sparsify.keep_top(d, _density(hp, i, k), bool(hp.get("rescale")), o),
+    exact=lambda d, i, k, hp: sparsify.exact_top(d, _density(hp, i, k), bool(hp.get("rescale"))),
+    reads=("density", "rescale"),
+)
+BAND = Sparsifier(
+    "band",
+    keep=lambda d, i, k, hp, o: sparsify.keep_band(d, _density(hp, i, k), _density(hp, i, k, "gamma"),
+                                                   bool(hp.get("rescale")), o),
+    exact=lambda d, i, k, hp: sparsify.exact_band(d, _density(hp, i, k), _density(hp, i, k, "gamma"),
+                                                  bool(hp.get("rescale"))),
+    reads=("density", "gamma", "rescale"),
+)
+RANDOM = Sparsifier(
+    "random",
+    keep=lambda d, i, k, hp, o: sparsify.keep_random(d, _density(hp, i, k), task_seed(int(hp["seed"]), i),
+                                                     bool(hp["rescale"]), o),
+    exact=lambda d, i, k, hp: sparsify.exact_random(d, _density(hp, i, k), task_seed(int(hp["seed"]), i),
+                                                    bool(hp["rescale"])),
+    reads=("density", "rescale", "seed"),
+)
+
+
+def _della_exact(d, i, k, hp):
+    return sparsify.exact_della(d, _density(hp, i, k), _density(hp, i, k, "epsilon"), task_seed(int(hp["seed"]), i),
+                                bool(hp["rescale"]))
+
+
+DELLA = Sparsifier("della", keep=lambda d, i, k, hp, o: o.copy_(_della_exact(d, i, k, hp)), exact=_della_exact,
+                   reads=("density", "epsilon", "rescale", "seed"))
+
+
+def _gta_coefficients(weights: torch.Tensor, normalize: bool, **_) -> torch.Tensor:
+    return weights / _normalizer(weights) if normalize else weights.clone()
+
+
+def _consensus_kernel(t, w, theta0, lam, out, normalize, **_) -> int:
+    return kernels.consensus(*_arrays(t, w, theta0), np.float32(lam), bool(normalize), out.numpy())
+
+
+def _weighted_sum_kernel(t, w, theta0, lam, out, normalize, **_) -> int:
+    c = _gta_coefficients(w.to(torch.float32), normalize)
+    return kernels.weighted_sum(*_arrays(t, c, theta0), np.float32(lam), out.numpy())
+
+
+def gta(name: str, summary: str, params: Sequence[HyperParam], sparsifier: Sparsifier, consensus: bool,
+        reference: str) -> None:
+    """Declare one member of the TIES family: `sparsifier`, then combine (electing signs if `consensus`).
 
     Without the sign consensus the combine step is linear in the weights (coefficients over the
     sparsified stack), so the live app treats it like Task Arithmetic once the masks are cached.
     """
 
-    def prepare(deltas: torch.Tensor, hp, out: torch.Tensor | None = None) -> torch.Tensor:
-        return deltas if sparsifier is None else sparsifier(deltas, deltas.shape[0], hp, out)
-
-    def combine_fn(deltas: torch.Tensor, weights: torch.Tensor, **hp) -> torch.Tensor:
+    def step(deltas: torch.Tensor, weights: torch.Tensor, **hp) -> torch.Tensor:
         return combine(deltas, weights, consensus, hp["normalize"])
 
-    def fn(deltas: torch.Tensor, weights: torch.Tensor, **hp) -> torch.Tensor:
-        return combine_fn(prepare(deltas, hp), weights, **hp)
-
-    def coefficients(weights: torch.Tensor, normalize: bool = False, **_) -> torch.Tensor:
-        return weights / _normalizer(weights) if normalize else weights.clone()
-
-    def fused(t, w, theta0, lam, out, normalize: bool = False, **_) -> int:
-        if consensus:
-            return kernels.consensus(*_arrays(t, w, theta0), np.float32(lam), bool(normalize), out.numpy())
-        c = coefficients(w.to(torch.float32), normalize)
-        return kernels.weighted_sum(*_arrays(t, c, theta0), np.float32(lam), out.numpy())
-
-    fn.__name__ = name
-    fn.__doc__ = summary
-    depends = tuple(p.name for p in params if p.name in ("density", "gamma", "epsilon", "rescale", "seed"))
-    AGGREGATORS.register(Aggregator(name=name, fn=fn, summary=summary, params=tuple(params), reference=reference,
-                                    prepare=prepare, prepare_params=depends, combine=combine_fn, fused=fused,
-                                    coefficients=None if consensus else coefficients,
-                                    exact=gta_exact(exact_sparsifier, consensus)))
-    return fn
+    step.__name__, step.__doc__ = name, summary
+    aggregator(name, summary, params, sparsifier=sparsifier, reference=reference,
+               coefficients=None if consensus else _gta_coefficients,
+               kernel=_consensus_kernel if consensus else _weighted_sum_kernel,
+               exact=Exact(gta_exact(sparsifier, consensus)))(step)
 
 
-def _magnitude(deltas, k, hp, out=None):
-    dens, rescale = _per_model(hp.get("density", 1.0), k), hp.get("rescale", False)
-    return _sparsified(deltas, lambda i, d, o: sparsify.keep_top(d, dens[i], rescale, o), out)
-
-
-def _band(deltas, k, hp, out=None):
-    dens, gam = _per_model(hp.get("density", 1.0), k), _per_model(hp.get("gamma", 0.01), k)
-    rescale = hp.get("rescale", False)
-    return _sparsified(deltas, lambda i, d, o: sparsify.keep_band(d, dens[i], gam[i], rescale, o), out)
-
-
-def _random(deltas, k, hp, out=None):
-    dens, rescale, seed = _per_model(hp.get("density", 1.0), k), hp.get("rescale", True), int(hp.get("seed", 0))
-    return _sparsified(deltas, lambda i, d, o: sparsify.keep_random(d, dens[i], sparsify.task_seed(seed, i),
-                                                                     rescale, o), out)
-
-
-def _della(deltas, k, hp, out=None):
-    return _sparsified(deltas, lambda i, d, o: o.copy_(_della_one(d, i, k, hp)), out)
-
-
-# The same selections as mergekit's, one task vector at a time, in the compute dtype (the exact path).
-def _top_one(d, i, k, hp):
-    return sparsify.exact_top(d, _per_model(hp.get("density", 1.0), k)[i], hp.get("rescale", False))
-
-
-def _band_one(d, i, k, hp):
-    return sparsify.exact_band(d, _per_model(hp.get("density", 1.0), k)[i], _per_model(hp.get("gamma", 0.01), k)[i],
-                               hp.get("rescale", False))
-
-
-def _random_one(d, i, k, hp):
-    return sparsify.exact_random(d, _per_model(hp.get("density", 1.0), k)[i],
-                                 sparsify.task_seed(int(hp.get("seed", 0)), i), hp.get("rescale", True))
-
-
-def _della_one(d, i, k, hp):
-    return sparsify.exact_della(d, _per_model(hp.get("density", 1.0), k)[i], _per_model(hp.get("epsilon", 0.15), k)[i],
-                                sparsify.task_seed(int(hp.get("seed", 0)), i), hp.get("rescale", True))
-
-
-ties = _register_gta(
-    "ties", "TIES: trim each task vector to its top `density`, elect signs, average the agreeing entries.",
-    [DENSITY, NORMALIZE_ON, RESCALE_OFF], _magnitude, True, "https://arxiv.org/abs/2306.01708", _top_one)
-dare_linear = _register_gta(
-    "dare_linear", "DARE: randomly drop 1 − density of each task vector, rescale, then sum.",
-    [DENSITY, RESCALE, NORMALIZE_OFF, SEED], _random, False, "https://arxiv.org/abs/2311.03099", _random_one)
-dare_ties = _register_gta(
-    "dare_ties", "DARE drop and rescale, then TIES sign consensus.",
-    [DENSITY, RESCALE, NORMALIZE_OFF, SEED], _random, True, "https://arxiv.org/abs/2311.03099", _random_one)
-breadcrumbs = _register_gta(
-    "breadcrumbs", "Model Breadcrumbs: keep a middle band of magnitudes (drop outliers and the smallest).",
-    [DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF], _band, False, "https://arxiv.org/abs/2312.06795", _band_one)
-breadcrumbs_ties = _register_gta(
-    "breadcrumbs_ties", "Breadcrumbs band, then TIES sign consensus.",
-    [DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF], _band, True, "https://arxiv.org/abs/2312.06795", _band_one)
-magnitude_prune = _register_gta(
-    "magnitude_prune", "Keep each task vector's top `density` magnitudes, then a weighted sum (PEFT).",
-    [DENSITY, NORMALIZE_OFF], _magnitude, False, "https://arxiv.org/abs/2306.01708", _top_one)
-della = _register_gta(
-    "della", "DELLA: drop entries at random, less likely the larger their magnitude rank; rescale; TIES consensus.",
-    [DENSITY, EPSILON, RESCALE, NORMALIZE_ON, SEED], _della, True, "https://arxiv.org/abs/2406.11617", _della_one)
-della_linear = _register_gta(
-    "della_linear", "DELLA's magnitude-ranked random drop and rescale, then a weighted sum.",
-    [DENSITY, EPSILON, RESCALE, NORMALIZE_OFF, SEED], _della, False, "https://arxiv.org/abs/2406.11617", _della_one)
+gta("ties", "TIES: trim each task vector to its top `density`, elect signs, average the agreeing entries.",
+    [DENSITY, NORMALIZE_ON, RESCALE_OFF], MAGNITUDE, True, "https://arxiv.org/abs/2306.01708")
+gta("dare_linear", "DARE: randomly drop 1 − density of each task vector, rescale, then sum.",
+    [DENSITY, RESCALE, NORMALIZE_OFF, SEED], RANDOM, False, "https://arxiv.org/abs/2311.03099")
+gta("dare_ties", "DARE drop and rescale, then TIES sign consensus.",
+    [DENSITY, RESCALE, NORMALIZE_OFF, SEED], RANDOM, True, "https://arxiv.org/abs/2311.03099")
+gta("breadcrumbs", "Model Breadcrumbs: keep a middle band of magnitudes (drop outliers and the smallest).",
+    [DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF], BAND, False, "https://arxiv.org/abs/2312.06795")
+gta("breadcrumbs_ties", "Breadcrumbs band, then TIES sign consensus.",
+    [DENSITY, GAMMA, NORMALIZE_OFF, RESCALE_OFF], BAND, True, "https://arxiv.org/abs/2312.06795")
+gta("magnitude_prune", "Keep each task vector's top `density` magnitudes, then a weighted sum (PEFT).",
+    [DENSITY, NORMALIZE_OFF], MAGNITUDE, False, "https://arxiv.org/abs/2306.01708")
+gta("della", "DELLA: drop entries at random, less likely the larger their magnitude rank; rescale; TIES consensus.",
+    [DENSITY, EPSILON, RESCALE, NORMALIZE_ON, SEED], DELLA, True, "https://arxiv.org/abs/2406.11617")
+gta("della_linear", "DELLA's magnitude-ranked random drop and rescale, then a weighted sum.",
+    [DENSITY, EPSILON, RESCALE, NORMALIZE_OFF, SEED], DELLA, False, "https://arxiv.org/abs/2406.11617")
 
 
 # ----------------------------------------------------------------------------- SLERP
@@ -449,7 +408,7 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: f
 SLERP_CHUNK = 1 << 20  # elements per pass, as mergekit: the chunked norms round as mergekit's do
 
 
-def slerp_exact(base, models, weights, lam: float = 1.0, t: float = 0.5, weighted: bool = False, **_):
+def slerp_exact(base, models, weights, lam: float, t: float, weighted: bool, **_):
     """mergekit's slerp(t, θ₀, θ₁) op for op: norms, dot and coefficients in float32 (float64 for
     float64 inputs), the result stored in the inputs' dtype. Per-model weights are ignored, as in
     mergekit, unless `weighted` (ours: θᵢ becomes θ₀ + wᵢτᵢ first). With two fine-tunes and no
@@ -486,15 +445,15 @@ def slerp_exact(base, models, weights, lam: float = 1.0, t: float = 0.5, weighte
     return out
 
 
-def _slerp_fused(t, w, theta0, lam, out, t_pos: float = 0.5, weighted: bool = False) -> int:
+def _slerp_kernel(st, w, theta0, lam, out, t: float, weighted: bool, **_) -> int:
     """One pass for the two norms and the dot product, one to write θ₀ + λ·(slerp − θ₀)."""
     if not weighted:
         w = torch.ones_like(w)
-    t, w, theta0 = _arrays(t, w, theta0)
-    with_base = t.shape[0] == 1
-    aa, bb, ab = kernels.endpoint_products(t, w, theta0, with_base)
-    c0, c1 = slerp_coefficients(t_pos, math.sqrt(aa), math.sqrt(bb), ab)
-    return kernels.interpolate(t, w, theta0, np.float32(lam), with_base, np.float32(c0), np.float32(c1), out.numpy())
+    st, w, theta0 = _arrays(st, w, theta0)
+    with_base = st.shape[0] == 1
+    aa, bb, ab = kernels.endpoint_products(st, w, theta0, with_base)
+    c0, c1 = slerp_coefficients(t, math.sqrt(aa), math.sqrt(bb), ab)
+    return kernels.interpolate(st, w, theta0, np.float32(lam), with_base, np.float32(c0), np.float32(c1), out.numpy())
 
 
 @aggregator(
@@ -504,15 +463,12 @@ def _slerp_fused(t, w, theta0, lam, out, t_pos: float = 0.5, weighted: bool = Fa
                 low=0.0, high=1.0),
      HyperParam("weighted", bool, False, "Apply the per-model weights first (θ₀ + wᵢτᵢ; FedMerge's option). "
                 "Off, as in mergekit, the weights are ignored.")],
-    needs_base=True,
     max_models=2,
-    exact=slerp_exact,
-    models_only=True,
-    fused=lambda st, w, theta0, lam, out, t=0.5, weighted=False, **_: _slerp_fused(st, w, theta0, lam, out, t,
-                                                                                   weighted),
+    exact=Exact(slerp_exact, always=True),
+    kernel=_slerp_kernel,
     reference="https://en.wikipedia.org/wiki/Slerp",
 )
-def slerp(deltas: torch.Tensor, weights: torch.Tensor, t: float = 0.5, weighted: bool = False, *,
+def slerp(deltas: torch.Tensor, weights: torch.Tensor, t: float, weighted: bool, *,
           base: torch.Tensor) -> torch.Tensor:
     """With one fine-tune: slerp(θ₀, θ₁); with two: slerp(θ₁, θ₂). Returns it − θ₀. With `weighted`,
     θᵢ is θ₀ + wᵢτᵢ."""

@@ -23,7 +23,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "vocab.txt",
 )
-TRAINING_FILES = ("training.json", "trainer_state.json", "training_args.json")
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -197,15 +196,6 @@ class Checkpoint:
     def is_float(self, key: str) -> bool:
         return self.dtype(key).is_floating_point
 
-    def nbytes(self) -> int:
-        total = 0
-        for shape, code in self._meta.values():
-            n = 1
-            for s in shape:
-                n *= s
-            total += n * (_DTYPES.get(code, torch.float32).itemsize)
-        return total
-
     def read_into(self, key: str, out: torch.Tensor) -> bool:
         """Read a safetensors tensor's bytes straight into `out` (same dtype and size, contiguous):
         one copy from the page cache, no intermediate tensor. False where that does not apply."""
@@ -310,9 +300,6 @@ class StateDict:
 
     def is_float(self, key: str) -> bool:
         return self._t[key].is_floating_point()
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._t.values())
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self._t:

@@ -193,7 +193,6 @@ def slices_to_models(data: dict, source: str = "config") -> dict:
         raise MergeError(f"{source}: slices: expected a list of slices, each with `sources`")
     out = {k: v for k, v in data.items() if k != "slices"}
     out["slices"] = slices
-    models = []
     for i, sl in enumerate(slices):
         extra = set(sl) - {"sources", "parameters", "base_model"}
         if extra:

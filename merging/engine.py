@@ -1,8 +1,8 @@
 """Executing a plan: tensor by tensor, so memory stays at a few tensors whatever the model size.
 
-One function, `merge_tensor`, forms θ₀ + λ·U for one tensor; the streaming merge to disk, the
-dict API and the live app all call it. Whole-model statistics (cclip's norms) come from a first
-pass over the task vectors.
+Each tensor is merged by its method (`Aggregator.merge`: θ₀ + λ·U from the stacked task vectors,
+or mergekit's exact form on the models); the engine reads the stacks, ahead of time, and writes
+the results. Whole-model statistics (cclip's norms) come from a first pass over the task vectors.
 """
 from __future__ import annotations
 
@@ -15,85 +15,14 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from . import kernels
-from .aggregators import tensor_seed
 from .checkpoints import CONFIG_FILES, TOKENIZER_FILES, Checkpoint, StateDict
 from .errors import MergeError
 from .progress import Progress, report
 from .plan import MergePlan, plan_from_objects
-from .registry import Aggregator
 from .task_vectors import FullFinetune, TaskVectorSource
 from .validation import check_finite
 from .writer import DEFAULT_SHARD_BYTES, StreamingModelWriter
 
-
-
-def call_kwargs(agg: Aggregator, name: str, base: torch.Tensor, hyper: Mapping[str, Any],
-                update_norms: torch.Tensor | None = None) -> dict[str, Any]:
-    """The keyword arguments an aggregator gets for one tensor: its hyperparameters plus what it needs."""
-    kwargs = dict(hyper)
-    if agg.needs_base:
-        kwargs["base"] = base
-    if agg.needs_update_norms:
-        if update_norms is None:
-            raise MergeError(f"{agg.name} needs the whole-model norms of the task vectors")
-        kwargs["update_norms"] = update_norms
-    if "seed" in kwargs:
-        kwargs["seed"] = tensor_seed(int(kwargs["seed"]), name)
-    return kwargs
-
-
-CHUNK = 1 << 17  # coordinates per slice: a [K, CHUNK] float32 temporary stays in the CPU cache
-
-
-def apply_elementwise(fn, deltas: torch.Tensor, weights: torch.Tensor, kwargs: Mapping[str, Any],
-                      base: torch.Tensor, lam: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """θ₀ + λ·fn(deltas) slice by slice over the coordinates, for coordinate-wise aggregators.
-
-    Same values as one call on the whole tensor, but the several temporaries each aggregator makes
-    are cache-sized instead of model-sized: memory traffic drops to about one read of the stack.
-    """
-    k = deltas.shape[0]
-    flat, b = deltas.reshape(k, -1), base.reshape(-1)
-    out = torch.empty_like(b, dtype=torch.float32) if out is None else out
-    o = out.view(-1)
-    for s in range(0, flat.shape[1], CHUNK):
-        torch.add(b[s:s + CHUNK], fn(flat[:, s:s + CHUNK], weights, **kwargs), alpha=lam, out=o[s:s + CHUNK])
-    return out.view(base.shape)
-
-
-def final_step(agg: Aggregator, stack: torch.Tensor, weights: torch.Tensor, kwargs: Mapping[str, Any],
-               base: torch.Tensor, lam: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int | None]:
-    """θ₀ + λ·U from the (for two-step aggregators: prepared) stack, into `out` if given.
-
-    Runs the fused kernel when there is one, else the torch definition (sliced when coordinate-wise).
-    Returns the tensor and its count of non-finite entries when the kernel counted them (else None).
-    """
-    out = torch.empty(base.shape, dtype=torch.float32, device=base.device) if out is None else out
-    if agg.fused is not None and kernels.enabled() and stack.device.type == "cpu":  # numba kernels: CPU only
-        k = stack.shape[0]
-        bad = agg.fused(stack.reshape(k, -1), weights.to(torch.float32), base.reshape(-1), float(lam),
-                        out.view(-1), **kwargs)
-        return out, int(bad)
-    fn = agg.combine if agg.prepare is not None else agg.fn
-    if agg.elementwise or agg.prepare is not None:
-        return apply_elementwise(fn, stack, weights, kwargs, base, lam, out), None
-    torch.add(base, fn(stack, weights, **kwargs), alpha=lam, out=out)
-    return out, None
-
-
-def merge_tensor(agg: Aggregator, name: str, base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor,
-                 lam: float, hyper: Mapping[str, Any], update_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """θ₀ + λ·U for one tensor, in float32."""
-    kwargs = call_kwargs(agg, name, base, hyper, update_norms)
-    if agg.prepare is not None:
-        return final_step(agg, agg.prepare(deltas, kwargs), weights, kwargs, base, lam)[0]
-    if agg.elementwise or agg.fused is not None:
-        return final_step(agg, deltas, weights, kwargs, base, lam)[0]
-    update = agg.fn(deltas, weights, **kwargs)
-    if update.untyped_storage().data_ptr() == deltas.untyped_storage().data_ptr():
-        update = update.clone()  # never scale the shared task vectors in place
-    return update.mul_(lam).add_(base) if lam != 1 else update.add_(base)
 
 
 def _check_finite_fast(name: str, tensor: torch.Tensor, owner: str) -> None:
@@ -159,20 +88,13 @@ def load_model_stack(plan: MergePlan, name: str, buffer: torch.Tensor | None = N
 
 
 def affine_coefficients(plan: MergePlan, name: str, norms: torch.Tensor | None) -> torch.Tensor | None:
-    """λ·cᵢ when this tensor's merge is exactly Σ λcᵢθᵢ: a linear method whose λ·Σcᵢ = 1 (the
-    normalised `linear` soup), full fine-tunes. θ₀ + λΣcᵢ(θᵢ − θ₀) then needs no θ₀: one model
-    fewer to read, no subtraction (mergekit's `linear` reads no base either)."""
-    agg = plan.method
-    if agg.coefficients is None or agg.prepare is not None:
-        return None
+    """λ·cᵢ when this tensor's merge is exactly Σ λcᵢθᵢ (see Aggregator.affine_coefficients) and the
+    sources are full fine-tunes: θ₀ + λΣcᵢ(θᵢ − θ₀) then needs no θ₀: one model fewer to read, no
+    subtraction (mergekit's `linear` reads no base either)."""
     if not all(isinstance(s, FullFinetune) and s.checkpoint.dtype(name) != torch.float64 for s in plan.sources):
         return None
     p = plan.params_for(name)
-    kwargs = call_kwargs(agg, name, None, p.hyper, norms)
-    c = agg.coefficients(p.weights, **kwargs).double() * p.lam
-    if not agg.exact_reads_base and p.lam == 1:  # linear: mergekit's Σ cᵢθᵢ whatever Σ cᵢ
-        return c.float()
-    return c.float() if abs(float(c.sum()) - 1.0) <= 1e-6 else None
+    return plan.method.affine_coefficients(p.weights, p.hyper, p.lam, norms)
 
 
 def update_norms(plan: MergePlan, progress: Progress | None = None) -> torch.Tensor:
@@ -188,28 +110,19 @@ def update_norms(plan: MergePlan, progress: Progress | None = None) -> torch.Ten
 
 
 def uses_exact(plan: MergePlan) -> bool:
-    """The exact path (mergekit's definition, in the compute dtype) runs for methods defined on the
-    models, and for any method with an exact form when the compute dtype is not float32; full
-    fine-tunes only (a LoRA update has no stored θᵢ to load in that dtype). In float32, `linear` at
-    λ = 1 takes the prefetching affine path instead (Σ cᵢθᵢ read from the models: the same sum)."""
-    agg = plan.method
-    if agg.exact is None or not all(isinstance(s, FullFinetune) for s in plan.sources):
+    """Whether the merge runs the method's exact form (mergekit's definition, in the compute dtype;
+    see Aggregator.runs_exact): full fine-tunes only (a LoRA update has no stored θᵢ to load in
+    that dtype)."""
+    if not all(isinstance(s, FullFinetune) for s in plan.sources):
         return False
-    if plan.compute_dtype != torch.float32:
-        return True
-    if agg.models_only and agg.coefficients is not None:
-        lam = plan.global_settings.get("lambda", 1.0)
-        return not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam == 1)
-    return agg.models_only
+    return plan.method.runs_exact(plan.compute_dtype, plan.global_settings.get("lambda", 1.0))
 
 
 def exact_tensor(plan: MergePlan, name: str) -> torch.Tensor:
     """One tensor merged by the method's exact form: θ₀ and the θᵢ loaded in the compute dtype."""
     dt = plan.compute_dtype
     p = plan.params_for(name)
-    kwargs = call_kwargs(plan.method, name, None, p.hyper)
-    kwargs.pop("base", None)
-    reads_base = not plan.no_base and (plan.method.exact_reads_base or p.lam != 1)
+    reads_base = not plan.no_base and plan.method.exact_reads_base(p.lam)
     base = plan.base.get(name).to(dt) if reads_base else None
     if base is not None:
         _check_finite_fast(name, base, plan.base.ref)
@@ -218,7 +131,7 @@ def exact_tensor(plan: MergePlan, name: str) -> torch.Tensor:
         m = src.checkpoint.get(name).to(dt)
         _check_finite_fast(name, m, src.name)
         models.append(m)
-    return plan.method.exact(base, models, p.weight_values, lam=p.lam, **kwargs)
+    return plan.method.exact_merge(base, models, p.weight_values, p.lam, p.hyper, name)
 
 
 def iter_merged(plan: MergePlan, progress: Progress | None = None, device: torch.device | str | None = None
@@ -284,7 +197,7 @@ def iter_merged(plan: MergePlan, progress: Progress | None = None, device: torch
                 if gpu:
                     base, deltas, w = base.to(dev), deltas.to(dev), w.to(dev)
                     nrm = None if norms is None else norms.to(dev)
-                merged = merge_tensor(plan.method, name, base, deltas, w, p.lam, p.hyper, nrm)
+                merged = plan.method.merge(deltas, w, base, p.lam, p.hyper, tensor=name, update_norms=nrm)[0]
             _check_finite_fast(name, merged, "the merge result")
             del data
             yield name, merged.to(plan.output_dtype(name)).cpu() if gpu else merged.to(plan.output_dtype(name))

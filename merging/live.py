@@ -10,6 +10,7 @@ computed into a second set of buffers that is swapped in once every tensor came 
 """
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from . import kernels
-from .engine import call_kwargs, final_step, load_tensor_stack, merge_tensor
+from .engine import load_tensor_stack
 from .errors import MergeError
 from .progress import Progress, report
 from .plan import TRAINING_KEYS, MergePlan, plan_from_objects, training_defaults
@@ -32,15 +33,8 @@ _MAX_INCREMENTS = 16  # incremental updates between two full linear merges (boun
 
 def estimate_stack_bytes(base, sources) -> int:
     """Memory a TaskVectorStack will take: the float32 base plus K float32 task vectors."""
-    n = sum(_numel(base.shape(k)) for k in base.keys() if base.is_float(k))
+    n = sum(math.prod(base.shape(k)) for k in base.keys() if base.is_float(k))
     return 4 * n * (1 + len(sources))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 class TaskVectorStack:
@@ -108,7 +102,7 @@ class TaskVectorStack:
         w = torch.tensor([WEIGHT.check(x) for x in weights], dtype=torch.float32)
         hp = agg.check_params(hyper, len(idx))
         hp = _fill_training_defaults(agg, hp, [self.training[i] for i in idx])
-        norms = self.update_norms(w, idx) if agg.needs_update_norms else None
+        norms = self.update_norms(w, idx)  # cheap (cached per tensor); only methods that ask read them
         return MergeRequest(agg, idx, w, LAMBDA.check(lam), hp, norms)
 
     def _selected(self, name: str, idx: list[int]) -> torch.Tensor:
@@ -124,7 +118,6 @@ class TaskVectorStack:
         Returns the sparsified stack [k, ...] of the selected tasks and, when asked (the linear
         path's overflow bound needs it; the consensus methods do not), its per-task max |entry|.
         """
-        agg = req.agg
         with self._prepare_lock:  # stacks are shared by every session's thread
             cached = self._prepare_cache.get(req.prepare_key)
             if cached is None:
@@ -132,13 +125,12 @@ class TaskVectorStack:
                     self._recycle(self._prepare_cache.pop(next(iter(self._prepare_cache))))
                 cached = self._prepare_cache[req.prepare_key] = {}
             if name not in cached:
-                kwargs = call_kwargs(agg, name, self.base[name], req.hyper, req.norms)
                 selected = self._selected(name, req.idx)
                 out = self._recycled.pop(name, None)
                 if out is not None and out.shape != selected.shape:
                     out = None
                 self.reused_buffers += out is not None
-                t = agg.prepare(selected, kwargs, out=out)
+                t = req.agg.prepare(selected, req.hyper, out, tensor=name)
                 cached[name] = (t, None)
             t, absmax = cached[name]
             if with_absmax and absmax is None:
@@ -159,14 +151,13 @@ class TaskVectorStack:
     def merged_tensor(self, req: "MergeRequest", name: str, out: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, int | None]:
         """θ₀ + λ·U for one tensor (float32; into `out` if given) and its non-finite count if known."""
-        agg, base = req.agg, self.base[name]
-        if agg.prepare is None and not agg.elementwise and agg.fused is None:
-            merged = merge_tensor(agg, name, base, self._selected(name, req.idx), req.weights, req.lam, req.hyper,
-                                  req.norms)
-            return (merged if out is None else out.copy_(merged)), None
-        kwargs = call_kwargs(agg, name, base, req.hyper, req.norms)
-        stack = self._prepared(req, name)[0] if agg.prepare is not None else self._selected(name, req.idx)
-        return final_step(agg, stack, req.weights, kwargs, base, req.lam, out)
+        return req.agg.final_step(self._stack(req, name), req.weights, self.base[name], req.lam, req.hyper, out,
+                                  tensor=name, update_norms=req.norms)
+
+    def _stack(self, req: "MergeRequest", name: str) -> torch.Tensor:
+        """The stack the method's final step reads: its cached prepared stack, if it has a
+        weight-independent step (`prepare_key`), else the raw selected task vectors."""
+        return self._selected(name, req.idx) if req.prepare_key is None else self._prepared(req, name)[0]
 
     def merged(self, method: str, weights: Sequence[float], lam: float = 1.0, select: Sequence[int] | None = None,
                **hyper: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -176,14 +167,14 @@ class TaskVectorStack:
             yield name, self.merged_tensor(req, name)[0]
 
     # ------------------------------------------------------------------ linear merges
-    def linear_terms(self, req: "MergeRequest") -> tuple[tuple | None, torch.Tensor]:
-        """Linear aggregators: (which stack, λ·cᵢ). The raw stack takes coefficients over ALL
-        tasks (zero for the unselected: no copy of a selection); a prepared one over the selected."""
-        kwargs = dict(req.hyper)
-        if req.agg.needs_update_norms:
-            kwargs["update_norms"] = req.norms
-        c = req.agg.coefficients(req.weights, **kwargs).to(torch.float32) * req.lam
-        if req.agg.prepare is not None:
+    def linear_terms(self, req: "MergeRequest") -> tuple[tuple | None, torch.Tensor | None]:
+        """(which stack, λ·cᵢ) when U = Σ cᵢτᵢ, else (None, None). The raw stack takes coefficients
+        over ALL tasks (zero for the unselected: no copy of a selection); a prepared one over the selected."""
+        c = req.agg.linear_coefficients(req.weights, req.hyper, req.norms)
+        if c is None:
+            return None, None
+        c = c.to(torch.float32) * req.lam
+        if req.prepare_key is not None:
             return req.prepare_key, c
         full = torch.zeros(len(self), dtype=torch.float32)
         full[req.idx] = c
@@ -210,10 +201,11 @@ class MergeRequest:
     norms: torch.Tensor | None
 
     @property
-    def prepare_key(self) -> tuple:
-        """What the cached prepare step depends on: method, selection and its own hyperparameters."""
-        return (self.agg.name, tuple(self.idx),
-                tuple((k, _freeze(self.hyper.get(k))) for k in self.agg.prepare_params))
+    def prepare_key(self) -> tuple | None:
+        """What the cached prepare step depends on: method, its own hyperparameters and the
+        selection; None when the method has no weight-independent step."""
+        key = self.agg.prepare_key(self.hyper)
+        return None if key is None else (*key, tuple(self.idx))
 
 
 def _row_abs_max(t: torch.Tensor) -> torch.Tensor:
@@ -223,10 +215,6 @@ def _row_abs_max(t: torch.Tensor) -> torch.Tensor:
     if kernels.enabled() and t.is_contiguous():
         return torch.from_numpy(kernels.row_abs_max(t.numpy()))
     return t.abs().amax(1).double()
-
-
-def _freeze(v: Any) -> Any:
-    return tuple(v) if isinstance(v, list) else v
 
 
 def _fill_training_defaults(agg, hp: dict[str, Any], training: list[dict[str, Any]]) -> dict[str, Any]:
@@ -268,8 +256,9 @@ class LiveModel:
               **hyper: Any) -> None:
         """Merge and write into the model. On error the model keeps its previous weights."""
         req = self.stack.request(method, weights, lam, select, **hyper)
-        if req.agg.coefficients is not None:
-            self._apply_linear(req)
+        key, coef = self.stack.linear_terms(req)
+        if coef is not None:  # U = Σ cᵢτᵢ: written straight into the parameters
+            self._apply_linear(req, key, coef)
             return
         spare = self._spare_buffers()
 
@@ -299,9 +288,8 @@ class LiveModel:
             self._spare = {name: torch.empty(p.shape, dtype=torch.float32) for name, p in self.targets.items()}
         return self._spare
 
-    def _apply_linear(self, req: MergeRequest) -> None:
+    def _apply_linear(self, req: MergeRequest, key: tuple | None, coef: torch.Tensor) -> None:
         """θ = θ₀ + Σ cᵢτᵢ straight into the parameters; when one cᵢ changed, add just that change."""
-        key, coef = self.stack.linear_terms(req)
         for name in self.stack.names:
             if self.stack.bound(name, coef, self.stack.linear_stack(req, key, name)[1]) > 1e38:
                 raise MergeError(f"the merge would overflow float32 in {name} (coefficients too large)")

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MergeError
-from .registry import AGGREGATORS, Aggregator, HyperParam
+from .method import Exact, HyperParam, check_defaults_once
+from .registry import aggregator
 
 
-def model_method(name: str, summary: str, params: Sequence[HyperParam] = (), *, min_models: int = 1,
-                 max_models: int | None = None, base_optional: bool = False, reference: str = ""):
-    """Register `core` as the method `name`: its exact form for the engine, its task-vector form for the app."""
+def model_method(name: str, summary: str, params: Sequence[HyperParam] = (), **description):
+    """Declare `core` as the method `name`: its exact form for the engine, its task-vector form for the app."""
 
     def wrap(core: Callable[..., torch.Tensor]):
         def exact(base, models, weights, lam: float = 1.0, **hp) -> torch.Tensor:
@@ -27,15 +27,13 @@ def model_method(name: str, summary: str, params: Sequence[HyperParam] = (), *, 
                 out = (base + lam * (out - base)).to(out.dtype)
             return out
 
-        def fn(deltas: torch.Tensor, weights: torch.Tensor, *, base: torch.Tensor, **hp) -> torch.Tensor:
+        def step(deltas: torch.Tensor, weights: torch.Tensor, *, base: torch.Tensor, **hp) -> torch.Tensor:
             b = base.float()
             return core(b, [b + d for d in deltas.float().unbind(0)], weights.tolist(), **hp).float() - b
 
-        fn.__name__, fn.__doc__ = core.__name__, core.__doc__
-        AGGREGATORS.register(Aggregator(
-            name=name, fn=fn, summary=summary, params=tuple(params), needs_base=True, exact=exact,
-            models_only=True, min_models=min_models, max_models=max_models, base_optional=base_optional,
-            reference=reference))
+        step.__name__, step.__doc__ = core.__name__, core.__doc__
+        check_defaults_once(name, core, tuple(params))
+        aggregator(name, summary, params, exact=Exact(exact, always=True), **description)(step)
         return core
 
     return wrap
@@ -72,7 +70,7 @@ def _nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatt
     min_models=2, max_models=2, base_optional=True,
     reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
 )
-def nuslerp(base, models, weights, nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False):
+def nuslerp(base, models, weights, nuslerp_flatten: bool, nuslerp_row_wise: bool):
     """The weights set the position; with a base, the task vectors are interpolated."""
     total = sum(weights)
     t = 0.5 if abs(total) < 1e-6 else weights[1] / total
@@ -89,7 +87,7 @@ def nuslerp(base, models, weights, nuslerp_flatten: bool = True, nuslerp_row_wis
     base_optional=True,
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
 )
-def multislerp(base, models, weights, normalize_weights: bool = True, eps: float = 1e-8):
+def multislerp(base, models, weights, normalize_weights: bool, eps: float):
     """Project to the tangent space at the weighted mean direction, average, map back; keep the mean norm."""
     if len(models) == 1:
         return models[0]
@@ -133,7 +131,7 @@ def multislerp(base, models, weights, normalize_weights: bool = True, eps: float
     base_optional=True,
     reference="https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean",
 )
-def karcher(base, models, weights, max_iter: int = 10, tol: float = 1e-5):
+def karcher(base, models, weights, max_iter: int, tol: float):
     """Every input counts equally, the base too (mergekit takes it as one more input, listed last)."""
     xs = list(models) + ([base] if base is not None else [])
     if len(xs) == 1:
@@ -185,7 +183,7 @@ def karcher(base, models, weights, max_iter: int = 10, tol: float = 1e-5):
     min_models=2,
     reference="https://arxiv.org/abs/2403.19522",
 )
-def model_stock(base, models, weights, filter_wise: bool = False):
+def model_stock(base, models, weights, filter_wise: bool):
     """t = K·cos / (1 + (K − 1)·cos) with cos the mean pairwise cosine of the task vectors."""
     shape = base.shape
     if filter_wise:
@@ -215,7 +213,7 @@ def model_stock(base, models, weights, filter_wise: bool = False):
     min_models=1, max_models=1,
     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
 )
-def nearswap(base, models, weights, t: float = 0.5):
+def nearswap(base, models, weights, t: float):
     """Per entry: weight = clamp(t / |θ₀ − θ₁|, 0, 1) toward the fine-tune."""
     b = models[0]
     weight = (t / torch.abs(base - b).clamp(min=1e-6)).clamp(min=0, max=1)
@@ -252,7 +250,7 @@ def arcee_fusion(base, models, weights):
                 low=0.0, high=1.0)],
     reference="https://arxiv.org/abs/2408.07990",
 )
-def sce(base, models, weights, select_topk: float = 1.0):
+def sce(base, models, weights, select_topk: float):
     """The per-model weights are ignored (as in mergekit): SCE derives its own from the task vectors."""
     tvs = torch.stack([m - base for m in models], dim=0)
     if select_topk < 1:
@@ -281,7 +279,7 @@ def sce(base, models, weights, select_topk: float = 1.0):
     min_models=1, max_models=1, base_optional=True,
     reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
 )
-def passthrough(base, models, weights, scale=1.0):
+def passthrough(base, models, weights, scale):
     """The single input, unchanged unless scaled."""
     s = scale[0] if isinstance(scale, (list, tuple)) else scale
     return models[0] if s == 1.0 else models[0] * s

@@ -89,10 +89,6 @@ class StackedLayers:
         ck, name = self._src(key)
         return ck.is_float(name)
 
-    def nbytes(self) -> int:
-        return sum(torch.Size(self.shape(k)).numel() * torch.finfo(self.dtype(k)).bits // 8
-                   for k in self._keys if self.is_float(k))
-
     def get(self, key: str) -> torch.Tensor:
         ck, name = self._src(key)
         return ck.get(name)

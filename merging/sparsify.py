@@ -17,10 +17,6 @@ _GOLDEN, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)
 RANDOM_BITS = 24  # DARE keeps entry j when its 24-bit hash is below density · 2²⁴
 
 
-def _abs_np(x: torch.Tensor) -> np.ndarray:
-    return x.detach().reshape(-1).abs().float().numpy()
-
-
 def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask of the largest-magnitude `density` fraction of `x` (at least one entry)."""
     n = x.numel()
@@ -49,11 +45,6 @@ def band_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     part = np.partition(a.reshape(-1).float().numpy(), [lo_rank, hi_rank])
     mask = a >= float(part[lo_rank])
     return mask.logical_and_(a <= float(part[hi_rank]))
-
-
-def task_seed(seed: int, task: int) -> int:
-    """The 64-bit seed of one task's DARE mask in one tensor (`seed` is already per tensor)."""
-    return (seed * 0x100000001B3 + task + 1) % 2**64
 
 
 def random_bits(n: int, seed: int) -> np.ndarray:

@@ -73,9 +73,6 @@ class VocabView:
     def is_float(self, key: str) -> bool:
         return self._inner.is_float(key)
 
-    def nbytes(self) -> int:
-        return self._inner.nbytes()
-
     def get(self, key: str) -> torch.Tensor:
         t = self._inner.get(key)
         if not self._is_vocab(key):

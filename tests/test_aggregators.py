@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import merging
-from merging import AGGREGATORS, MergeError
+from merging import AGGREGATORS, HyperParam, MergeError
 from merging.aggregators import slerp_tensors
 from merging.sparsify import band_mask, topk_mask
 
@@ -20,13 +20,14 @@ def stack(k=4, shape=(6, 7), seed=0):
 
 
 def call(name, deltas, weights, base=None, norms=None, **hp):
+    """U by the method's torch definition, its arguments filled in as the engine fills them."""
     agg = AGGREGATORS[name]
-    kw = agg.check_params(hp, deltas.shape[0])
-    if agg.needs_base:
-        kw["base"] = torch.zeros(deltas.shape[1:]) if base is None else base
-    if agg.needs_update_norms:
-        kw["update_norms"] = (deltas.reshape(deltas.shape[0], -1).norm(dim=1) * weights.abs()) if norms is None else norms
-    return agg.fn(deltas, weights, **kw)
+    if base is None:
+        base = torch.zeros(deltas.shape[1:])
+    if norms is None:
+        norms = deltas.reshape(deltas.shape[0], -1).norm(dim=1) * weights.abs()
+    kw = agg.kwargs(agg.check_params(hp, deltas.shape[0]), "t", base, norms)
+    return agg.update(deltas, weights, **kw)
 
 
 # ----------------------------------------------------------------- reference computations, elementwise loops
@@ -214,7 +215,8 @@ def test_slerp_reference_and_limits():
 # ----------------------------------------------------------------- identities of the spec
 
 # mergekit's methods defined on the models (model_methods.py) have their own identities: tested there.
-TASK_VECTOR_METHODS = [n for n, a in AGGREGATORS.items() if not a.models_only or n in ("linear", "slerp")]
+TASK_VECTOR_METHODS = [n for n, a in AGGREGATORS.items()
+                       if a.exact is None or not a.exact.always or n in ("linear", "slerp")]
 
 
 @pytest.mark.parametrize("name", [n for n in TASK_VECTOR_METHODS if n not in ("fednova",)])
@@ -246,7 +248,7 @@ def test_identical_task_vectors(name):
 
 def test_every_method_declares_typed_params_with_help():
     for agg in AGGREGATORS.values():
-        assert agg.summary and callable(agg.fn)
+        assert agg.summary and callable(agg.step)
         for p in agg.params:
             assert p.help and p.type in (int, float, bool, str)
             if p.default is not None:
@@ -271,3 +273,76 @@ def test_param_validation_names_the_field():
 def test_public_api_names():
     assert merging.AGGREGATORS is AGGREGATORS
     assert callable(merging.merge_state_dicts)
+
+
+# ----------------------------------------------------------------- adding a method = one declaration
+
+@pytest.fixture()
+def toy_methods():
+    """Two methods declared here and nowhere else: a plain function, and a linear one after a
+    weight-independent sparsifier (cached by the live app, like DARE's masks)."""
+    from merging.method import Sparsifier, weighted_sum
+    from merging.registry import aggregator
+
+    @aggregator("toy_scaled", "scale · Σ wᵢτᵢ.", [HyperParam("scale", float, 0.5, "Factor on the sum.", low=0.0)])
+    def toy_scaled(deltas, weights, scale):
+        return weighted_sum(deltas, weights) * scale
+
+    cut = Sparsifier("cut", keep=lambda d, i, k, hp, o: o.copy_(d * (d.abs() >= hp["cut"])),
+                     exact=lambda d, i, k, hp: d * (d.abs() >= hp["cut"]), reads=("cut",))
+
+    @aggregator("toy_cut", "Σ wᵢτᵢ over the entries with |τ| ≥ cut.",
+                [HyperParam("cut", float, 0.01, "Smallest magnitude kept.", low=0.0)], linear=True, sparsifier=cut)
+    def toy_cut(weights, cut):
+        return weights.clone()
+
+    yield
+    AGGREGATORS.remove("toy_scaled")
+    AGGREGATORS.remove("toy_cut")
+
+
+def _toy_expected(method, base, deltas, weights, lam, **hp):
+    if method == "toy_scaled":
+        u = sum(w * d for w, d in zip(weights, deltas)) * hp.get("scale", 0.5)
+    else:
+        u = sum(w * d * (d.abs() >= hp.get("cut", 0.01)) for w, d in zip(weights, deltas))
+    return base + lam * u
+
+
+@pytest.mark.parametrize("method,hp", [("toy_scaled", {}), ("toy_scaled", {"scale": 2.0}), ("toy_cut", {}),
+                                       ("toy_cut", {"cut": 0.03})])
+def test_a_method_declared_once_runs_through_the_engine_and_the_live_model(toy_methods, tiny_zoo, method, hp):
+    from transformers import AutoModelForCausalLM
+
+    from merging import Checkpoint, LiveModel, TaskVectorStack, load_source, merge_state_dicts
+    from tests.test_engine import load_sd
+
+    base = {k: v.float() for k, v in load_sd(tiny_zoo["base"]).items()}
+    fts = [{k: v.float() for k, v in load_sd(tiny_zoo[f"ft{i}"]).items()} for i in range(3)]
+    weights = [0.6, -0.4, 1.2]
+    expected = {n: _toy_expected(method, base[n], [f[n] - base[n] for f in fts], weights, 0.7, **hp) for n in base
+                if base[n].is_floating_point()}
+
+    merged = merge_state_dicts(base, fts, method, weights=weights, lam=0.7, **hp)  # the engine's streaming path
+    for n, t in expected.items():
+        torch.testing.assert_close(merged[n], t, atol=1e-6, rtol=1e-5)
+
+    stack = TaskVectorStack(Checkpoint(tiny_zoo["base"]), [load_source(tiny_zoo[f"ft{i}"]) for i in range(3)])
+    live = LiveModel(AutoModelForCausalLM.from_pretrained(tiny_zoo["base"]), stack)
+    for w in (weights, [0.6, 0.1, 1.2]):  # the second move changes one weight: the incremental path if linear
+        live.apply(method, w, lam=0.7, **hp)
+        for n, p in live.targets.items():
+            want = _toy_expected(method, stack.base[n], [stack.deltas[n][i] for i in range(3)], w, 0.7, **hp)
+            torch.testing.assert_close(p.detach(), want, atol=1e-6, rtol=1e-5)
+    assert AGGREGATORS[method].check_params(hp, 3)  # the UI / YAML description comes from the same declaration
+
+
+def test_a_default_is_written_once():
+    """A hyperparameter's default lives in its HyperParam; a signature repeating it is refused."""
+    from merging.registry import aggregator
+
+    with pytest.raises(ValueError, match="default of 'scale'"):
+        @aggregator("toy_twice", "Refused.", [HyperParam("scale", float, 0.5, "Factor.")])
+        def toy_twice(deltas, weights, scale=0.5):
+            return deltas.sum(0) * scale
+    assert "toy_twice" not in AGGREGATORS

@@ -311,17 +311,17 @@ def test_cclip_with_a_zero_task_vector_and_compare_all_carries_on(tmp_path_facto
 
     # a method that cannot run on this selection is reported and the others still run
     from merging.errors import MergeError
-    from merging.registry import AGGREGATORS, Aggregator
+    from merging.registry import AGGREGATORS, aggregator
 
+    @aggregator("refuses_zero", "test only")
     def refuses(deltas, weights):
         raise MergeError("needs positive weights")
 
-    AGGREGATORS.register(Aggregator(name="refuses_zero", fn=refuses, summary="test only"))
     try:
         failed: list = []
         results = compare_all(s, methods=["refuses_zero", "task_arithmetic"], weights=[1, 0, 1], n_val=3,
                               n_test=3, failed=failed)
     finally:
-        AGGREGATORS._items.pop("refuses_zero")
+        AGGREGATORS.remove("refuses_zero")
     assert [x.method for x in results] == ["task_arithmetic"]
     assert failed[0][0] == "refuses_zero" and "needs positive weights" in failed[0][1]

@@ -4,10 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging import AGGREGATORS, kernels
-from merging.engine import call_kwargs, final_step
+from merging import AGGREGATORS, kernels, seeds
 
-FUSED = [name for name, agg in AGGREGATORS.items() if agg.fused is not None]
+FUSED = [name for name, agg in AGGREGATORS.items() if agg.kernel is not None]
 
 
 def test_kernels_are_on():
@@ -26,28 +25,25 @@ def _case(k: int, n: int, seed: int):
     return deltas, torch.randn(n, generator=g), weights
 
 
-def _reference(agg, stack, weights, kwargs, base, lam):
-    fn = agg.combine if agg.prepare is not None else agg.fn
-    return base + lam * fn(stack, weights, **kwargs)
+def _reference(agg, deltas, weights, hp, base, lam):
+    """θ₀ + λ·U by the torch definition (kernels off)."""
+    return base + lam * agg.update(deltas, weights, **agg.kwargs(hp, "t", base))
 
 
 @pytest.mark.parametrize("method", FUSED)
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8])
 def test_fused_equals_the_torch_definition(method, k):
     agg = AGGREGATORS[method]
-    if agg.max_models is not None and k > agg.max_models:
-        pytest.skip(f"{method} takes at most {agg.max_models} models")
+    if not agg.accepts(k):
+        pytest.skip(f"{method} does not merge {k} models")
     n = 3 * kernels.BLOCK + 17  # several blocks and a ragged last one
     deltas, base, weights = _case(k, n, seed=k)
     for hyper in ({}, {"normalize": True}, {"normalize": False}, {"rho": 0.8}, {"median_kind": "lower"}, {"t": 0.2}):
-        hyper = {h: v for h, v in hyper.items() if h in {p.name for p in agg.params}}
-        hp = agg.check_params({**hyper, **({"density": 0.6} if agg.prepare else {})}, k)
-        kwargs = call_kwargs(agg, "t", base, hp)
-        stack = agg.prepare(deltas, kwargs) if agg.prepare is not None else deltas
-        got, bad = final_step(agg, stack, weights, kwargs, base, 0.7)
-        assert bad == 0
-        expected = _reference(agg, stack, weights, kwargs, base, 0.7)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        hyper = {h: v for h, v in {**hyper, "density": 0.6}.items() if h in {p.name for p in agg.params}}
+        hp = agg.check_params(hyper, k)
+        got, bad = agg.merge(deltas, weights, base, 0.7, hp, tensor="t")
+        assert bad == 0  # the kernel ran (and counted)
+        torch.testing.assert_close(got, _reference(agg, deltas, weights, hp, base, 0.7), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", FUSED)
@@ -57,12 +53,10 @@ def test_fused_handles_empty_and_single_entry_tensors(method):
     for n in (0, 1):
         deltas, base, weights = _case(k, n, seed=n)
         hp = agg.check_params({}, k)
-        kwargs = call_kwargs(agg, "t", base, hp)
-        got, bad = final_step(agg, deltas, weights, kwargs, base, 1.0)
+        got, bad = agg.merge(deltas, weights, base, 1.0, hp, tensor="t")
         assert got.shape == (n,) and bad == 0
         if n:
-            fn = agg.combine if agg.prepare is not None else agg.fn
-            torch.testing.assert_close(got, base + fn(deltas, weights, **kwargs), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got, _reference(agg, deltas, weights, hp, base, 1.0), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["ties", "median", "fedgma", "slerp"])
@@ -73,8 +67,7 @@ def test_fused_counts_overflow(method):
     deltas = torch.full((k, 50), 3e38)
     base = torch.zeros(50)
     hp = agg.check_params({}, k)
-    kwargs = call_kwargs(agg, "t", base, hp)
-    got, bad = final_step(agg, deltas, torch.tensor([1.0, 1.0]), kwargs, base, 1000.0)
+    got, bad = agg.final_step(deltas, torch.tensor([1.0, 1.0]), base, 1000.0, hp, tensor="t")
     assert bad == int((~torch.isfinite(got)).sum()) > 0
 
 
@@ -136,9 +129,9 @@ def test_keep_random_equals_the_mask_and_keeps_the_rate(density, rescale):
     from merging import sparsify
 
     x = _magnitudes(100_003, 4, False)
-    seed = sparsify.task_seed(12345, 2)
+    seed = seeds.task_seed(12345, 2)
     mask = sparsify.bernoulli_mask(x, density, seed)
     got = sparsify.keep_random(x, density, seed, rescale)
     torch.testing.assert_close(got, sparsify.apply_mask(x, mask, rescale), rtol=1e-6, atol=0)
     assert abs(float(mask.float().mean()) - density) < 0.01
-    assert not torch.equal(mask, sparsify.bernoulli_mask(x, density, sparsify.task_seed(12345, 3)))
+    assert not torch.equal(mask, sparsify.bernoulli_mask(x, density, seeds.task_seed(12345, 3)))

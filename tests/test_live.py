@@ -22,10 +22,8 @@ def params(live):
 def reference(live, method, weights, lam, select=None, **hp):
     """The general path: stack.merged() tensor by tensor, no fast path, no cache."""
     req = live.stack.request(method, weights, lam, select, **hp)
-    from merging.engine import merge_tensor
-
-    return {n: merge_tensor(req.agg, n, live.stack.base[n], live.stack._selected(n, req.idx), req.weights, req.lam,
-                            req.hyper, req.norms) for n in live.stack.names}
+    return {n: req.agg.merge(live.stack._selected(n, req.idx), req.weights, live.stack.base[n], req.lam, req.hyper,
+                             tensor=n, update_norms=req.norms)[0] for n in live.stack.names}
 
 
 @pytest.mark.parametrize("method,hp", [("task_arithmetic", {}), ("linear", {}), ("fednova", {}),
@@ -46,7 +44,7 @@ def test_selection_subset_on_linear_path(live):
         torch.testing.assert_close(got[n], t)
 
 
-@pytest.mark.parametrize("method", [m for m, a in AGGREGATORS.items() if a.prepare is not None])
+@pytest.mark.parametrize("method", [m for m, a in AGGREGATORS.items() if a.sparsifier is not None])
 def test_cached_prepare_step_matches_uncached(live, method):
     for w, density in [([1.0, 0.5, 0.8], 0.5), ([0.3, 0.5, 0.8], 0.5), ([0.3, 0.5, 0.8], 0.3)]:
         live.apply(method, w, lam=1.1, density=density)
@@ -70,15 +68,15 @@ def test_a_refused_merge_keeps_the_previous_weights(live):
 
 @pytest.mark.parametrize("method", ["fedgma", "median", "ties", "breadcrumbs_ties", "dare_ties"])
 def test_sliced_merge_equals_one_call_across_slice_boundaries(method):
-    from merging.engine import CHUNK, call_kwargs, merge_tensor
+    from merging.method import CHUNK
 
     agg = AGGREGATORS[method]
     g = torch.Generator().manual_seed(0)
     deltas, base = torch.randn(4, 3 * CHUNK + 5, generator=g), torch.randn(3 * CHUNK + 5, generator=g)
     w = torch.tensor([0.5, 1.0, -0.3, 0.8])
-    hp = agg.check_params({"density": 0.4} if agg.prepare else {}, 4)
-    expected = base + 0.7 * agg.fn(deltas, w, **call_kwargs(agg, "t", base, hp))
-    torch.testing.assert_close(merge_tensor(agg, "t", base, deltas, w, 0.7, hp), expected)
+    hp = agg.check_params({"density": 0.4} if agg.sparsifier else {}, 4)
+    expected = base + 0.7 * agg.update(deltas, w, **agg.kwargs(hp, "t", base))
+    torch.testing.assert_close(agg.merge(deltas, w, base, 0.7, hp, tensor="t")[0], expected)
 
 
 def test_recycled_prepare_buffers_never_alias_the_task_vectors(live):
