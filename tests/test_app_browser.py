@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.shipped_app import ZOO, shipped_url  # noqa: F401  (the fixture)
+from tests.shipped_app import ZOO
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

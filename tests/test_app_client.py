@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.shipped_app import ZOO, shipped_url  # noqa: F401  (the fixture)
+from tests.shipped_app import ZOO
 
 DEFAULT_SEVEN = ["reverse", "upper", "sort", "sort_desc", "add", "is_even", "is_odd"]  # one per task
 

@@ -1,7 +1,6 @@
 """The engine on real checkpoints: streaming to disk, the dict API, per-tensor parameters, LoRA."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from merging import (AGGREGATORS, Checkpoint, LiveModel, MergeError, TaskVectorS
                      parse_config, plan_from_config)
 from merging.engine import merge_to_dir
 from merging.plan import layer_positions
-from tests.conftest import load_sd, tiny_config
+from tests.conftest import load_sd
 
 
 def write_yaml(path: Path, data: dict) -> Path:

@@ -4,7 +4,6 @@ or the real Session / merge engine, and asserts the message or the bound."""
 from __future__ import annotations
 
 import math
-import threading
 import time
 from pathlib import Path
 
