@@ -12,10 +12,12 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import stats
 
 from merging.progress import Progress
 from merging.similarity import SimilarityReport
@@ -90,50 +92,45 @@ def group_measures(report: SimilarityReport, idx: Sequence[int]) -> dict[str, fl
             "effort_ratio": ratio(effort) if not any(math.isnan(e) for e in effort) else math.nan}
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank)."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=float)
-    for v in np.unique(x):
-        tie = x == v
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (NaN when either side is constant or fewer than 3 points)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
-    if len(x) < 3:
+    """Spearman's rank correlation over the finite pairs (NaN when either side is constant or fewer than 3 points)."""
+    x, y = _finite(x, y)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return math.nan
-    rx, ry = _ranks(x), _ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return math.nan
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(stats.spearmanr(x, y).statistic)
 
 
 def bootstrap_ci(x: Sequence[float], y: Sequence[float], n: int = 2000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of Spearman's ρ over resampled points."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
+    """Percentile bootstrap interval of Spearman's ρ over resampled points (scipy.stats.bootstrap).
+
+    The percentiles are taken over the resamples where ρ is defined: a few points resample to a
+    constant side now and then, and one such draw should not void the interval."""
+    x, y = _finite(x, y)
     if len(x) < 3:
         return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n):
-        i = rng.integers(0, len(x), len(x))
-        r = spearman(x[i], y[i])
-        if not math.isnan(r):
-            stats.append(r)
-    if not stats:
+    with warnings.catch_warnings():  # its own interval is NaN then; ours is computed below
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap((x, y), _rank_correlation, paired=True, vectorized=True, n_resamples=n,
+                              method="percentile", rng=np.random.default_rng(seed))
+    rhos = res.bootstrap_distribution
+    if not np.isfinite(rhos).any():
         return math.nan, math.nan
     a = (1 - level) / 2
-    return float(np.quantile(stats, a)), float(np.quantile(stats, 1 - a))
+    return float(np.nanquantile(rhos, a)), float(np.nanquantile(rhos, 1 - a))
+
+
+def _rank_correlation(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman's ρ along `axis` (Pearson's r of the ranks: spearmanr takes no batch axis); NaN where a side is constant."""
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return stats.pearsonr(stats.rankdata(x, axis=axis), stats.rankdata(y, axis=axis), axis=axis).statistic
+
+
+def _finite(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    return x[keep], y[keep]
 
 
 def correlations(groups: Sequence[GroupResult], methods: Sequence[str]) -> list[Correlation]:
