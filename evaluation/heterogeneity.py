@@ -19,9 +19,14 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
+from merging.errors import MergeError
+from merging.plan import layer_of
 from merging.progress import Progress
 from merging.similarity import SimilarityReport
 
+from .harness import evaluate, normalized
+from .live_merge import MergeSettings
+from .scorer import LIVE_SPLIT, ScratchModel
 from .search import search
 
 MEASURES = {
@@ -41,7 +46,7 @@ class GroupResult:
     kind: str  # "pair" or "leave-one-out"
     measures: dict[str, float]
     drop: dict[str, float]  # method -> 1 − mean normalized test accuracy of the group's tasks
-    setting: dict[str, str]  # method -> chosen λ (and hyperparameters)
+    setting: dict[str, MergeSettings]  # method -> the merge chosen on validation (λ, hyperparameters)
     left_out: str | None = None  # leave-one-out groups: the model left out
 
     @property
@@ -148,10 +153,11 @@ def correlations(groups: Sequence[GroupResult], methods: Sequence[str]) -> list[
 
 # ------------------------------------------------------------------------- the study
 
-def _score(session, select: list[int], method: str, n_val: int, n_test: int) -> tuple[float, str]:
+def _score(session, select: list[int], method: str, n_val: int, n_test: int) -> tuple[float, MergeSettings]:
     session.select(select)
     r = search(session, method, lambdas=STUDY_LAMBDAS, grid=[{}], n_val=n_val, n_test=n_test)
-    return 1.0 - r.test_normalized.get("mean", math.nan), r.describe()
+    chosen = MergeSettings(method, (1.0,) * len(select), r.best_lambda, dict(r.best_hyper), tuple(select))
+    return 1.0 - r.test_normalized.get("mean", math.nan), chosen
 
 
 def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 12, n_test: int = 30,
@@ -160,8 +166,6 @@ def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 12, n_te
     t0 = time.perf_counter()
     selected = list(session.selected)
     if len(selected) < 2:
-        from merging.errors import MergeError
-
         raise MergeError("the heterogeneity study needs at least two selected fine-tunes")
     report = session.stack.similarity(selected)
     names = report.names
@@ -206,12 +210,8 @@ def layer_conflicts(report: SimilarityReport) -> list[tuple[str, float, float]]:
 
 def layer_ablation(session, selected: list[int], report: SimilarityReport, groups: Sequence[GroupResult],
                    n_val: int = 20) -> dict[str, Any]:
-    """Worst pair under Task Arithmetic: merge it, then take its most conflicting layer from one side only."""
-    import torch
-
-    from .harness import evaluate, normalized
-    from .session import LIVE_SPLIT
-
+    """Worst pair under Task Arithmetic: merge it, then take its most conflicting layer from one side only
+    (on a scratch model: the user's own merge is not touched)."""
     pairs = [g for g in groups if g.kind == "pair" and "task_arithmetic" in g.drop]
     if not pairs:
         return {}
@@ -221,37 +221,21 @@ def layer_ablation(session, selected: list[int], report: SimilarityReport, group
     if not layer_cos:
         return {}
     layer = min(layer_cos, key=layer_cos.get)
-    lam = float(worst.setting["task_arithmetic"].split(",")[0].removeprefix("λ="))
+    lam = worst.setting["task_arithmetic"].lam
     sel = [selected[ia], selected[ib]]
     session.select(sel)
     ft = session.finetuned_accuracy(LIVE_SPLIT, n_val)
-    live = session.live_model
-    stack = session.stack
+    scratch = ScratchModel(session.loaded())
+    stack = scratch.stack
+    both = stack.request("task_arithmetic", [1.0, 1.0], lam, sel)
     out = {"pair": worst.members, "layer": layer, "layer_cosine": layer_cos[layer], "lambda": lam}
-    saved = {n: p.detach().clone() for n, p in live.targets.items()}
-    try:
-        for label, keep in (("both", None), (f"{layer} from {worst.members[0]}", 0),
-                            (f"{layer} from {worst.members[1]}", 1)):
-            with torch.no_grad():
-                for name, p in live.targets.items():
-                    d = stack.deltas[name][sel]
-                    if keep is not None and _layer(name) == layer:
-                        d = d[keep:keep + 1]
-                    p.copy_(stack.base[name] + lam * d.sum(0))
-            res = evaluate(live.model, session.tokenizer, session.tasks, split=LIVE_SPLIT, n=n_val)
-            out[label] = normalized(res.accuracy, ft).get("mean", math.nan)
-    finally:
-        with torch.no_grad():
-            for n, p in live.targets.items():
-                p.copy_(saved[n])
-        live._last = None  # the in-place increments no longer know these weights
+    for label, keep in (("both", None), (f"{layer} from {worst.members[0]}", 0),
+                        (f"{layer} from {worst.members[1]}", 1)):
+        one = both if keep is None else stack.request("task_arithmetic", [1.0], lam, [sel[keep]])
+        scratch.write((n, stack.merged_tensor(one if layer_of(n) == layer else both, n)[0]) for n in stack.names)
+        res = evaluate(scratch.model, scratch.tokenizer, session.tasks, split=LIVE_SPLIT, n=n_val)
+        out[label] = normalized(res.accuracy, ft).get("mean", math.nan)
     return out
-
-
-def _layer(name: str) -> str:
-    from merging.plan import layer_of
-
-    return layer_of(name)
 
 
 def recommend(study: Study, methods: Sequence[str]) -> str:
@@ -264,11 +248,11 @@ def recommend(study: Study, methods: Sequence[str]) -> str:
     gain = (worst.drop["task_arithmetic"] - worst.drop[best]) * 100
     a, b = worst.members
     text = (f"{a} and {b} lose the most under Task Arithmetic ({worst.drop['task_arithmetic'] * 100:.0f} points "
-            f"of normalized accuracy at {worst.setting['task_arithmetic']}); their task vectors have cosine "
+            f"of normalized accuracy at {worst.setting['task_arithmetic'].describe()}); their task vectors have cosine "
             f"{worst.measures['cosine']:.2f} and conflict in sign in {worst.measures['sign_conflict'] * 100:.0f}% "
             f"of coordinates. ")
     if best != "task_arithmetic" and gain > 0.5:
-        text += f"{best} at {worst.setting[best]} recovers {gain:.0f} points on this pair."
+        text += f"{best} at {worst.setting[best].describe()} recovers {gain:.0f} points on this pair."
     else:
         text += "No aggregator tried recovers more than Task Arithmetic on this pair."
     strong = [c for c in study.correlations if c.method == "task_arithmetic" and math.isfinite(c.rho)]
