@@ -107,11 +107,10 @@ class Scorer:
 
     @contextmanager
     def batch(self) -> Iterator[None]:
-        """Hold one scratch model for the references computed inside: made on first need, dropped after
-        the outermost batch (they are computed rarely: no second model is kept per session meanwhile)."""
+        """Share one scratch model between the references computed inside: made when the first one
+        misses the cache, dropped after the outermost batch (references are computed rarely: no
+        second model is kept per session between them)."""
         with self._lock:
-            if self._scratch is None:
-                self._scratch = ScratchModel(self.pool)
             self._depth += 1
             try:
                 yield
@@ -123,6 +122,8 @@ class Scorer:
     @contextmanager
     def _showing(self, which: str | int) -> Iterator[ScratchModel]:
         with self.batch():
+            if self._scratch is None:
+                self._scratch = ScratchModel(self.pool)
             self._scratch.show(which)
             yield self._scratch
 

@@ -161,15 +161,7 @@ class Session:
         self.set_models(ref, self.specs, self.selected, progress)
 
     def select(self, names_or_indices: Sequence[str | int]) -> None:
-        idx = []
-        for x in names_or_indices:
-            if isinstance(x, int):
-                idx.append(x)
-            else:
-                found = [i for i, s in enumerate(self.specs) if s.name == x]
-                if not found:
-                    raise MergeError(f"no model named {x!r} in this session")
-                idx.append(found[0])
+        idx = [x if isinstance(x, int) else self.loaded().index(x) for x in names_or_indices]
         self.selected = sorted(set(idx))
 
     @property
