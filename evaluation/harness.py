@@ -31,10 +31,6 @@ class EvalResult:
     def mean_accuracy(self) -> float:
         return sum(self.accuracy.values()) / max(1, len(self.accuracy))
 
-    def to_dict(self) -> dict:
-        return {"split": self.split, "n": self.n, "accuracy": self.accuracy, "mean_accuracy": self.mean_accuracy,
-                "seconds": self.seconds}
-
 
 def _tok_key(tokenizer) -> tuple:
     return (tokenizer.__class__.__name__, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
@@ -220,12 +216,6 @@ def normalized(acc_merged: Mapping[str, float], acc_finetuned: Mapping[str, floa
     if out:
         out["mean"] = sum(out.values()) / len(out)
     return out
-
-
-def averages(acc: Mapping[str, float]) -> float:
-    """Plain mean of per-task accuracies (ignores a ``"mean"`` key)."""
-    vals = [v for k, v in acc.items() if k != "mean"]
-    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int | Sequence[int] = 16) -> list[str]:

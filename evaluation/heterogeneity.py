@@ -12,14 +12,21 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import stats
 
+from merging.errors import MergeError
+from merging.plan import layer_of
 from merging.progress import Progress
 from merging.similarity import SimilarityReport
 
+from .harness import evaluate, normalized
+from .live_merge import MergeSettings
+from .scorer import LIVE_SPLIT, ScratchModel
 from .search import search
 
 MEASURES = {
@@ -39,7 +46,7 @@ class GroupResult:
     kind: str  # "pair" or "leave-one-out"
     measures: dict[str, float]
     drop: dict[str, float]  # method -> 1 − mean normalized test accuracy of the group's tasks
-    setting: dict[str, str]  # method -> chosen λ (and hyperparameters)
+    setting: dict[str, MergeSettings]  # method -> the merge chosen on validation (λ, hyperparameters)
     left_out: str | None = None  # leave-one-out groups: the model left out
 
     @property
@@ -90,50 +97,45 @@ def group_measures(report: SimilarityReport, idx: Sequence[int]) -> dict[str, fl
             "effort_ratio": ratio(effort) if not any(math.isnan(e) for e in effort) else math.nan}
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank)."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=float)
-    for v in np.unique(x):
-        tie = x == v
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (NaN when either side is constant or fewer than 3 points)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
-    if len(x) < 3:
+    """Spearman's rank correlation over the finite pairs (NaN when either side is constant or fewer than 3 points)."""
+    x, y = _finite(x, y)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return math.nan
-    rx, ry = _ranks(x), _ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return math.nan
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(stats.spearmanr(x, y).statistic)
 
 
 def bootstrap_ci(x: Sequence[float], y: Sequence[float], n: int = 2000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of Spearman's ρ over resampled points."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
+    """Percentile bootstrap interval of Spearman's ρ over resampled points (scipy.stats.bootstrap).
+
+    The percentiles are taken over the resamples where ρ is defined: a few points resample to a
+    constant side now and then, and one such draw should not void the interval."""
+    x, y = _finite(x, y)
     if len(x) < 3:
         return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n):
-        i = rng.integers(0, len(x), len(x))
-        r = spearman(x[i], y[i])
-        if not math.isnan(r):
-            stats.append(r)
-    if not stats:
+    with warnings.catch_warnings():  # its own interval is NaN then; ours is computed below
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap((x, y), _rank_correlation, paired=True, vectorized=True, n_resamples=n,
+                              method="percentile", rng=np.random.default_rng(seed))
+    rhos = res.bootstrap_distribution
+    if not np.isfinite(rhos).any():
         return math.nan, math.nan
     a = (1 - level) / 2
-    return float(np.quantile(stats, a)), float(np.quantile(stats, 1 - a))
+    return float(np.nanquantile(rhos, a)), float(np.nanquantile(rhos, 1 - a))
+
+
+def _rank_correlation(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman's ρ along `axis` (Pearson's r of the ranks: spearmanr takes no batch axis); NaN where a side is constant."""
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return stats.pearsonr(stats.rankdata(x, axis=axis), stats.rankdata(y, axis=axis), axis=axis).statistic
+
+
+def _finite(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    return x[keep], y[keep]
 
 
 def correlations(groups: Sequence[GroupResult], methods: Sequence[str]) -> list[Correlation]:
@@ -151,10 +153,11 @@ def correlations(groups: Sequence[GroupResult], methods: Sequence[str]) -> list[
 
 # ------------------------------------------------------------------------- the study
 
-def _score(session, select: list[int], method: str, n_val: int, n_test: int) -> tuple[float, str]:
+def _score(session, select: list[int], method: str, n_val: int, n_test: int) -> tuple[float, MergeSettings]:
     session.select(select)
     r = search(session, method, lambdas=STUDY_LAMBDAS, grid=[{}], n_val=n_val, n_test=n_test)
-    return 1.0 - r.test_normalized.get("mean", math.nan), r.describe()
+    chosen = MergeSettings(method, (1.0,) * len(select), r.best_lambda, dict(r.best_hyper), tuple(select))
+    return 1.0 - r.test_normalized.get("mean", math.nan), chosen
 
 
 def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 12, n_test: int = 30,
@@ -163,8 +166,6 @@ def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 12, n_te
     t0 = time.perf_counter()
     selected = list(session.selected)
     if len(selected) < 2:
-        from merging.errors import MergeError
-
         raise MergeError("the heterogeneity study needs at least two selected fine-tunes")
     report = session.stack.similarity(selected)
     names = report.names
@@ -209,12 +210,8 @@ def layer_conflicts(report: SimilarityReport) -> list[tuple[str, float, float]]:
 
 def layer_ablation(session, selected: list[int], report: SimilarityReport, groups: Sequence[GroupResult],
                    n_val: int = 20) -> dict[str, Any]:
-    """Worst pair under Task Arithmetic: merge it, then take its most conflicting layer from one side only."""
-    import torch
-
-    from .harness import evaluate, normalized
-    from .session import LIVE_SPLIT
-
+    """Worst pair under Task Arithmetic: merge it, then take its most conflicting layer from one side only
+    (on a scratch model: the user's own merge is not touched)."""
     pairs = [g for g in groups if g.kind == "pair" and "task_arithmetic" in g.drop]
     if not pairs:
         return {}
@@ -224,37 +221,21 @@ def layer_ablation(session, selected: list[int], report: SimilarityReport, group
     if not layer_cos:
         return {}
     layer = min(layer_cos, key=layer_cos.get)
-    lam = float(worst.setting["task_arithmetic"].split(",")[0].removeprefix("λ="))
+    lam = worst.setting["task_arithmetic"].lam
     sel = [selected[ia], selected[ib]]
     session.select(sel)
     ft = session.finetuned_accuracy(LIVE_SPLIT, n_val)
-    live = session.live_model
-    stack = session.stack
+    scratch = ScratchModel(session.loaded())
+    stack = scratch.stack
+    both = stack.request("task_arithmetic", [1.0, 1.0], lam, sel)
     out = {"pair": worst.members, "layer": layer, "layer_cosine": layer_cos[layer], "lambda": lam}
-    saved = {n: p.detach().clone() for n, p in live.targets.items()}
-    try:
-        for label, keep in (("both", None), (f"{layer} from {worst.members[0]}", 0),
-                            (f"{layer} from {worst.members[1]}", 1)):
-            with torch.no_grad():
-                for name, p in live.targets.items():
-                    d = stack.deltas[name][sel]
-                    if keep is not None and _layer(name) == layer:
-                        d = d[keep:keep + 1]
-                    p.copy_(stack.base[name] + lam * d.sum(0))
-            res = evaluate(live.model, session.tokenizer, session.tasks, split=LIVE_SPLIT, n=n_val)
-            out[label] = normalized(res.accuracy, ft).get("mean", math.nan)
-    finally:
-        with torch.no_grad():
-            for n, p in live.targets.items():
-                p.copy_(saved[n])
-        live._last = None  # the in-place increments no longer know these weights
+    for label, keep in (("both", None), (f"{layer} from {worst.members[0]}", 0),
+                        (f"{layer} from {worst.members[1]}", 1)):
+        one = both if keep is None else stack.request("task_arithmetic", [1.0], lam, [sel[keep]])
+        scratch.write((n, stack.merged_tensor(one if layer_of(n) == layer else both, n)[0]) for n in stack.names)
+        res = evaluate(scratch.model, scratch.tokenizer, session.tasks, split=LIVE_SPLIT, n=n_val)
+        out[label] = normalized(res.accuracy, ft).get("mean", math.nan)
     return out
-
-
-def _layer(name: str) -> str:
-    from merging.plan import layer_of
-
-    return layer_of(name)
 
 
 def recommend(study: Study, methods: Sequence[str]) -> str:
@@ -267,11 +248,11 @@ def recommend(study: Study, methods: Sequence[str]) -> str:
     gain = (worst.drop["task_arithmetic"] - worst.drop[best]) * 100
     a, b = worst.members
     text = (f"{a} and {b} lose the most under Task Arithmetic ({worst.drop['task_arithmetic'] * 100:.0f} points "
-            f"of normalized accuracy at {worst.setting['task_arithmetic']}); their task vectors have cosine "
+            f"of normalized accuracy at {worst.setting['task_arithmetic'].describe()}); their task vectors have cosine "
             f"{worst.measures['cosine']:.2f} and conflict in sign in {worst.measures['sign_conflict'] * 100:.0f}% "
             f"of coordinates. ")
     if best != "task_arithmetic" and gain > 0.5:
-        text += f"{best} at {worst.setting[best]} recovers {gain:.0f} points on this pair."
+        text += f"{best} at {worst.setting[best].describe()} recovers {gain:.0f} points on this pair."
     else:
         text += "No aggregator tried recovers more than Task Arithmetic on this pair."
     strong = [c for c in study.correlations if c.method == "task_arithmetic" and math.isfinite(c.rho)]

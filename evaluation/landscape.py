@@ -1,9 +1,10 @@
 """Merge landscape: each task's accuracy over a grid of two fine-tunes' coefficients.
 
 θ = θ₀ + a·τᵢ + b·τⱼ for a, b on a grid (default 0, 0.1, …, 1.0: 11×11 merges). Every cell is a
-Task Arithmetic merge through the session's LiveModel, which updates only the coefficient that
-changed (one column of the grid costs one full write, then one axpy per cell). Rendered as HTML
-heatmaps whose cells carry their (a, b): clicking one sets the sliders (app.py wires the click).
+Task Arithmetic merge through a LiveModel on a scratch copy of the model (the user's own merge is
+not touched), which updates only the coefficient that changed (one column of the grid costs one
+full write, then one axpy per cell). Rendered as HTML heatmaps whose cells carry their (a, b):
+clicking one sets the sliders (app.py wires the click).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 from merging.errors import MergeError
 
 from .harness import evaluate
-from .session import LIVE_N, LIVE_SPLIT
+from .scorer import LIVE_N, LIVE_SPLIT, ScratchModel
 
 GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -48,20 +49,17 @@ def compute(playground, grid: Sequence[float] = GRID, n: int = LIVE_N,
     grid = [float(g) for g in grid]
     tasks = s.tasks
     acc = {t: np.zeros((len(grid), len(grid))) for t in tasks}
-    saved = s.settings
+    scratch = ScratchModel(s.loaded())  # the user's own merge stays as it is
+    select = list(s.selected)
     total = len(grid) ** 2
-    try:
-        with s.lock:
-            for i, a in enumerate(grid):
-                for j, b in enumerate(grid):
-                    s.apply("task_arithmetic", [a, b], 1.0, {})
-                    res = evaluate(s.live_model.model, s.tokenizer, tasks, split=LIVE_SPLIT, n=n)
-                    for t in tasks:
-                        acc[t][i, j] = res.accuracy[t]
-                    if progress:
-                        progress((i * len(grid) + j + 1) / total, f"a={a:g}, b={b:g}")
-    finally:
-        s._restore(saved)
+    for i, a in enumerate(grid):
+        for j, b in enumerate(grid):
+            scratch.apply("task_arithmetic", [a, b], 1.0, select=select)
+            res = evaluate(scratch.model, scratch.tokenizer, tasks, split=LIVE_SPLIT, n=n)
+            for t in tasks:
+                acc[t][i, j] = res.accuracy[t]
+            if progress:
+                progress((i * len(grid) + j + 1) / total, f"a={a:g}, b={b:g}")
     ft = s.finetuned_accuracy()
     acc["mean"] = np.mean([acc[t] / max(ft.get(t, 0.0), 1e-9) if ft.get(t) else acc[t] for t in tasks], axis=0)
     current = None

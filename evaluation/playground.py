@@ -22,7 +22,8 @@ from merging.registry import AGGREGATORS
 
 from . import limits, plots
 from .scenarios import Scenario
-from .session import LIVE_N, LiveResult, Session, clean_hyper, default_prompts
+from .prompts import default_prompts
+from .session import LIVE_N, LiveResult, Session, clean_hyper
 
 log = logging.getLogger("fedmerge.playground")
 
@@ -362,14 +363,16 @@ def add_model(pg: Playground, ref: str, name: str | None = None, task: str | Non
 
 def model_card(pg: Playground) -> str:
     """The take-away's README: how the merge was made (method, λ, weights, hyperparameters) and its live scores."""
-    s = pg.session.settings or {}
+    s = pg.session.settings
+    if s is None:
+        raise MergeError("nothing merged yet")
     cfg = pg.session.export_config()
     lines = ["---", "library_name: transformers", "tags: [merge, fedmerge]", "---",
-             f"# Merged in the FedMerge Playground: `{s.get('method')}`", "",
-             AGGREGATORS[s["method"]].summary if s.get("method") in AGGREGATORS else "", "",
-             f"- base model: `{cfg.base_model}`", f"- λ = {s.get('lam')}", "", "| fine-tune | weight wᵢ |", "|---|---|"]
-    lines += [f"| `{m.model}` | {w:g} |" for m, w in zip(cfg.models, s.get("weights", []))]
-    hyper = {k: v for k, v in (s.get("hyper") or {}).items() if v is not None}
+             f"# Merged in the FedMerge Playground: `{s.method}`", "",
+             AGGREGATORS[s.method].summary if s.method in AGGREGATORS else "", "",
+             f"- base model: `{cfg.base_model}`", f"- λ = {s.lam}", "", "| fine-tune | weight wᵢ |", "|---|---|"]
+    lines += [f"| `{m.model}` | {w:g} |" for m, w in zip(cfg.models, s.weights)]
+    hyper = {k: v for k, v in s.hyper.items() if v is not None}
     lines += ["", "Hyperparameters: " + (", ".join(f"`{k}` = {v}" for k, v in hyper.items()) or "none besides λ and wᵢ")]
     if pg.last is not None:
         res = pg.last

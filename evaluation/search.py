@@ -3,12 +3,12 @@ chosen by the best average NORMALIZED accuracy on validation, reported on test.
 
 It reuses the session's in-memory task vectors: for each hyperparameter setting the merged
 update U is computed once (θ₀ + U at λ = 1, since every aggregator forms θ₀ + λ·U), and every λ
-only rewrites θ₀ + λ·U into a scratch copy of the model (no reload, no re-aggregation per λ).
+only rewrites θ₀ + λ·U into a scratch copy of the model (`evaluation.scorer.ScratchModel`: no
+reload, no re-aggregation per λ).
 The session's own model is not touched, so the live view stays usable during a search.
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,6 +23,8 @@ from merging.registry import AGGREGATORS
 
 from .grouped import GroupedModel, group_size, supports
 from .harness import evaluate, evaluate_grouped, normalized
+from .live_merge import describe
+from .scorer import LIVE_SPLIT, ScratchModel
 
 LAMBDAS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 41))  # 0.05 … 2.00
 SEARCH_N = 20  # validation examples per task when tuning (the live view scores fewer)
@@ -58,8 +60,7 @@ class SearchResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
-        hp = ", ".join(f"{k}={_fmt(v)}" for k, v in self.best_hyper.items())
-        return f"λ={self.best_lambda:g}" + (f", {hp}" if hp else "")
+        return describe(self.best_lambda, self.best_hyper)
 
 
 def _fmt(v: Any) -> str:
@@ -89,33 +90,6 @@ def hyper_grid(method: str, norms: Sequence[float] | None = None, quick: bool = 
     return [{}]
 
 
-class _Scratch:
-    """A private copy of the session's model whose parameters receive θ₀ + λ·U."""
-
-    def __init__(self, session):
-        live = session._need()
-        self.stack = session.stack
-        self.model = copy.deepcopy(live.model)
-        own = dict(self.model.named_parameters())
-        prefix = getattr(self.model, "base_model_prefix", "")
-        self.targets = {n: own.get(n) if n in own else own[f"{prefix}.{n}"] for n in self.stack.names}
-
-    @torch.no_grad()
-    def update(self, method, weights, select, hyper) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, merged in self.stack.merged(method, weights, 1.0, select, **hyper):
-            out[name] = merged - self.stack.base[name]
-        for name, u in out.items():
-            if not bool(torch.isfinite(u).all()):
-                raise MergeError(f"the merge produced non-finite values in {name}")
-        return out
-
-    @torch.no_grad()
-    def write(self, update: Mapping[str, torch.Tensor], lam: float) -> None:
-        for name, u in update.items():
-            torch.add(self.stack.base[name], u, alpha=lam, out=self.targets[name].data)
-
-
 def search(session, method: str, weights: Sequence[float] | None = None, *, lambdas: Sequence[float] = LAMBDAS,
            grid: Sequence[Mapping[str, Any]] | None = None, fixed: Mapping[str, Any] | None = None,
            n_val: int | None = None, n_test: int = 100, quick: bool = False,
@@ -129,8 +103,6 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
     (`evaluation.grouped`); the scores are the same as one λ at a time. `ray` (True for a local Ray,
     or a cluster address) spreads the grid over Ray workers (`evaluation.distributed`): same result.
     """
-    from .session import LIVE_SPLIT
-
     if batched is None:
         batched = os.environ.get("FEDMERGE_SEARCH_BATCH", "1") != "0"
     lambdas = [float(x) for x in lambdas]
@@ -154,7 +126,7 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
     norms = session.stack.update_norms(torch.tensor(weights), select).tolist()
     grid = list(grid) if grid is not None else hyper_grid(method, norms, quick=quick)
     fixed = dict(fixed or {})
-    scratch = _Scratch(session)
+    scratch = ScratchModel(session.loaded())
     total = len(grid) * len(lambdas) + 1
     settings = [{**fixed, **g} for g in grid]
     if ray:
@@ -172,7 +144,7 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
     arr[[i for i, r in enumerate(scores) if all(np.isnan(r))]] = -2.0  # a skipped setting never wins
     gi, li = np.unravel_index(int(arr.argmax()), arr.shape)  # first best: smallest λ / first setting on ties
     best_hyper, best_lambda = {**fixed, **grid[gi]}, float(lambdas[li])
-    scratch.write(scratch.update(method, weights, select, best_hyper), best_lambda)
+    scratch.write_update(scratch.update(method, weights, select, best_hyper), best_lambda)
     test = evaluate(scratch.model, session.tokenizer, tasks, split="test", n=n_test)
     if progress:
         progress(1.0, f"{method}: best {best_lambda:g} {_desc(grid[gi])}")
@@ -189,18 +161,16 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
 
 def score_grid(session, method: str, weights: Sequence[float], select: Sequence[int], lambdas: Sequence[float],
                settings: Sequence[Mapping[str, Any]], n_val: int, ft_val: Mapping[str, float], batched: bool,
-               progress: Progress | None = None, total: int | None = None, scratch: "_Scratch | None" = None
+               progress: Progress | None = None, total: int | None = None, scratch: ScratchModel | None = None
                ) -> tuple[list[list[float]], list[list[dict[str, float]]], list[str]]:
     """Validation scores [setting][λ] (mean normalized accuracy), per-task accuracies of each candidate,
     and the settings the data does not allow (scored NaN, with the reason).
 
     The unit of work a Ray worker runs too (`evaluation.distributed`), so both give the same numbers.
     """
-    from .session import LIVE_SPLIT
-
     tasks = session.tasks
     lambdas = [float(x) for x in lambdas]
-    scratch = scratch or _Scratch(session)
+    scratch = scratch or ScratchModel(session.loaded())
     total = total or len(settings) * len(lambdas)
     done = 0
     scores: list[list[float]] = []
@@ -221,7 +191,7 @@ def score_grid(session, method: str, weights: Sequence[float], select: Sequence[
         for c in range(0, len(lambdas), groups):
             chunk = lambdas[c:c + groups]
             if pool is None:
-                scratch.write(update, chunk[0])
+                scratch.write_update(update, chunk[0])
                 results = [evaluate(scratch.model, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val)]
             else:
                 for i, lam in enumerate(chunk + [chunk[-1]] * (groups - len(chunk))):

@@ -1,23 +1,19 @@
 """One user's live merging session, as plain Python (the Gradio app only lays out and wires).
 
-A `Session` holds:
+A `Session` composes three parts and the user's selection:
 
-* the available models: a base and fine-tunes (the zoo's, plus ones the user added by Hub id,
-  allowed local folder or LoRA adapter) and which of them are selected;
-* a `TaskVectorStack` of ALL available fine-tunes, from the shared `merging.cache.CACHE`
-  (read-only, shared between sessions); selecting a subset is just `select=` indices;
-* its own `LiveModel`: a private copy of the base model object that merges are written into.
+* `pool`: the available models, loaded and validated: a base and fine-tunes (the zoo's, plus ones
+  the user added by Hub id, allowed local folder or LoRA adapter) and their task-vector stack,
+  shared read-only between sessions (`evaluation.pool.ModelPool`);
+* `merge`: the user's own merged model and the settings it holds (`evaluation.live_merge.LiveMerge`);
+* `scorer`: the base's and each fine-tune's scores, on a scratch model (`evaluation.scorer.Scorer`).
 
 `Session.live(...)` merges with (method, weights, λ, hyperparameters), evaluates on a small
-validation subset of the selected fine-tunes' tasks and generates the prompts table. The
-per-task accuracies of the base and of each fine-tune are computed once (process-wide cache).
+validation subset of the selected fine-tunes' tasks and fills the prompts table.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 import threading
 import time
 import uuid
@@ -26,119 +22,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-import torch
-
-from merging.progress import Progress
-from merging.cache import CACHE, BytesLRU, StackCache
-from merging.checkpoints import Checkpoint
+from merging.cache import CACHE, StackCache
 from merging.errors import MergeError
 from merging.live import LiveModel
+from merging.progress import Progress
 from merging.registry import AGGREGATORS
-from merging.similarity import SimilarityReport, similarity_from_stacks
+from merging.similarity import SimilarityReport
 
 from . import limits as _limits
 from .exports import EXPORTS, ExportStore
-from .harness import evaluate, generate, normalized
+from .harness import evaluate, normalized
+from .live_merge import LiveMerge, MergeSettings
+from .pool import ModelPool, ModelSpec, allowed_roots, default_threads, read_zoo, zoo_dir
+from .prompts import default_prompts, expected_answer, mark, max_new_tokens
+from .scorer import LIVE_N, LIVE_SPLIT, Scorer
 from .tasks import TASKS
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ZOO = ROOT / "assets" / "zoo"
-LIVE_SPLIT = "validation"
-LIVE_N = int(os.environ.get("FEDMERGE_LIVE_N", "12"))  # per task, on every change: 12 keeps p50 < 300 ms
-FREE_TEXT_TOKENS = 16
+# what app.py, bench/ and the other evaluation modules import from here
+__all__ = ["LIVE_N", "LIVE_SPLIT", "LiveResult", "ModelSpec", "Session", "clean_hyper", "default_prompts",
+           "default_threads", "push_to_hub", "read_zoo", "release_memory", "zoo_dir"]
 
-
-# ---------------------------------------------------------------------------- models
-
-@dataclass
-class ModelSpec:
-    """One fine-tune (or LoRA adapter) the session can merge."""
-
-    name: str
-    ref: str
-    task: str | None = None
-    source: str = "zoo"  # "zoo" or "added"
-    variant_of: str | None = None
-
-
-def zoo_dir() -> Path:
-    return Path(os.environ.get("FEDMERGE_ZOO", str(DEFAULT_ZOO))).resolve()
-
-
-def read_zoo(root: str | os.PathLike | None = None) -> tuple[str, list[ModelSpec]]:
-    """(base folder, fine-tune specs) from a zoo's zoo.json."""
-    root = Path(root) if root is not None else zoo_dir()
-    index = root / "zoo.json"
-    if not index.exists():
-        raise MergeError(f"no model zoo at {root} (zoo.json missing); build it with `python -m evaluation build-zoo`")
-    data = json.loads(index.read_text())
-    base = str(root / data["base"]["folder"])
-    specs = [ModelSpec(e["name"], str(root / e["folder"]), e.get("task"), "zoo", e.get("variant_of"))
-             for e in data["finetunes"]]
-    return base, specs
-
-
-BIG_MODEL_PARAMS = 20_000_000
-
-
-def default_threads(zoo: str | os.PathLike | None = None) -> int:
-    """Torch threads for the app: FEDMERGE_THREADS if set; else 1 for small models (per-op overhead
-    dominates, and concurrent requests each get a core), every core from BIG_MODEL_PARAMS parameters
-    up (decoding a GPT-2-sized model is compute-bound: two cores nearly halve a live update)."""
-    if os.environ.get("FEDMERGE_THREADS"):
-        return max(1, int(os.environ["FEDMERGE_THREADS"]))
-    try:
-        base = Checkpoint(read_zoo(zoo)[0])
-        n = sum(math.prod(base.shape(k)) for k in base.keys())
-    except (MergeError, OSError, ValueError):
-        return 1
-    return (os.cpu_count() or 1) if n >= BIG_MODEL_PARAMS else 1
-
-
-def allowed_roots(zoo: Path | None = None) -> list[Path]:
-    """Local folders users may load from: the zoo plus FEDMERGE_ALLOWED_DIRS (os.pathsep-separated)."""
-    roots = [zoo or zoo_dir()]
-    extra = os.environ.get("FEDMERGE_ALLOWED_DIRS", "")
-    roots += [Path(p).expanduser().resolve() for p in extra.split(os.pathsep) if p.strip()]
-    return roots
-
-
-def prompt_answers(prompt: str) -> dict[str, str | None]:
-    """Every task whose format `prompt` is written in, with its correct answer (None when the input
-    does not solve, e.g. "add: x+y=" with non-numbers). Tasks that share a keyword both appear."""
-    out: dict[str, str | None] = {}
-    for task in TASKS.values():
-        m = re.fullmatch(re.escape(task.keyword) + r": (.*)=", prompt.strip())
-        if m:
-            try:
-                out[task.name] = task.solve(m.group(1))
-            except Exception:
-                out[task.name] = None
-    return out
-
-
-def expected_answer(prompt: str) -> tuple[str | None, list[str]]:
-    """(what the table shows as expected, the answers that count as right) for a prompt.
-
-    Tasks that share a keyword (the zoo's designed conflict: sort and sort_desc) each have their
-    answer; both count as right and the cell names whose is which."""
-    answers = {t: a for t, a in prompt_answers(prompt).items() if a is not None}
-    distinct = list(dict.fromkeys(answers.values()))
-    if len(distinct) <= 1:
-        return (distinct[0] if distinct else None), distinct
-    return " / ".join(f"{a} ({t})" for t, a in answers.items()), distinct
-
-
-def default_prompts(tasks: Sequence[str], per_task: int = 1) -> list[str]:
-    """Each task's demo prompts, each prompt once (tasks that share a keyword share prompts)."""
-    out: list[str] = []
-    for t in tasks:
-        out += TASKS[t].demo_prompts[:per_task]
-    return list(dict.fromkeys(out))
-
-
-# ---------------------------------------------------------------------------- results
 
 @dataclass
 class LiveResult:
@@ -152,20 +55,8 @@ class LiveResult:
     notes: list[str] = field(default_factory=list)  # e.g. prompts cut to the model's context
 
 
-def _entry_bytes(key: tuple, value: Any) -> int:
-    """Rough bytes of one reference-cache entry (keys hold paths and user-typed prompts)."""
-    return 200 + sum(len(str(k)) for k in key) + (len(value) if isinstance(value, str) else 32)
-
-
-# Process-wide caches of reference results (base / single fine-tunes do not change with the
-# sliders), bounded by bytes: their keys hold user-typed prompts.
-_REF_LOCK = threading.Lock()
-_REF_ACC = BytesLRU(_limits.current().ref_cache_bytes // 4, _entry_bytes)
-_REF_OUT = BytesLRU(_limits.current().ref_cache_bytes, _entry_bytes)
-
-
 class Session:
-    """Per-user state: selection, its own LiveModel, the last merge settings."""
+    """Per-user state: the selection and the three parts (None until models are loaded)."""
 
     def __init__(self, cache: StackCache = CACHE, zoo: str | os.PathLike | None = None, allow_hub: bool = True,
                  exports: ExportStore = EXPORTS):
@@ -176,18 +67,48 @@ class Session:
         self.zoo = Path(zoo).resolve() if zoo is not None else zoo_dir()
         self.allow_hub = allow_hub
         self.roots = allowed_roots(self.zoo)
-        self.base_ref: str | None = None
-        self.specs: list[ModelSpec] = []
+        self.pool: ModelPool | None = None
+        self.merge: LiveMerge | None = None
+        self.scorer: Scorer | None = None
         self.selected: list[int] = []
-        self.stack = None
-        self.live_model: LiveModel | None = None
-        self.tokenizer = None
         self.lock = threading.RLock()
-        self.settings: dict[str, Any] | None = None  # last applied merge
         self.closed = False
 
     def __deepcopy__(self, memo):  # Gradio may deep-copy state values: share the session instead
         return self
+
+    # ------------------------------------------------------------------ the parts' contents
+    def loaded(self) -> ModelPool:
+        """The pool, or the message a user sees when there is none."""
+        if self.pool is None or self.merge is None:
+            raise MergeError("no models loaded in this session (reload the page)")
+        return self.pool
+
+    @property
+    def base_ref(self) -> str | None:
+        return self.pool.base_ref if self.pool else None
+
+    @property
+    def specs(self) -> list[ModelSpec]:
+        return self.pool.specs if self.pool else []
+
+    @property
+    def stack(self):
+        return self.pool.stack if self.pool else None
+
+    @property
+    def tokenizer(self):
+        return self.pool.tokenizer if self.pool else None
+
+    @property
+    def live_model(self) -> LiveModel | None:
+        """The user's merged model (merging's LiveModel)."""
+        return self.merge.live if self.merge else None
+
+    @property
+    def settings(self) -> MergeSettings | None:
+        """The merge the user's model holds (None: the base, or nothing loaded)."""
+        return self.merge.settings if self.merge else None
 
     # ------------------------------------------------------------------ loading
     def load_zoo(self, progress: Progress | None = None) -> "Session":
@@ -199,26 +120,12 @@ class Session:
     def set_models(self, base_ref: str, specs: Sequence[ModelSpec], selected: Sequence[int] | None = None,
                    progress: Progress | None = None) -> None:
         """Load (from the shared cache) the stack of `specs` over `base_ref`; on error nothing changes."""
-        if not specs:
-            raise MergeError("add at least one fine-tuned model")
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise MergeError(f"two models are named {next(n for n in names if names.count(n) > 1)!r}; rename one")
-
-        def tick(fraction, name):
-            if progress:
-                progress(fraction, f"task vectors: {name}")
-
-        opts = dict(allow_hub=self.allow_hub, allowed_roots=self.roots)
-        stack = self.cache.get_stack(base_ref, [s.ref for s in specs], names, progress=tick, **opts)
-        if progress:
-            progress(1.0, "model")
-        model, tokenizer = self.cache.own_model(base_ref, **opts)
-        live = LiveModel(model, stack)  # MergeError when the model does not match the checkpoint
+        pool = ModelPool.load(self.cache, base_ref, specs, allow_hub=self.allow_hub, allowed_roots=self.roots,
+                              progress=progress)
+        merge = LiveMerge(pool, self.lock)  # MergeError when the model does not match the checkpoint
         with self.lock:
-            self.base_ref, self.specs, self.stack, self.live_model, self.tokenizer = base_ref, list(specs), stack, live, tokenizer
+            self.pool, self.merge, self.scorer = pool, merge, Scorer(pool)
             self.selected = list(range(len(specs))) if selected is None else [i for i in selected if i < len(specs)]
-            self.settings = None
 
     def add_model(self, ref: str, name: str | None = None, task: str | None = None,
                   progress: Progress | None = None) -> ModelSpec:
@@ -254,15 +161,7 @@ class Session:
         self.set_models(ref, self.specs, self.selected, progress)
 
     def select(self, names_or_indices: Sequence[str | int]) -> None:
-        idx = []
-        for x in names_or_indices:
-            if isinstance(x, int):
-                idx.append(x)
-            else:
-                found = [i for i, s in enumerate(self.specs) if s.name == x]
-                if not found:
-                    raise MergeError(f"no model named {x!r} in this session")
-                idx.append(found[0])
+        idx = [x if isinstance(x, int) else self.loaded().index(x) for x in names_or_indices]
         self.selected = sorted(set(idx))
 
     @property
@@ -281,11 +180,7 @@ class Session:
     def close(self) -> None:
         """Free this session's own model and its exports (the shared stack stays in the cache)."""
         with self.lock:
-            self.live_model = None
-            self.stack = None
-            self.tokenizer = None
-            self.settings = None
-            self._sim = self._sim_key = None
+            self.pool = self.merge = self.scorer = None
             self.closed = True
         self.exports.release(self.id)
         release_memory()
@@ -322,102 +217,24 @@ class Session:
         return method, w, lam
 
     # ------------------------------------------------------------------ merging
-    def _need(self) -> LiveModel:
-        if self.live_model is None:
-            raise MergeError("no models loaded in this session (reload the page)")
-        return self.live_model
-
     def apply(self, method: str, weights: Sequence[float], lam: float, hyper: Mapping[str, Any] | None = None,
               select: Sequence[int] | None = None) -> None:
         """Merge the selected fine-tunes (or `select`) into this session's model (in place; errors leave it as it was)."""
-        live = self._need()
+        self.loaded()
         select = list(self.selected if select is None else select)
         if not select:
             raise MergeError("select at least one fine-tuned model")
-        hyper = clean_hyper(method, hyper or {}, len(select))
-        with self.lock:
-            live.apply(method, list(weights), lam, select=select, **hyper)
-            self.settings = dict(method=method, weights=list(weights), lam=float(lam), hyper=dict(hyper),
-                                 select=select)
-
-    def _show(self, which: str | int) -> None:
-        """Write the base ('base') or one fine-tune (its index among all models) into the model."""
-        live = self._need()
-        if which == "base":
-            live.reset_to_base()
-        else:
-            live.apply("task_arithmetic", [1.0], 1.0, select=[int(which)])
-        self.settings = None
-
-    def _restore(self, saved: dict[str, Any] | None) -> None:
-        if saved:
-            self.apply(saved["method"], saved["weights"], saved["lam"], saved["hyper"], saved["select"])
-        else:
-            self.live_model.reset_to_base()
-
-    def _ref_key(self, which: str | int) -> tuple:
-        if which == "base":
-            return (str(self.base_ref), "base")
-        return (str(self.base_ref), self.specs[which].ref, self.specs[which].name)
-
-    def reference_accuracy(self, which: str | int, split: str = LIVE_SPLIT, n: int = LIVE_N) -> dict[str, float]:
-        """Per-task accuracy of the base or of one fine-tune on the selected tasks (cached)."""
-        tasks = self.tasks
-        out: dict[str, float] = {}
-        with self.lock:
-            missing = []
-            for t in tasks:
-                got = _REF_ACC.get((*self._ref_key(which), split, n, t))
-                if got is not None:
-                    out[t] = got
-                else:
-                    missing.append(t)
-            if missing:
-                saved = self.settings
-                self._show(which)
-                res = evaluate(self.live_model.model, self.tokenizer, missing, split=split, n=n)
-                with _REF_LOCK:
-                    for t in missing:
-                        out[t] = res.accuracy[t]
-                        _REF_ACC.put((*self._ref_key(which), split, n, t), out[t])
-                self._restore(saved)
-        return {t: out[t] for t in tasks}
+        self.merge.apply(method, weights, lam, clean_hyper(method, hyper or {}, len(select)), select)
 
     def finetuned_accuracy(self, split: str = LIVE_SPLIT, n: int = LIVE_N) -> dict[str, float]:
         """For each selected task: the best accuracy of a selected fine-tune trained on it."""
-        best: dict[str, float] = {}
-        for i in self.selected:
-            t = self.specs[i].task
-            if t in TASKS:
-                acc = self.reference_accuracy(i, split, n).get(t, 0.0)
-                best[t] = max(best.get(t, 0.0), acc)
-        return best
-
-    def reference_outputs(self, which: str | int, prompts: Sequence[str]) -> list[str]:
-        with self.lock:
-            keys = [(*self._ref_key(which), p) for p in prompts]
-            got = {k: _REF_OUT.get(k) for k in keys}  # held here: an eviction cannot lose them
-            missing = list(dict.fromkeys(p for p, k in zip(prompts, keys) if got[k] is None))
-            if missing:
-                saved = self.settings
-                self._show(which)
-                outs = generate(self.live_model.model, self.tokenizer, missing, _max_tokens(missing))
-                with _REF_LOCK:
-                    for p, o in zip(missing, outs):
-                        got[(*self._ref_key(which), p)] = o
-                        _REF_OUT.put((*self._ref_key(which), p), o)
-                self._restore(saved)
-            return [got[k] for k in keys]
+        self.loaded()
+        return self.scorer.finetuned(self.selected, self.tasks, split, n)
 
     def prepare_references(self, prompts: Sequence[str] = (), progress: Progress | None = None) -> None:
         """Compute (once) what the live view compares against: base and fine-tune scores and outputs."""
-        whos: list[str | int] = ["base", *self.selected]
-        for j, who in enumerate(whos):
-            if progress:
-                progress(j / len(whos), f"scoring {'base' if who == 'base' else self.specs[who].name}")
-            self.reference_accuracy(who)
-            if prompts:
-                self.reference_outputs(who, prompts)
+        self.loaded()
+        self.scorer.prepare(["base", *self.selected], self.tasks, prompts, progress)
 
     # ------------------------------------------------------------------ the live view
     def live(self, method: str, weights: Sequence[float], lam: float, hyper: Mapping[str, Any] | None = None,
@@ -426,27 +243,28 @@ class Session:
         t0 = time.perf_counter()
         prompts = _limits.check_prompts("\n".join(prompts))
         method, weights, lam = self.check_request(method, weights, lam, hyper)
-        self._need()
+        self.loaded()
         prompts, notes = self.fit_prompts(prompts)
         with self.lock:
-            base_acc = self.reference_accuracy("base")
-            ft_acc = self.finetuned_accuracy()
-            refs = {who: self.reference_outputs(who, prompts) for who in ["base", *self.selected]} if prompts else {}
+            scorer, tasks, selected = self.scorer, self.tasks, list(self.selected)
+            with scorer.batch():
+                base_acc = scorer.accuracy("base", tasks)
+                ft_acc = scorer.finetuned(selected, tasks)
+                refs = {who: scorer.outputs(who, prompts) for who in ["base", *selected]} if prompts else {}
             t1 = time.perf_counter()
             self.apply(method, weights, lam, hyper)
             t2 = time.perf_counter()
-            tasks = self.tasks
-            res = evaluate(self.live_model.model, self.tokenizer, tasks, split=LIVE_SPLIT, n=LIVE_N,
-                           prompts=prompts, prompt_limits=_max_tokens(prompts))  # one decoding loop for both
+            res = evaluate(self.merge.model, self.tokenizer, tasks, split=LIVE_SPLIT, n=LIVE_N,
+                           prompts=prompts, prompt_limits=max_new_tokens(prompts))  # one decoding loop for both
             merged_out = res.generations
             t3 = time.perf_counter()
         merged_acc = dict(res.accuracy)
-        headers = ["prompt", "expected", "base", *[self.specs[i].name for i in self.selected], "merged"]
+        headers = ["prompt", "expected", "base", *[self.specs[i].name for i in selected], "merged"]
         rows = []
         for j, p in enumerate(prompts):
             shown, right = expected_answer(p)
-            outs = [refs["base"][j], *[refs[i][j] for i in self.selected], merged_out[j]]
-            rows.append([p, shown or "", *[_mark(o, right if shown is not None else None) for o in outs]])
+            outs = [refs["base"][j], *[refs[i][j] for i in selected], merged_out[j]]
+            rows.append([p, shown or "", *[mark(o, right if shown is not None else None) for o in outs]])
         return LiveResult(
             tasks=tasks,
             accuracy={"base": base_acc, "fine-tuned (own task)": ft_acc, "merged": merged_acc},
@@ -458,12 +276,13 @@ class Session:
     def fit_prompts(self, prompts: Sequence[str]) -> tuple[list[str], list[str]]:
         """Prompts cut to what the model's context holds with room for the answer (the start is cut:
         the end says what to continue), and one note per cut prompt."""
-        model = self._need().model
-        n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+        self.loaded()
+        config = self.merge.model.config
+        n_pos = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
         if not n_pos:
             return list(prompts), []
         out, notes = [], []
-        for j, (p, limit) in enumerate(zip(prompts, _max_tokens(prompts)), 1):
+        for j, (p, limit) in enumerate(zip(prompts, max_new_tokens(prompts)), 1):
             room = n_pos - min(limit, max(1, n_pos // 4))
             if len(self.tokenizer(p)["input_ids"]) <= room:
                 out.append(p)
@@ -483,67 +302,13 @@ class Session:
     def similarity(self, with_merged: bool = True) -> SimilarityReport:
         """Cosine / sign conflicts / norms of the selected task vectors, plus the current merge's
         update θ − θ₀ as a last row ("merged") when a merge is applied."""
-        stack = self.stack
-        if stack is None:
-            raise MergeError("no models loaded in this session")
-        idx = list(self.selected)
-        if not idx:
-            raise MergeError("select at least one fine-tuned model")
-        names = [self.specs[i].name for i in idx]
-        training = [stack.training[i] for i in idx]
-        add = with_merged and self.settings is not None and self.live_model is not None
-        with self.lock:
-            if add:
-                targets = self.live_model.targets
-                stacks = ((n, torch.cat([stack.deltas[n][idx], (targets[n].detach() - stack.base[n]).unsqueeze(0)]))
-                          for n in stack.names)
-                rep = similarity_from_stacks(stacks, names + ["merged"], training + [{}])
-            else:
-                rep = similarity_from_stacks(((n, stack.deltas[n][idx]) for n in stack.names), names, training)
-        return rep
+        self.loaded()
+        return self.merge.similarity(self.selected, with_merged)
 
     def similarity_live(self) -> SimilarityReport:
-        """Cheap variant for every slider move: the selection's report (cached) plus one "merged" row of
-        whole-model cosines between the current merge's update θ − θ₀ and each task vector."""
-        key = (id(self.stack), tuple(self.selected))
-        if getattr(self, "_sim_key", None) != key:
-            self._sim = self.similarity(with_merged=False)
-            self._sim_key = key
-        rep = self._sim
-        if self.settings is None or self.live_model is None:
-            return rep
-        idx, k = list(self.selected), len(self.selected)
-        norms = np.asarray(rep.norms, dtype=float)
-        with self.lock:
-            coef = self.live_model.linear_state()
-            if coef is not None and not coef[[i for i in range(len(coef)) if i not in idx]].any():
-                # θ − θ₀ = Σ cᵢτᵢ: its dot products follow from the task vectors' Gram matrix, no pass
-                c = coef[idx].double().numpy()
-                gram = np.nan_to_num(rep.cosine) * np.outer(norms, norms)
-                dots, sq = gram @ c, float(max(c @ gram @ c, 0.0))
-            else:
-                dots, sq = self._merged_dots(idx)
-        mnorm = np.sqrt(sq)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            row = np.where((norms > 0) & (mnorm > 0), dots / (norms * mnorm), np.nan)
-        cos = np.full((k + 1, k + 1), np.nan)
-        cos[:k, :k] = rep.cosine
-        cos[k, :k] = cos[:k, k] = row
-        cos[k, k] = 1.0 if mnorm > 0 else np.nan
-        conflict = np.full((k + 1, k + 1), np.nan)
-        conflict[:k, :k] = rep.sign_conflict
-        return SimilarityReport(names=rep.names + ["merged"], cosine=cos, sign_conflict=conflict,
-                                norms=np.append(norms, mnorm), training=rep.training + [{}])
-
-    def _merged_dots(self, idx: list[int]) -> tuple[np.ndarray, float]:
-        """(τᵢ · (θ − θ₀) for the selected i, ‖θ − θ₀‖²) from the model's parameters: one pass."""
-        dots = torch.zeros(len(self.stack), dtype=torch.float64)
-        sq = 0.0
-        for n in self.stack.names:
-            m = (self.live_model.targets[n].detach() - self.stack.base[n]).reshape(-1)
-            dots += (self.stack.deltas[n].reshape(len(self.stack), -1) @ m).double()  # all rows: no copy
-            sq += float(torch.dot(m, m))
-        return dots[idx].numpy(), sq
+        """The selection's report plus a "merged" row, cheap enough for every slider move."""
+        self.loaded()
+        return self.merge.similarity_live(self.selected)
 
     # ------------------------------------------------------------------ take away
     def export_plan(self):
@@ -553,8 +318,8 @@ class Session:
         if not self.settings:
             raise MergeError("nothing merged yet")
         s = self.settings
-        sources = [self.stack.plan.sources[i] for i in s["select"]]
-        plan = plan_from_objects(self.stack.plan.base, sources, s["method"], s["weights"], s["lam"], s["hyper"])
+        sources = [self.stack.plan.sources[i] for i in s.select]
+        plan = plan_from_objects(self.stack.plan.base, sources, s.method, list(s.weights), s.lam, s.hyper)
         plan.config = self.export_config()  # written as merge_config.yml: re-run it to reproduce the merge
         return plan
 
@@ -565,19 +330,19 @@ class Session:
         if not self.settings:
             raise MergeError("nothing merged yet")
         s = self.settings
-        agg = AGGREGATORS[s["method"]]
+        agg = AGGREGATORS[s.method]
         per_model = {p.name for p in agg.params if p.per_model}
         models = []
-        for k, i in enumerate(s["select"]):
-            params: dict[str, Any] = {"weight": s["weights"][k]}
+        for k, i in enumerate(s.select):
+            params: dict[str, Any] = {"weight": s.weights[k]}
             for key in per_model:
-                v = s["hyper"].get(key)
+                v = s.hyper.get(key)
                 if isinstance(v, (list, tuple)):
                     params[key] = v[k]
             models.append({"model": self.public_ref(self.specs[i].ref), "parameters": params})
-        glob = {k: v for k, v in s["hyper"].items() if not isinstance(v, (list, tuple)) and v is not None}
-        glob["lambda"] = s["lam"]
-        return parse_config({"merge_method": s["method"], "base_model": self.public_ref(self.base_ref), "models": models,
+        glob = {k: v for k, v in s.hyper.items() if not isinstance(v, (list, tuple)) and v is not None}
+        glob["lambda"] = s.lam
+        return parse_config({"merge_method": s.method, "base_model": self.public_ref(self.base_ref), "models": models,
                              "parameters": glob, "dtype": "float32"}, "app")
 
     def public_ref(self, ref: str | None) -> str:
@@ -595,7 +360,7 @@ class Session:
 
     def export_bytes(self) -> int:
         """About what a zip export puts on disk at its peak (the folder and its zip)."""
-        stack = self._need() and self.stack
+        stack = self.loaded().stack
         return 2 * sum(t.numel() * t.element_size() for t in stack.base.values()) + 2 ** 20
 
     def export_zip(self, progress=None, card: str | None = None) -> Path:
@@ -665,21 +430,6 @@ def clean_hyper(method: str, hyper: Mapping[str, Any], k: int) -> dict[str, Any]
                 raise MergeError(f"{p.name}: needs one value per selected model ({k})")
         out[p.name] = v
     return out
-
-
-def _mark(output: str, answers: Sequence[str] | None) -> str:
-    if answers is None:
-        return output
-    return ("✓ " if output.strip() in {a.strip() for a in answers} else "✗ ") + output
-
-
-def _max_tokens(prompts: Sequence[str]) -> list[int]:
-    """Each prompt's own generation limit: its task's, or FREE_TEXT_TOKENS for free text."""
-    limits = []
-    for p in prompts:
-        tasks = prompt_answers(p)
-        limits.append(max(TASKS[t].max_new_tokens for t in tasks) if tasks else FREE_TEXT_TOKENS)
-    return limits
 
 
 def push_to_hub(session: Session, repo_id: str, token: str, private: bool = True, progress=None) -> str:

@@ -67,20 +67,20 @@ def normalized_mean(h: Mapping[str, np.ndarray], own: Mapping[str, float]) -> fl
 
 def bootstrap_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], own: Mapping[str, float],
                    own_b: Mapping[str, float] | None = None, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% paired percentile interval of normalized_mean(a) − normalized_mean(b), resampling test
-    examples within each task (both merges are scored on the same examples)."""
-    rng = np.random.default_rng(seed)
+    """95% paired percentile interval of normalized_mean(a) − normalized_mean(b) (scipy.stats.bootstrap):
+    both merges are scored on the same test examples, so each task's per-example differences are
+    one sample, resampled within its task."""
+    from scipy.stats import bootstrap
+
     own_b = own_b or own
-    diff = np.zeros(n_boot)
     tasks = [t for t in a if own.get(t) and own_b.get(t)]
     if not tasks:
         return float("nan"), float("nan")
-    for t in tasks:
-        idx = rng.integers(0, len(a[t]), (n_boot, len(a[t])))
-        diff += a[t][idx].mean(1) / own[t] - b[t][idx].mean(1) / own_b[t]
-    diff /= len(tasks)
-    lo, hi = np.percentile(diff, [2.5, 97.5])
-    return float(lo), float(hi)
+    diffs = [a[t] / own[t] - b[t] / own_b[t] for t in tasks]
+    mean_of_means = lambda *d, axis: np.mean([x.mean(axis) for x in d], axis=0)  # noqa: E731
+    res = bootstrap(diffs, mean_of_means, n_resamples=n_boot, vectorized=True, method="percentile",
+                    rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def tune(session, models: Sequence[str], method: str, lambdas: Sequence[float] | None = None,

@@ -270,10 +270,10 @@ def test_reference_caches_are_bounded_by_bytes(tmp_path_factory):
 
     s = sm.Session(cache=StackCache(2 ** 30), zoo=build_tiny_zoo(tmp_path_factory), allow_hub=False).load_zoo()
     s.select([0])
-    budget = sm._REF_OUT.budget
+    budget = s.scorer.outputs_cache.budget
     for j in range(40):  # distinct prompts, as a crowd would type them
-        s.reference_outputs("base", [f"{j} " + "y" * 30])
-    assert sm._REF_OUT.used <= budget
+        s.scorer.outputs("base", [f"{j} " + "y" * 30])
+    assert s.scorer.outputs_cache.used <= budget
 
 
 def test_disk_merge_leaves_torch_threads_alone(tiny_zoo, tmp_path):

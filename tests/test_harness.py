@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.harness import evaluate, generate, greedy_ids, normalized, averages
+from evaluation.harness import evaluate, generate, greedy_ids, normalized
 from evaluation.tasks import TASKS
 
 ZOO = Path(__file__).resolve().parent.parent / "assets" / "zoo"
@@ -93,7 +93,6 @@ def test_generate_free_text(loaded):
 def test_normalized():
     got = normalized({"a": 0.45, "b": 0.9, "c": 0.3}, {"a": 0.9, "b": 0.9, "c": 0.0})
     assert got == pytest.approx({"a": 0.5, "b": 1.0, "mean": 0.75})
-    assert averages({"a": 0.2, "b": 0.4, "mean": 9}) == pytest.approx(0.3)
 
 
 def test_generate_rows_do_not_depend_on_their_batch(loaded):

@@ -46,8 +46,23 @@ def test_study_on_a_tiny_zoo(tmp_path_factory):
     session = Session(zoo=zoo, allow_hub=False).load_zoo()
     session.select(list(range(3)))
     methods = ["task_arithmetic", "median"]
+    session.apply("task_arithmetic", [1.0, 1.0, 1.0], 0.5)
+    settings = session.settings
+    before = {n: p.detach().clone() for n, p in session.live_model.targets.items()}
     study = H.run(session, methods, n_val=3, n_test=3)
     assert session.selected == [0, 1, 2]  # restored
+    # its merges (search, layer ablation) ran on scratch models: the user's merge is untouched
+    assert session.settings is settings
+    assert all(torch.equal(before[n], p) for n, p in session.live_model.targets.items())
+    # the chosen settings are numbers, formatted only for display
+    names = [s.name for s in session.specs]
+    for g in study.pairs:
+        chosen = g.setting["task_arithmetic"]
+        assert chosen.lam in H.STUDY_LAMBDAS and chosen.hyper == {} and chosen.describe() == f"λ={chosen.lam:g}"
+        assert chosen.select == tuple(names.index(m) for m in g.members)
+    if study.ablation:
+        worst = max(study.pairs, key=lambda g: g.drop["task_arithmetic"])
+        assert study.ablation["lambda"] == worst.setting["task_arithmetic"].lam
     assert [g.kind for g in study.groups] == ["pair"] * 3 + ["leave-one-out"] * 3
     assert {tuple(g.members) for g in study.pairs} == {tuple(p) for p in
                                                       __import__("itertools").combinations(session.stack.similarity([0, 1, 2]).names, 2)}

@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from merging.cache import StackCache
@@ -37,7 +38,7 @@ def test_one_merge_per_action_and_values_by_name(pg):
     # a coefficient is stored by model name: changing the selection cannot misalign it
     pg.act(lambda: pg.set_weight("upper", 0.5))
     pg.act(lambda: pg.select(["upper", "add"]))
-    assert pg.weight_list() == [0.5, 1.0] and pg.session.settings["weights"] == [0.5, 1.0]
+    assert pg.weight_list() == [0.5, 1.0] and pg.session.settings.weights == (0.5, 1.0)
     # out-of-range values are clamped, not refused
     assert pg.set_lambda(9) == 8.0 and pg.set_lambda("x") == 8.0 and pg.set_weight("add", -9) == -1.0
 
@@ -60,7 +61,7 @@ def test_a_newer_action_makes_the_older_one_drop(pg):
     t.join(30)
     t2.join(30)
     assert results["old"] is None  # dropped silently: the newer one paints
-    assert results["new"] is not None and pg.session.settings["lam"] == 0.6
+    assert results["new"] is not None and pg.session.settings.lam == 0.6
 
 
 def test_refusals_name_the_problem_and_change_nothing(pg):
@@ -148,7 +149,7 @@ def test_live_api_named_arguments(pg):
     out = app.live_api(pg, ["upper", "add"], "fedgma", 1.2, [0.5, 1.0], {"rho": 0.3}, "add: 1+2=")
     data = out[-1]
     assert data["headers"] == ["prompt", "expected", "base", "upper", "add", "merged"]
-    assert pg.session.settings["hyper"] == {"rho": 0.3} and pg.session.settings["weights"] == [0.5, 1.0]
+    assert pg.session.settings.hyper == {"rho": 0.3} and pg.session.settings.weights == (0.5, 1.0)
     out = app.live_api(pg, ["upper", "add", "sort"], "slerp", 1.0, [], {}, "")
     assert out[-2].startswith("⚠️") and "slerp" in out[-2]
 
@@ -180,11 +181,15 @@ def test_landscape_and_click(pg):
     from evaluation import landscape
 
     pg.act(lambda: pg.select(["upper", "add"]))
+    settings = pg.session.settings
+    before = {n: p.detach().clone() for n, p in pg.session.live_model.targets.items()}
     ls = landscape.compute(pg, grid=[0.0, 0.5, 1.0], n=4)
     assert ls.accuracy["upper"].shape == (3, 3) and ls.current == (pg.lam, pg.lam)
     html = landscape.to_html(ls)
     assert html.count("data-a=") == 3 * 3 * 3  # upper, add and the mean
-    assert pg.session.settings["weights"] == [1.0, 1.0]  # the live merge is restored afterwards
+    # its merges ran on a scratch model: the user's merge is untouched, not merged again
+    assert pg.session.settings is settings and settings.weights == (1.0, 1.0)
+    assert all(torch.equal(before[n], p) for n, p in pg.session.live_model.targets.items())
 
     class Evt:
         _data = {"a": 0.5, "b": 1.0}

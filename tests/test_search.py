@@ -50,15 +50,20 @@ def test_search_picks_the_best_normalized_validation_score(session):
 
 def test_lambda_rescaling_equals_a_fresh_merge(session):
     """The search computes U once per setting and writes θ₀ + λ·U: same tensors as the engine at λ."""
-    from evaluation.search import _Scratch
+    from evaluation.scorer import ScratchModel
 
-    scratch = _Scratch(session)
+    scratch = ScratchModel(session.pool)
+    scratch.apply("task_arithmetic", [1.0, 0.5, 2.0], 0.35, session.selected)  # its LiveModel keeps these coefficients
     for method, hyper in (("fedgma", {"rho": 0.4}), ("ties", {"density": 0.5}), ("median", {})):
         u = scratch.update(method, [1.0, 0.5, 2.0], session.selected, hyper)
-        scratch.write(u, 0.35)
+        scratch.write_update(u, 0.35)
         fresh = dict(session.stack.merged(method, [1.0, 0.5, 2.0], 0.35, session.selected, **hyper))
         for n, t in fresh.items():
             assert torch.allclose(scratch.targets[n], t, atol=1e-6), (method, n)
+    # after those direct writes, a merge that changes one coefficient is not added onto them
+    scratch.apply("task_arithmetic", [1.0, 0.5, 1.0], 0.35, session.selected)
+    fresh = dict(session.stack.merged("task_arithmetic", [1.0, 0.5, 1.0], 0.35, session.selected))
+    assert all(torch.allclose(scratch.targets[n], t, atol=1e-6) for n, t in fresh.items())
 
 
 def test_compare_all_tunes_each_applicable_method(session):
@@ -84,9 +89,10 @@ def test_batched_search_gives_the_same_scores_and_choice(zoo_session, session):
     import numpy as np
 
     from evaluation.grouped import GroupedModel, supports
-    from evaluation.search import _Scratch, search
+    from evaluation.scorer import ScratchModel
+    from evaluation.search import search
 
-    assert supports(_Scratch(zoo_session).model)
+    assert supports(ScratchModel(zoo_session.pool).model)
     kw = dict(lambdas=[0.1, 0.3, 0.5, 0.7, 1.0, 1.3, 1.9], grid=[{"rho": 0.2}, {"rho": 0.7}], n_val=8, n_test=8)
     one = search(zoo_session, "fedgma", batched=False, **kw)
     many = search(zoo_session, "fedgma", batched=True, **kw)
@@ -96,8 +102,8 @@ def test_batched_search_gives_the_same_scores_and_choice(zoo_session, session):
     assert (many.best_lambda, many.best_hyper, many.test_accuracy) == (one.best_lambda, one.best_hyper,
                                                                         one.test_accuracy)
     # the grouped copy really holds different candidates in its blocks
-    g = GroupedModel(_Scratch(session).model, 3)
-    u = _Scratch(session).update("task_arithmetic", [1.0] * 3, session.selected, {})
+    g = GroupedModel(ScratchModel(session.pool).model, 3)
+    u = ScratchModel(session.pool).update("task_arithmetic", [1.0] * 3, session.selected, {})
     for i, lam in enumerate((0.0, 1.0, 2.0)):
         g.write(i, session.stack.base, u, lam)
     name = next(iter(u))

@@ -61,12 +61,72 @@ def test_live_merges_scores_and_fills_the_table(session):
 
 
 def test_fine_tune_scores_are_cached_once(session):
-    import evaluation.session as sm
-
     session.live("task_arithmetic", [1.0] * len(session.selected), 1.0, {}, [])
-    before = len(sm._REF_ACC)
+    before = len(session.scorer.accuracies)
     session.live("fedgma", [0.5] * len(session.selected), 0.7, {"rho": 0.3}, [])
-    assert len(sm._REF_ACC) == before
+    assert len(session.scorer.accuracies) == before
+
+
+def test_reference_scores_leave_the_users_merge_alone(session):
+    """The base's and the fine-tunes' scores are computed on a scratch model: the user's merged
+    model keeps every parameter and its settings (no re-merge afterwards)."""
+    from merging.cache import BytesLRU
+
+    from evaluation.scorer import Scorer
+
+    k = len(session.selected)
+    session.apply("fedgma", [1.0, 0.5] + [1.0] * (k - 2), 0.8, {"rho": 0.4})
+    before = {n: p.detach().clone() for n, p in session.live_model.targets.items()}
+    settings, model = session.settings, session.live_model.model
+    # a scorer whose caches are empty: every reference is computed here
+    scorer = Scorer(session.pool, BytesLRU(2 ** 20, lambda k, v: 100), BytesLRU(2 ** 20, lambda k, v: 100))
+    scorer.prepare(["base", *session.selected], session.tasks, ["reverse: abc=", "free text"])
+    assert len(scorer.accuracies) == (k + 1) * len(session.tasks) and len(scorer.outputs_cache) == 2 * (k + 1)
+    session.scorer = scorer  # and the session's own path: the live view computing a new prompt's references
+    session.prepare_references(["upper: ab="])
+    assert session.settings is settings and session.live_model.model is model
+    assert all(torch.equal(before[n], p) for n, p in session.live_model.targets.items())
+    # the references are the models they name: a fine-tune alone merged with w = λ = 1 answers the same
+    session.select([0])
+    session.apply("task_arithmetic", [1.0], 1.0)
+    from evaluation.harness import generate
+    from evaluation.prompts import max_new_tokens
+
+    prompts = ["reverse: abc=", "free text"]
+    assert scorer.outputs(0, prompts) == generate(session.live_model.model, session.tokenizer, prompts,
+                                                  max_new_tokens(prompts))
+
+
+def test_live_merge_settings_are_numbers(session):
+    from evaluation.live_merge import MergeSettings
+
+    k = len(session.selected)
+    assert session.settings is None
+    session.live("fedgma", ["1", 0.5] + [1] * (k - 2), "0.8", {"rho": 0.4}, [])  # as a form would send them
+    s = session.settings
+    assert isinstance(s, MergeSettings) and s.method == "fedgma"
+    assert s.lam == 0.8 and type(s.lam) is float and s.hyper == {"rho": 0.4}
+    assert s.weights == (1.0, 0.5) + (1.0,) * (k - 2) and all(type(w) is float for w in s.weights)
+    assert s.select == tuple(session.selected) and all(type(i) is int for i in s.select)
+    assert s.describe() == "λ=0.8, rho=0.4"  # formatted for display only
+
+
+def test_scorer_cache_is_bounded(session):
+    """Reference answers are cached under a byte budget: a crowd typing new prompts evicts the
+    oldest, and an evicted answer is computed again, the same."""
+    from merging.cache import BytesLRU
+
+    from evaluation.scorer import Scorer, _entry_bytes
+
+    outputs = BytesLRU(3000, _entry_bytes)
+    scorer = Scorer(session.pool, BytesLRU(3000, _entry_bytes), outputs)
+    first = scorer.outputs("base", ["0 reverse: abc="])
+    for j in range(1, 40):  # distinct prompts
+        scorer.outputs("base", [f"{j} " + "y" * 30])
+        assert outputs.used <= outputs.budget
+    assert outputs.evictions > 0 and len(outputs) < 40
+    assert outputs.get((str(session.base_ref), "base", "0 reverse: abc=")) is None
+    assert scorer.outputs("base", ["0 reverse: abc="]) == first
 
 
 def test_bad_settings_refused_and_model_unchanged(session):
@@ -191,11 +251,11 @@ def test_push_offline_says_the_hub_cannot_be_reached(session, monkeypatch):
 def test_a_prompt_shared_by_two_tasks_names_both_answers():
     """sort and sort_desc share the keyword `sort` (the zoo's designed conflict): the table shows
     both answers, either counts as right, and the default prompts list the shared prompt once."""
-    from evaluation.session import _mark, default_prompts, expected_answer
+    from evaluation.prompts import default_prompts, expected_answer, mark
 
     shown, right = expected_answer("sort: dbca=")
     assert shown == "abcd (sort) / dcba (sort_desc)" and right == ["abcd", "dcba"]
-    assert _mark("dcba", right).startswith("✓") and _mark("abdc", right).startswith("✗")
+    assert mark("dcba", right).startswith("✓") and mark("abdc", right).startswith("✗")
     assert expected_answer("reverse: abc=") == ("cba", ["cba"]) and expected_answer("hello") == (None, [])
     prompts = default_prompts(["sort", "sort_desc", "upper"])
     assert len(prompts) == len(set(prompts)) == 2
