@@ -315,7 +315,7 @@ def test_a_method_declared_once_runs_through_the_engine_and_the_live_model(toy_m
     from transformers import AutoModelForCausalLM
 
     from merging import Checkpoint, LiveModel, TaskVectorStack, load_source, merge_state_dicts
-    from tests.test_engine import load_sd
+    from tests.conftest import load_sd
 
     base = {k: v.float() for k, v in load_sd(tiny_zoo["base"]).items()}
     fts = [{k: v.float() for k, v in load_sd(tiny_zoo[f"ft{i}"]).items()} for i in range(3)]

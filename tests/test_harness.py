@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from evaluation.harness import evaluate, generate, greedy_ids, normalized
 from evaluation.tasks import TASKS

@@ -9,7 +9,7 @@ import torch
 
 from evaluation import heterogeneity as H
 from merging.similarity import similarity_from_stacks
-from tests.test_session import build_tiny_zoo
+from tests.conftest import build_tiny_zoo
 
 
 def test_spearman_and_bootstrap_on_known_inputs():

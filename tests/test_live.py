@@ -100,7 +100,7 @@ def test_recycled_prepare_buffers_never_alias_the_task_vectors(live):
 def test_mergekit_model_methods_run_live_like_the_engine(live, tiny_zoo, method, select):
     """The app's live path (the task-vector form the registry derives) gives the on-disk merge's tensors."""
     from merging import merge_state_dicts
-    from tests.test_engine import load_sd
+    from tests.conftest import load_sd
 
     idx = select if select is not None else [0, 1, 2]
     live.apply(method, [0.6, 0.4, 0.8][:len(idx)], lam=1.0, select=select)

@@ -17,7 +17,7 @@ from merging.errors import MergeError
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    from tests.test_session import build_tiny_zoo
+    from tests.conftest import build_tiny_zoo
 
     return build_tiny_zoo(tmp_path_factory)
 

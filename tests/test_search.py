@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from merging.cache import StackCache
-from tests.test_session import build_tiny_zoo
+from tests.conftest import build_tiny_zoo
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,13 @@
 """Session logic of the live app on a tiny zoo built by the real recipe (evaluation.zoo, TINY)."""
 from __future__ import annotations
 
-import json
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from merging.cache import StackCache
 from merging.errors import MergeError
-
-
-def build_tiny_zoo(tmp_path_factory) -> Path:
-    """One tiny zoo per test run, shared by the app's test files."""
-    from evaluation.zoo import TINY, build_zoo
-
-    root = tmp_path_factory.getbasetemp() / "app-tiny-zoo"
-    if not (root / "zoo.json").exists():
-        build_zoo(root, replace(TINY, workers=1), log=lambda *a: None, write_readme=False)
-    return root
+from tests.conftest import build_tiny_zoo
 
 
 @pytest.fixture(scope="module")
