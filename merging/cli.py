@@ -42,7 +42,7 @@ def _progress_bar(enabled: bool, desc: str):
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .engine import merge_to_dir
+    from .engine import merge_to_dir, uses_exact
     from .plan import plan_from_config
 
     import torch
@@ -50,9 +50,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .device import resolve_device
 
     device = resolve_device(args.device)  # before any reading: a missing GPU fails at once
-    torch.set_num_threads(1)  # once, for this process: the merge pipeline runs single-threaded ops
     cfg = load_config(args.config)
     plan = plan_from_config(cfg, allow_hub=not args.offline, trust_remote_code=args.trust_remote_code)
+    # Once, for this process: the float32 pipeline runs single-threaded ops (reading overlaps on a
+    # second thread); the exact path (mergekit's ops in bfloat16/float16) gains from intra-op threads
+    # (0.5B bfloat16 task arithmetic, warm cache, 2 cores: 12.6 s on 1 thread, 9.0 s on 2).
+    if not uses_exact(plan):
+        torch.set_num_threads(1)
     for w in plan.warnings:
         print(f"warning: {w}", file=sys.stderr)
     update, close = _progress_bar(not args.no_progress, f"{cfg.merge_method}")

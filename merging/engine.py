@@ -118,11 +118,10 @@ def uses_exact(plan: MergePlan) -> bool:
     return plan.method.runs_exact(plan.compute_dtype, plan.global_settings.get("lambda", 1.0))
 
 
-def exact_tensor(plan: MergePlan, name: str) -> torch.Tensor:
-    """One tensor merged by the method's exact form: θ₀ and the θᵢ loaded in the compute dtype."""
+def exact_inputs(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """θ₀ (None when the exact form does not read it) and the θᵢ of one tensor, in the compute dtype."""
     dt = plan.compute_dtype
-    p = plan.params_for(name)
-    reads_base = not plan.no_base and plan.method.exact_reads_base(p.lam)
+    reads_base = not plan.no_base and plan.method.exact_reads_base(plan.params_for(name).lam)
     base = plan.base.get(name).to(dt) if reads_base else None
     if base is not None:
         _check_finite_fast(name, base, plan.base.ref)
@@ -131,7 +130,37 @@ def exact_tensor(plan: MergePlan, name: str) -> torch.Tensor:
         m = src.checkpoint.get(name).to(dt)
         _check_finite_fast(name, m, src.name)
         models.append(m)
+    return base, models
+
+
+def exact_tensor(plan: MergePlan, name: str, inputs=None) -> torch.Tensor:
+    """One tensor merged by the method's exact form (inputs read here unless given)."""
+    p = plan.params_for(name)
+    base, models = inputs if inputs is not None else exact_inputs(plan, name)
     return plan.method.exact_merge(base, models, p.weight_values, p.lam, p.hyper, name)
+
+
+def _iter_exact(plan: MergePlan, progress: Progress | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The exact path, with the next tensor's inputs read on a second thread while this one merges
+    (inputs over _PREFETCH_BYTES are read in turn: peak memory)."""
+    names = plan.tensor_names
+    k = len(plan.sources) + 1
+    small = [k * math.prod(plan.base.shape(n)) * plan.compute_dtype.itemsize <= _PREFETCH_BYTES for n in names]
+    pool = ThreadPoolExecutor(1, thread_name_prefix="merge-prefetch")
+    try:
+        ahead = pool.submit(exact_inputs, plan, names[0]) if names and small[0] else None
+        for j, name in enumerate(names):
+            inputs = ahead.result() if ahead is not None else exact_inputs(plan, name)
+            ahead = pool.submit(exact_inputs, plan, names[j + 1]) if j + 1 < len(names) and small[j + 1] else None
+            merged = exact_tensor(plan, name, inputs)
+            del inputs
+            _check_finite_fast(name, merged, "the merge result")
+            yield name, merged.to(plan.output_dtype(name))
+            report(progress, j + 1, len(names), name)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    for name in plan.passthrough_names:
+        yield name, plan.base.get(name)
 
 
 def iter_merged(plan: MergePlan, progress: Progress | None = None, device: torch.device | str | None = None
@@ -144,14 +173,7 @@ def iter_merged(plan: MergePlan, progress: Progress | None = None, device: torch
     dev = torch.device(device) if device is not None else torch.device("cpu")
     gpu = dev.type != "cpu"
     if uses_exact(plan):
-        names = plan.tensor_names
-        for j, name in enumerate(names):
-            merged = exact_tensor(plan, name)
-            _check_finite_fast(name, merged, "the merge result")
-            yield name, merged.to(plan.output_dtype(name))
-            report(progress, j + 1, len(names), name)
-        for name in plan.passthrough_names:
-            yield name, plan.base.get(name)
+        yield from _iter_exact(plan, progress)
         return
     norms = update_norms(plan) if plan.method.needs_update_norms else None
     names = plan.tensor_names
