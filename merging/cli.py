@@ -122,7 +122,8 @@ def build_parser(prog: str = "fedmerge") -> argparse.ArgumentParser:
     m.add_argument("--shard-size", type=_size, default=_size("2GB"), help="max bytes per safetensors shard")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub")
-    m.add_argument("--device", default="cpu", help="where tensors are merged: cpu (default), cuda[:N] or auto")
+    m.add_argument("--device", default=None,
+                   help="where tensors are merged: cpu, cuda[:N] or auto (default: $FEDMERGE_DEVICE, else cpu)")
     m.add_argument("--trust-remote-code", action="store_true", help="accept models that ship custom code")
     m.set_defaults(func=cmd_merge)
 

@@ -1,5 +1,6 @@
-"""Where merges run: `--device cpu|cuda|auto` (CLI) and FEDMERGE_DEVICE (app). Tensors are read on
-the CPU, merged on the device and streamed back, so the device holds one tensor's stack at a time."""
+"""Where disk merges run: `--device cpu|cuda|auto` (CLI; FEDMERGE_DEVICE sets its default). Tensors
+are read on the CPU, merged on the device and streamed back, so the device holds one tensor's stack
+at a time. (The app merges and decodes on the CPU: no GPU was available to build that path.)"""
 from __future__ import annotations
 
 import os
