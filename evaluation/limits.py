@@ -112,7 +112,7 @@ def check_number(field: str, value: Any, low: float, high: float) -> float:
 
 def check_method(method: Any) -> str:
     if not isinstance(method, str) or method not in AGGREGATORS:
-        raise MergeError(f"aggregator: {str(method)[:40]!r} is not one of {', '.join(AGGREGATORS)}")
+        raise MergeError(f"unknown merge method {str(method)[:40]!r}; known: {', '.join(AGGREGATORS)}")
     return method
 
 

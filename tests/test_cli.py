@@ -276,7 +276,7 @@ def test_cli_usage_errors_and_sizes(run_cli):
     r = run_cli("merge", "x.yml", "out", "--shard-size", "lots")
     assert r.returncode == 2 and "not a size: 'lots'" in r.stderr
     args = build_parser().parse_args(["merge", "x.yml", "out", "--shard-size", "500MB"])
-    assert args.shard_size == 500_000_000 and args.device == "cpu" and not args.overwrite
+    assert args.shard_size == 500_000_000 and args.device is None and not args.overwrite  # None: $FEDMERGE_DEVICE, else cpu
 
 
 # ----------------------------------------------------------------- what only a process shows
