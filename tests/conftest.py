@@ -78,11 +78,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    """The real app (app.build_demo) on a free 127.0.0.1 port, over a tiny zoo built by the recipe."""
+def serve_app(zoo: Path):
+    """Generator: the real app (app.build_demo) on `zoo`, on a free 127.0.0.1 port; yields its URL."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("FEDMERGE_ZOO", str(build_tiny_zoo(tmp_path_factory)))
+    mp.setenv("FEDMERGE_ZOO", str(zoo))
     import app
 
     demo = app.build_demo()
@@ -92,6 +91,12 @@ def app_url(tmp_path_factory):
     yield f"http://127.0.0.1:{port}/"
     demo.close()
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """The app over a tiny zoo built by the recipe."""
+    yield from serve_app(build_tiny_zoo(tmp_path_factory))
 
 
 def load_sd(folder: Path) -> dict[str, torch.Tensor]:

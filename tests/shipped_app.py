@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import serve_app
 
 ZOO = Path(__file__).resolve().parent.parent / "assets" / "zoo"
 
@@ -14,14 +14,16 @@ ZOO = Path(__file__).resolve().parent.parent / "assets" / "zoo"
 @pytest.fixture(scope="module")
 def shipped_url():
     """app.build_demo() on the shipped zoo, on a free 127.0.0.1 port, for one test module."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FEDMERGE_ZOO", str(ZOO))
-    import app
+    yield from serve_app(ZOO)
 
-    demo = app.build_demo()
-    demo.queue(default_concurrency_limit=2)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    mp.undo()
+
+def library_result(models, method, weights, lam, hyper, prompts):
+    """The same merge and scores computed in this process by evaluation.Session (no app in between)."""
+    from evaluation.session import Session
+
+    s = Session(zoo=ZOO, allow_hub=False).load_zoo()
+    try:
+        s.select(models)
+        return s.live(method, weights, lam, hyper, prompts)
+    finally:
+        s.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.shipped_app import ZOO
+from tests.shipped_app import ZOO, library_result
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -102,18 +102,6 @@ def open_page(browser):
         p.page.close()
 
 
-def library(models, method, weights, lam, hyper, prompts):
-    """The same merge and scores computed by evaluation.Session in this (the server's) process."""
-    from evaluation.session import Session
-
-    s = Session(zoo=ZOO, allow_hub=False).load_zoo()
-    try:
-        s.select(models)
-        return s.live(method, weights, lam, hyper, prompts)
-    finally:
-        s.close()
-
-
 def assert_shows(p: Page, res) -> None:
     """The page shows the library's result: the merged column's answers and marks, the score."""
     assert p.column("merged") == {r[0]: r[-1] for r in res.rows}
@@ -152,7 +140,7 @@ def test_scenario_by_link_and_by_button(open_page, shipped_url, scenario):
     merged_column_check(p.page, DESKTOP["width"])
     assert len(p.joins) <= 3
     # what the user reads is the scenario's merge: answers, ✓/✗ marks and scores as the library computes them
-    res = library(scenario.models, scenario.method, scenario.weight_list(), scenario.lam, scenario.hyper, p.prompts())
+    res = library_result(scenario.models, scenario.method, scenario.weight_list(), scenario.lam, scenario.hyper, p.prompts())
     assert_shows(p, res)
     if scenario.id == "two-tasks":  # the scenario's point, on its own prompts: the merge answers both tasks
         assert all(c.startswith("✓") for c in p.column("merged").values()), p.column("merged")
@@ -185,7 +173,7 @@ def test_requests_per_action(open_page, shipped_url):
     # the answers move with the slider: the reverse task is lost, exactly as the library merges it
     reverse_prompt = next(q for q in prompts if q.startswith("reverse:"))
     assert shown[reverse_prompt].startswith("✓") and p.column("merged")[reverse_prompt].startswith("✗")
-    assert_shows(p, library(["reverse", "upper"], "task_arithmetic", [-1.0, 1.0], 0.8, {}, prompts))
+    assert_shows(p, library_result(["reverse", "upper"], "task_arithmetic", [-1.0, 1.0], 0.8, {}, prompts))
     n = len(p.joins)
     box = slider.bounding_box()
     before = p.status()

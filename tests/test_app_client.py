@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.shipped_app import ZOO
+from tests.shipped_app import library_result
 
 DEFAULT_SEVEN = ["reverse", "upper", "sort", "sort_desc", "add", "is_even", "is_odd"]  # one per task
 
@@ -28,18 +28,6 @@ def scenario(sid: str):
     from evaluation import scenarios
 
     return scenarios.by_id(sid)
-
-
-def library_result(sc_models, method, weights, lam, hyper, prompts):
-    """The same merge and scores computed in this process by evaluation.Session (no app in between)."""
-    from evaluation.session import Session
-
-    s = Session(zoo=ZOO, allow_hub=False).load_zoo()
-    try:
-        s.select(sc_models)
-        return s.live(method, weights, lam, hyper, prompts)
-    finally:
-        s.close()
 
 
 def plotted_bars(fig) -> dict[str, dict[str, float]]:
