@@ -33,7 +33,8 @@ def _hyper(name, k, draw):
             hp[p.name] = draw(st.floats(1e-3, 100))
     if "epsilon" in hp:  # DELLA: density ± epsilon must stay inside (0, 1), else it is refused
         d = hp["density"]
-        hp["epsilon"] = 0.0 if d in (0.0, 1.0) else draw(st.floats(0.0, 0.99 * min(d, 1 - d)))
+        eps = 0.0 if d in (0.0, 1.0) else draw(st.floats(0.0, 0.99 * min(d, 1 - d)))
+        hp["epsilon"] = eps if d - eps > 0 and d + eps < 1 else 0.0  # 0.99·d rounds to d when d is subnormal
     return hp
 
 
