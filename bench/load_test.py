@@ -36,6 +36,16 @@ from _common import ROOT, add_record_flag, append_results, free_port  # noqa: E4
 METHODS = [("task_arithmetic", {}), ("fedgma", {"rho": 0.5}), ("ties", {"density": 0.5}), ("median", {})]
 
 
+
+def run_all(threads: list[threading.Thread]) -> float:
+    """Start every thread at once, wait for all: the wall time in seconds."""
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
 def _command() -> list[str]:
     return ["python", "bench/load_test.py", *sys.argv[1:]]
 
@@ -111,12 +121,7 @@ def main() -> int:
                     results[(s, step)] = table
 
         threads = [threading.Thread(target=worker, args=(s,)) for s in range(args.sessions)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_all(threads)
         rss_end = server.memory_info().rss
 
         alone = Client(url, verbose=False, download_files=False)  # replay a sample alone
@@ -261,12 +266,7 @@ def soak(args) -> int:
 
         clients: list = []
         threads = [threading.Thread(target=worker, args=(s, clients)) for s in range(args.sessions)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_all(threads)
         rss_end = server.memory_info().rss
         exports_end = folder_bytes(exports_root) if exports_root.exists() else 0
 
