@@ -35,8 +35,9 @@ def _check_finite_fast(name: str, tensor: torch.Tensor, owner: str) -> None:
 _PREFETCH_BYTES = 256 * 1024**2
 
 
-def _stack_bytes(plan: MergePlan, name: str) -> int:
-    return 4 * (len(plan.sources) + 1) * math.prod(plan.base.shape(name))
+def _stack_bytes(plan: MergePlan, name: str, itemsize: int = 4) -> int:
+    """Bytes of one tensor's base and K sources at `itemsize` (float32 unless told)."""
+    return itemsize * (len(plan.sources) + 1) * math.prod(plan.base.shape(name))
 
 
 def _read_into(checkpoint, name: str, out: torch.Tensor) -> bool:
@@ -144,8 +145,7 @@ def _iter_exact(plan: MergePlan, progress: Progress | None) -> Iterator[tuple[st
     """The exact path, with the next tensor's inputs read on a second thread while this one merges
     (inputs over _PREFETCH_BYTES are read in turn: peak memory)."""
     names = plan.tensor_names
-    k = len(plan.sources) + 1
-    small = [k * math.prod(plan.base.shape(n)) * plan.compute_dtype.itemsize <= _PREFETCH_BYTES for n in names]
+    small = [_stack_bytes(plan, n, plan.compute_dtype.itemsize) <= _PREFETCH_BYTES for n in names]
     pool = ThreadPoolExecutor(1, thread_name_prefix="merge-prefetch")
     try:
         ahead = pool.submit(exact_inputs, plan, names[0]) if names and small[0] else None
