@@ -196,12 +196,16 @@ class Checkpoint:
     def is_float(self, key: str) -> bool:
         return self.dtype(key).is_floating_point
 
-    def read_into(self, key: str, out: torch.Tensor) -> bool:
-        """Read a safetensors tensor's bytes straight into `out` (same dtype and size, contiguous):
-        one copy from the page cache, no intermediate tensor. False where that does not apply."""
+    def read_into(self, key: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> bool:
+        """Read a safetensors tensor's bytes (or rows [start, stop) of it, dim 0) straight into `out`
+        (same dtype and size, contiguous): one copy from the page cache, no intermediate tensor.
+        False where that does not apply."""
         if key not in self._spans or not out.is_contiguous() or self.dtype(key) != out.dtype:
             return False
         begin, end = self._spans[key]
+        if rows is not None:
+            row_bytes = (end - begin) // max(1, self.shape(key)[0])
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
         if end - begin != out.numel() * out.element_size():
             return False
         path = self._files[key]
@@ -213,13 +217,15 @@ class Checkpoint:
             raise MergeError(f"{path}: truncated: tensor {key} needs {end - begin} bytes, the file has {got}")
         return True
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `key`, or only its rows [start, stop) (dim 0: a large tensor merged in blocks)."""
         if key not in self._meta:
             raise MergeError(f"{self.ref}: has no tensor {key}")
         if self._bin is not None:
-            return self._bin[key]
+            t = self._bin[key]
+            return t if rows is None else t[rows[0]:rows[1]]
         with safe_open(self._files[key], framework="pt") as f:
-            return f.get_tensor(key)
+            return f.get_tensor(key) if rows is None else f.get_slice(key)[rows[0]:rows[1]]
 
     # ---------------------------------------------------------------- side files
     @cached_property
@@ -301,10 +307,10 @@ class StateDict:
     def is_float(self, key: str) -> bool:
         return self._t[key].is_floating_point()
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         if key not in self._t:
             raise MergeError(f"{self.ref}: has no tensor {key}")
-        return self._t[key]
+        return self._t[key] if rows is None else self._t[key][rows[0]:rows[1]]
 
     def side_files(self, names: Iterable[str]) -> list[Path]:
         return []

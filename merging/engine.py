@@ -33,16 +33,50 @@ def _check_finite_fast(name: str, tensor: torch.Tensor, owner: str) -> None:
 
 
 _PREFETCH_BYTES = 256 * 1024**2
+# A stack (base + K sources, at the compute itemsize) larger than this is merged in blocks of rows
+# when the method allows it (Aggregator.row_separable): peak memory stays at a few blocks whatever
+# the size of the largest tensor (a 150k-token embedding is GBs of stack).
+BLOCK_BYTES = _PREFETCH_BYTES
+
+Rows = tuple[int, int] | None  # rows [start, stop) of a tensor (dim 0), or None: all of it
 
 
-def _stack_bytes(plan: MergePlan, name: str, itemsize: int = 4) -> int:
-    """Bytes of one tensor's base and K sources at `itemsize` (float32 unless told)."""
-    return itemsize * (len(plan.sources) + 1) * math.prod(plan.base.shape(name))
+def _stack_bytes(plan: MergePlan, name: str, itemsize: int = 4, rows: Rows = None) -> int:
+    """Bytes of one tensor's (or its rows') base and K sources at `itemsize` (float32 unless told)."""
+    shape = plan.base.shape(name)
+    n = math.prod(shape) if rows is None else (rows[1] - rows[0]) * math.prod(shape[1:])
+    return itemsize * (len(plan.sources) + 1) * n
 
 
-def _read_into(checkpoint, name: str, out: torch.Tensor) -> bool:
+def _shape(plan: MergePlan, name: str, rows: Rows) -> tuple[int, ...]:
+    shape = tuple(plan.base.shape(name))
+    return shape if rows is None else (rows[1] - rows[0], *shape[1:])
+
+
+def work_units(plan: MergePlan, itemsize: int = 4, block_bytes: int = BLOCK_BYTES) -> list[tuple[str, Rows]]:
+    """(tensor, rows) in the base's order: a tensor whose stack exceeds `block_bytes` is cut into
+    blocks of rows where the method allows it and every source is a full fine-tune (a LoRA update
+    is made whole, from its factors)."""
+    split = plan.method.row_separable and all(isinstance(s, FullFinetune) for s in plan.sources)
+    units: list[tuple[str, Rows]] = []
+    for name in plan.tensor_names:
+        shape = plan.base.shape(name)
+        total = _stack_bytes(plan, name, itemsize)
+        if not split or len(shape) == 0 or shape[0] < 2 or total <= block_bytes:
+            units.append((name, None))
+            continue
+        step = max(1, block_bytes // max(1, total // shape[0]))
+        units += [(name, (a, min(a + step, shape[0]))) for a in range(0, shape[0], step)]
+    return units
+
+
+def _read_into(checkpoint, name: str, out: torch.Tensor, rows: Rows = None) -> bool:
     reader = getattr(checkpoint, "read_into", None)  # StateDicts (in-memory) have none
-    return bool(reader and reader(name, out))
+    return bool(reader and reader(name, out, rows))
+
+
+def _get(checkpoint, name: str, rows: Rows = None) -> torch.Tensor:
+    return checkpoint.get(name) if rows is None else checkpoint.get(name, rows)
 
 
 def _carve(buffer: torch.Tensor | None, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
@@ -53,37 +87,40 @@ def _carve(buffer: torch.Tensor | None, shape: tuple[int, ...], offset: int = 0)
     return buffer[offset:offset + n].view(shape)
 
 
-def load_tensor_stack(plan: MergePlan, name: str, buffer: torch.Tensor | None = None
+def load_tensor_stack(plan: MergePlan, name: str, buffer: torch.Tensor | None = None, rows: Rows = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The base tensor and the stacked task vectors [K, ...] of one tensor, float32, checked finite
-    (in `buffer`, a reused flat float32 tensor, when it is large enough)."""
-    shape = tuple(plan.base.shape(name))
+    """The base tensor and the stacked task vectors [K, ...] of one tensor (or of its `rows`, full
+    fine-tunes only), float32, checked finite (in `buffer`, a reused flat float32 tensor, when it is
+    large enough)."""
+    shape = _shape(plan, name, rows)
     base = _carve(buffer, shape)
-    if not _read_into(plan.base, name, base):
-        base = plan.base.get(name).float()
+    if not _read_into(plan.base, name, base, rows):
+        base = _get(plan.base, name, rows).float()
     _check_finite_fast(name, base, plan.base.ref)
     deltas = _carve(buffer, (len(plan.sources), *shape), math.prod(shape))
     for i, src in enumerate(plan.sources):
         if isinstance(src, FullFinetune) and src.checkpoint.dtype(name) != torch.float64:
             # θᵢ − θ₀ written straight into the stack, no temporary (f16/bf16 → f32 is exact)
-            if _read_into(src.checkpoint, name, deltas[i]):
+            if _read_into(src.checkpoint, name, deltas[i], rows):
                 deltas[i].sub_(base)
             else:
-                torch.sub(src.checkpoint.get(name), base, out=deltas[i])
+                torch.sub(_get(src.checkpoint, name, rows), base, out=deltas[i])
             _check_finite_fast(name, deltas[i], src.name)
         else:
-            d = src.delta(name, base)
+            d = (_get(src.checkpoint, name, rows).float() - base) if rows is not None else src.delta(name, base)
             _check_finite_fast(name, d, src.name)
             deltas[i] = d
     return base, deltas
 
 
-def load_model_stack(plan: MergePlan, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """The fine-tuned tensors θᵢ themselves, stacked [K, ...] float32 and checked finite (no base)."""
-    models = _carve(buffer, (len(plan.sources), *plan.base.shape(name)))
+def load_model_stack(plan: MergePlan, name: str, buffer: torch.Tensor | None = None, rows: Rows = None
+                     ) -> torch.Tensor:
+    """The fine-tuned tensors θᵢ themselves (or their `rows`), stacked [K, ...] float32 and checked
+    finite (no base)."""
+    models = _carve(buffer, (len(plan.sources), *_shape(plan, name, rows)))
     for i, src in enumerate(plan.sources):
-        if not _read_into(src.checkpoint, name, models[i]):
-            models[i] = src.checkpoint.get(name)
+        if not _read_into(src.checkpoint, name, models[i], rows):
+            models[i] = _get(src.checkpoint, name, rows)
         _check_finite_fast(name, models[i], src.name)
     return models
 
@@ -98,15 +135,16 @@ def affine_coefficients(plan: MergePlan, name: str, norms: torch.Tensor | None) 
     return plan.method.affine_coefficients(p.weights, p.hyper, p.lam, norms)
 
 
-def update_norms(plan: MergePlan, progress: Progress | None = None) -> torch.Tensor:
+def update_norms(plan: MergePlan, progress: Progress | None = None, block_bytes: int = BLOCK_BYTES
+                 ) -> torch.Tensor:
     """First pass: ‖wᵢτᵢ‖ over the whole model (weights resolved per tensor)."""
     sq = torch.zeros(len(plan.sources), dtype=torch.float64)
-    names = plan.tensor_names
-    for j, name in enumerate(names):
-        _, deltas = load_tensor_stack(plan, name)
+    units = work_units(plan, block_bytes=block_bytes)
+    for j, (name, rows) in enumerate(units):
+        _, deltas = load_tensor_stack(plan, name, rows=rows)
         w = plan.params_for(name).weights.double()
         sq += deltas.reshape(len(plan.sources), -1).double().pow(2).sum(1) * w.pow(2)
-        report(progress, j + 1, len(names), f"norms {name}")
+        report(progress, j + 1, len(units), f"norms {name}")
     return sq.sqrt()
 
 
@@ -119,16 +157,17 @@ def uses_exact(plan: MergePlan) -> bool:
     return plan.method.runs_exact(plan.compute_dtype, plan.global_settings.get("lambda", 1.0))
 
 
-def exact_inputs(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """θ₀ (None when the exact form does not read it) and the θᵢ of one tensor, in the compute dtype."""
+def exact_inputs(plan: MergePlan, name: str, rows: Rows = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """θ₀ (None when the exact form does not read it) and the θᵢ of one tensor (or of its rows), in
+    the compute dtype."""
     dt = plan.compute_dtype
     reads_base = not plan.no_base and plan.method.exact_reads_base(plan.params_for(name).lam)
-    base = plan.base.get(name).to(dt) if reads_base else None
+    base = _get(plan.base, name, rows).to(dt) if reads_base else None
     if base is not None:
         _check_finite_fast(name, base, plan.base.ref)
     models = []
     for src in plan.sources:
-        m = src.checkpoint.get(name).to(dt)
+        m = _get(src.checkpoint, name, rows).to(dt)
         _check_finite_fast(name, m, src.name)
         models.append(m)
     return base, models
@@ -141,43 +180,66 @@ def exact_tensor(plan: MergePlan, name: str, inputs=None) -> torch.Tensor:
     return plan.method.exact_merge(base, models, p.weight_values, p.lam, p.hyper, name)
 
 
-def _iter_exact(plan: MergePlan, progress: Progress | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """The exact path, with the next tensor's inputs read on a second thread while this one merges
+Block = tuple[str, Rows, torch.Tensor]  # (tensor name, rows or None, merged values in the output dtype)
+
+
+def _tensor_done(plan: MergePlan, name: str, rows: Rows) -> bool:
+    """Whether this unit is a tensor's last (its whole, or its last block of rows)."""
+    return rows is None or rows[1] == plan.base.shape(name)[0]
+
+
+def _iter_exact(plan: MergePlan, progress: Progress | None, block_bytes: int) -> Iterator[Block]:
+    """The exact path, with the next unit's inputs read on a second thread while this one merges
     (inputs over _PREFETCH_BYTES are read in turn: peak memory)."""
-    names = plan.tensor_names
-    small = [_stack_bytes(plan, n, plan.compute_dtype.itemsize) <= _PREFETCH_BYTES for n in names]
+    itemsize = plan.compute_dtype.itemsize
+    units = work_units(plan, itemsize, block_bytes)
+    small = [_stack_bytes(plan, n, itemsize, r) <= _PREFETCH_BYTES for n, r in units]
     pool = ThreadPoolExecutor(1, thread_name_prefix="merge-prefetch")
+
+    def fetch(i: int):
+        return pool.submit(exact_inputs, plan, *units[i]) if i < len(units) and small[i] else None
+
+    done = 0
     try:
-        ahead = pool.submit(exact_inputs, plan, names[0]) if names and small[0] else None
-        for j, name in enumerate(names):
-            inputs = ahead.result() if ahead is not None else exact_inputs(plan, name)
-            ahead = pool.submit(exact_inputs, plan, names[j + 1]) if j + 1 < len(names) and small[j + 1] else None
+        ahead = fetch(0)
+        for j, (name, rows) in enumerate(units):
+            inputs = ahead.result() if ahead is not None else exact_inputs(plan, name, rows)
+            ahead = fetch(j + 1)
             merged = exact_tensor(plan, name, inputs)
             del inputs
             _check_finite_fast(name, merged, "the merge result")
-            yield name, merged.to(plan.output_dtype(name))
-            report(progress, j + 1, len(names), name)
+            yield name, rows, merged.to(plan.output_dtype(name))
+            if _tensor_done(plan, name, rows):
+                done += 1
+                report(progress, done, len(plan.tensor_names), name)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    for name in plan.passthrough_names:
-        yield name, plan.base.get(name)
 
 
-def iter_merged(plan: MergePlan, progress: Progress | None = None, device: torch.device | str | None = None
-                ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor in the output dtype, on the CPU) in the base's tensor order.
+def iter_merged_blocks(plan: MergePlan, progress: Progress | None = None, device: torch.device | str | None = None,
+                       block_bytes: int = BLOCK_BYTES) -> Iterator[Block]:
+    """Yield (name, rows, merged values in the output dtype, on the CPU) in the base's tensor order;
+    a tensor whose stack exceeds `block_bytes` comes as consecutive blocks of rows when the method
+    allows it (see work_units), else whole (rows None).
 
-    With a `device` other than the CPU, each tensor's stack is read on the CPU, merged there and the
-    result copied back (the methods defined on whole models, `uses_exact`, stay on the CPU).
+    With a `device` other than the CPU, each stack is read on the CPU, merged there and the result
+    copied back (the methods defined on whole models, `uses_exact`, stay on the CPU).
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     gpu = dev.type != "cpu"
     if uses_exact(plan):
-        yield from _iter_exact(plan, progress)
-        return
-    norms = update_norms(plan) if plan.method.needs_update_norms else None
-    names = plan.tensor_names
-    # Two pipeline stages on two threads: the next tensor's stack is read while this one merges.
+        yield from _iter_exact(plan, progress, block_bytes)
+    else:
+        yield from _iter_float32(plan, progress, dev if gpu else None, block_bytes)
+    for name in plan.passthrough_names:
+        yield name, None, plan.base.get(name)
+
+
+def _iter_float32(plan: MergePlan, progress: Progress | None, gpu: torch.device | None, block_bytes: int
+                  ) -> Iterator[Block]:
+    norms = update_norms(plan, block_bytes=block_bytes) if plan.method.needs_update_norms else None
+    units = work_units(plan, 4, block_bytes)
+    # Two pipeline stages on two threads: the next unit's stack is read while this one merges.
     # Stacks larger than _PREFETCH_BYTES are not read ahead (peak memory). The torch thread count
     # is the process's own: the CLI sets 1 at start-up (intra-op threads cost more than they give
     # here: one barrier per op); a server must not change it per request (it is process-wide).
@@ -186,59 +248,75 @@ def iter_merged(plan: MergePlan, progress: Progress | None = None, device: torch
         # Stacks are read into reused buffers (memory already mapped: no page fault per 4 KB, about
         # twice the read speed): one for the stacks too large to read ahead, two for the others
         # (one being merged, one being read).
-        sizes = [_stack_bytes(plan, n) // 4 for n in names]
+        sizes = [_stack_bytes(plan, n, 4, r) // 4 for n, r in units]
         small = max([z for z in sizes if 4 * z <= _PREFETCH_BYTES], default=0)
         ring = [torch.empty(small, dtype=torch.float32) for _ in range(2)] if small else [None, None]
         big = torch.empty(max(sizes), dtype=torch.float32) if max(sizes, default=0) > small else None
 
-        def load(name: str, buffer: torch.Tensor | None):
+        def load(name: str, rows: Rows, buffer: torch.Tensor | None):
             c = affine_coefficients(plan, name, norms)
             if c is not None:
-                return c, load_model_stack(plan, name, buffer)
-            return None, load_tensor_stack(plan, name, buffer)
+                return c, load_model_stack(plan, name, buffer, rows)
+            return None, load_tensor_stack(plan, name, buffer, rows)
 
         def fetch(i: int):
-            if i >= len(names):
+            if i >= len(units) or 4 * sizes[i] > _PREFETCH_BYTES:
                 return None
-            if _stack_bytes(plan, names[i]) > _PREFETCH_BYTES:
-                return None
-            return pool.submit(load, names[i], ring[i % 2])
+            return pool.submit(load, *units[i], ring[i % 2])
 
-        ahead = fetch(0)
-        for j, name in enumerate(names):
-            c, data = ahead.result() if ahead is not None else load(name, big)
+        ahead, done = fetch(0), 0
+        for j, (name, rows) in enumerate(units):
+            c, data = ahead.result() if ahead is not None else load(name, rows, big)
             ahead = fetch(j + 1)
             if c is not None:  # Σ λcᵢθᵢ straight from the models
                 if gpu:
-                    c, data = c.to(dev), data.to(dev, non_blocking=True)
+                    c, data = c.to(gpu), data.to(gpu, non_blocking=True)
                 merged = (c @ data.reshape(len(c), -1)).reshape(data.shape[1:])
             else:
                 p = plan.params_for(name)
                 base, deltas = data
                 w, nrm = p.weights, norms
                 if gpu:
-                    base, deltas, w = base.to(dev), deltas.to(dev), w.to(dev)
-                    nrm = None if norms is None else norms.to(dev)
+                    base, deltas, w = base.to(gpu), deltas.to(gpu), w.to(gpu)
+                    nrm = None if norms is None else norms.to(gpu)
                 merged = plan.method.merge(deltas, w, base, p.lam, p.hyper, tensor=name, update_norms=nrm)[0]
             _check_finite_fast(name, merged, "the merge result")
             del data
-            yield name, merged.to(plan.output_dtype(name)).cpu() if gpu else merged.to(plan.output_dtype(name))
-            report(progress, j + 1, len(names), name)
+            out = merged.to(plan.output_dtype(name))
+            yield name, rows, out.cpu() if gpu else out
+            if _tensor_done(plan, name, rows):
+                done += 1
+                report(progress, done, len(plan.tensor_names), name)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    for name in plan.passthrough_names:
-        yield name, plan.base.get(name)
+
+
+def iter_merged(plan: MergePlan, progress: Progress | None = None, device: torch.device | str | None = None,
+                block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor in the output dtype, on the CPU) in the base's tensor order (the
+    blocks of `iter_merged_blocks` joined)."""
+    parts: list[torch.Tensor] = []
+    for name, rows, block in iter_merged_blocks(plan, progress, device, block_bytes):
+        if rows is None:
+            yield name, block
+            continue
+        parts.append(block)
+        if _tensor_done(plan, name, rows):
+            yield name, torch.cat(parts)
+            parts = []
 
 
 def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite: bool = False,
                  shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None,
-                 card: str | None = None, device: torch.device | str | None = None) -> Path:
-    """Stream the merge into a transformers folder (atomically: all or nothing); merged on `device`."""
+                 card: str | None = None, device: torch.device | str | None = None,
+                 block_bytes: int = BLOCK_BYTES) -> Path:
+    """Stream the merge into a transformers folder (atomically: all or nothing); merged on `device`,
+    large tensors in blocks of rows (see work_units)."""
     specs = [(n, plan.base.shape(n), plan.output_dtype(n)) for n in plan.tensor_names]
     specs += [(n, plan.base.shape(n), plan.base.dtype(n)) for n in plan.passthrough_names]
     with StreamingModelWriter(out_dir, specs, shard_bytes=shard_bytes, overwrite=overwrite) as writer:
-        for name, tensor in iter_merged(plan, progress, device=device):
-            writer.write(name, tensor)
+        for name, _, block in iter_merged_blocks(plan, progress, device=device, block_bytes=block_bytes):
+            writer.write(name, block)
         write_side_files(plan, writer, card)
         return writer.finish()
 

@@ -231,6 +231,14 @@ class Aggregator:
                 out[p.name] = p.check(value, f"{self.name}: ")
         return out
 
+    @property
+    def row_separable(self) -> bool:
+        """Whether merging a tensor in blocks of rows gives the values of merging it whole: the
+        update at a coordinate reads only that coordinate (and whole-model norms, computed first).
+        Not so for a trim (top-k, a random mask or a band over the tensor) or a method defined on
+        whole tensors (SLERP's angle)."""
+        return self.sparsifier is None and (self.coefficients is not None or self.elementwise)
+
     def accepts(self, n_models: int) -> bool:
         """Whether this method merges `n_models` fine-tunes (the one place that says so)."""
         return self.min_models <= n_models and (self.max_models is None or n_models <= self.max_models)

@@ -1,7 +1,8 @@
 """Write a merged model folder: sharded safetensors streamed tensor by tensor, config, tokenizer, card.
 
 The safetensors header is computed up front from the planned names, shapes and dtypes, so each
-tensor is written as soon as it is merged: peak memory is one tensor, not one shard. Everything
+tensor (or block of its rows) is written as soon as it is merged: peak memory is one block, not one
+shard. Everything
 goes to a hidden temporary folder beside the target and is renamed into place at the end: a
 failed or killed merge leaves no folder that looks complete. The bytes go out on a background
 thread (a write releases the GIL), so writing one tensor overlaps merging and reading the next;
@@ -82,6 +83,7 @@ class StreamingModelWriter:
             f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._shard_of = {i: s for s, idx in enumerate(self.shards) for i in idx}
         self._next = 0
+        self._rows = 0  # rows of tensor `_next` already written (a tensor may come in blocks of rows)
         self._handle = None
         self._open_shard = -1
         self.total_bytes = sum(_nbytes(s, d) for _, s, d in specs)
@@ -132,15 +134,23 @@ class StreamingModelWriter:
         self._open_shard = s
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor: whole, or its next block of rows (dim 0) until all rows are in."""
         i = self._next
         exp_name, shape, dtype = self.specs[i]
-        if name != exp_name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-            raise RuntimeError(f"writer expected {exp_name} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        shape = tuple(shape)
+        got = tuple(tensor.shape)
+        whole = got == shape
+        block = (len(got) == len(shape) > 0 and got[1:] == shape[1:] and self._rows + got[0] <= shape[0])
+        if name != exp_name or tensor.dtype != dtype or not (whole and self._rows == 0 or block):
+            raise RuntimeError(f"writer expected {exp_name} {shape} {dtype} (rows from {self._rows}), "
+                               f"got {name} {got} {tensor.dtype}")
         if self._error is not None:
             self._stop()
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._queue.put((self._shard_of[i], data))
-        self._next += 1
+        self._rows = 0 if whole else self._rows + got[0]
+        if whole or self._rows == shape[0]:
+            self._next, self._rows = self._next + 1, 0
 
     def add_file(self, name: str, content: str | bytes) -> None:
         path = self.tmp / name
