@@ -9,6 +9,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,23 +33,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Starts the measured command from a small, fresh interpreter and reports its wait4 ru_maxrss.
+# Measuring from the benchmark process itself is wrong: Linux starts a child's ru_maxrss at its
+# parent's peak RSS (subprocess forks with vfork, and exec keeps the old memory's high-water mark),
+# so every tool run after the benchmark had loaded two merged models for comparison reported at
+# least that much (seen here: 1.0 GB merges reported as 2.3 GB).
+_LAUNCHER = ("import os, sys\n"
+             "pid = os.fork()\n"
+             "if pid == 0:\n"
+             "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+             "_, status, usage = os.wait4(pid, 0)\n"
+             "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+             "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = None) -> tuple[float, float, int]:
     """Run `cmd` to completion: (wall seconds, peak RSS in MiB, exit status).
 
-    Peak RSS is the kernel's ru_maxrss of the child as reported by wait4 (what `/usr/bin/time -v`
-    prints): exact, not sampled, and measured the same way for every tool.
+    Peak RSS is the kernel's ru_maxrss of the command as reported by wait4 (what `/usr/bin/time -v`
+    prints), taken by a small launcher process (see _LAUNCHER): exact, not sampled, and measured the
+    same way for every tool.
     """
     out = open(log, "w") if log else subprocess.DEVNULL
-    try:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    finally:
-        if log:
-            out.close()
-    return wall, usage.ru_maxrss / 1024, proc.returncode
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        try:
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", _LAUNCHER, rss.name, *cmd], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=ROOT)
+            wall = time.perf_counter() - t0
+        finally:
+            if log:
+                out.close()
+        text = Path(rss.name).read_text().strip()
+    return wall, (int(text) / 1024 if text else float("nan")), proc.returncode
 
 
 def mergekit_venv() -> Path:

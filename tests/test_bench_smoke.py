@@ -11,6 +11,19 @@ def test_run_measured_reports_time_and_peak_rss():
 
     wall, rss, rc = run_measured([sys.executable, "-c", "x = bytearray(50 * 2**20)"])
     assert rc == 0 and wall > 0 and rss >= 50
+    assert run_measured([sys.executable, "-c", "raise SystemExit(3)"])[2] == 3
+
+
+def test_run_measured_does_not_count_the_benchmarks_own_memory():
+    """A child's ru_maxrss starts at its parent's peak on Linux: a benchmark that had loaded two
+    merged models reported every later merge as at least that big. The launcher avoids it."""
+    from _common import run_measured
+
+    held = bytearray(600 * 2**20)  # this process: +600 MiB, touched
+    held[::4096] = b"x" * len(held[::4096])
+    _, rss, rc = run_measured([sys.executable, "-c", "x = bytearray(50 * 2**20)"])
+    assert rc == 0 and 50 <= rss < 300
+    del held
 
 
 def test_written_yaml_is_a_valid_config(tmp_path):
