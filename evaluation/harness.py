@@ -73,15 +73,40 @@ def _cache_arg() -> str:
 _CACHE_ARG = _cache_arg()
 
 
+def _concatenative_pieces(tokenizer) -> list[str] | None:
+    """Each token id's text when decoding is plain concatenation of them (a `Fuse` decoder, as the
+    zoo's character tokenizer has), else None: only then can a partial output be judged by its text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    if decoder is None or type(decoder).__name__ != "Fuse" or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    if len(tokenizer) > 4096:
+        return None
+    special = set(tokenizer.all_special_ids)
+    return ["" if i in special else tokenizer.convert_ids_to_tokens(i) or "" for i in range(len(tokenizer))]
+
+
+def _cannot_match(text: str, answer: str) -> bool:
+    """Whether no continuation of `text` makes `text.strip() == answer` (answer already stripped)."""
+    q = text.lstrip()
+    if len(q) <= len(answer):
+        return not answer.startswith(q)
+    return not q.startswith(answer) or q[len(answer):].strip() != ""
+
+
 @torch.inference_mode()
 def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int] | int,
-               pad_id: int, stop_ids: Sequence[int], groups: int = 1) -> list[list[int]]:
+               pad_id: int, stop_ids: Sequence[int], groups: int = 1,
+               answers: Sequence[str | None] | None = None, pieces: Sequence[str] | None = None) -> list[list[int]]:
     """Batched greedy decoding with left padding and the KV cache; returns new ids (stop token excluded).
 
     Rows stop at any of ``stop_ids`` or after their own ``max_new_tokens``; the loop ends when all rows have.
     Once a quarter of the running rows have stopped they leave the batch and the KV cache.
     With ``groups`` G > 1 (a `grouped.GroupedModel`), the batch is G blocks of the same prompts and
     the result is G·len(prompt_ids) rows, block-major; a prompt leaves only when every block has finished it.
+    With ``answers`` (stripped, one per prompt) and the tokenizer's ``pieces`` (see
+    _concatenative_pieces), a row also stops as soon as its text can no longer match its answer
+    exactly (a search needs only the score: wrong outputs cost one token, not their whole length).
     """
     b0 = len(prompt_ids)
     if b0 == 0:
@@ -102,6 +127,9 @@ def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Seque
     done = limits <= 0
     lengths = torch.zeros(b, dtype=torch.long)
     rows = torch.arange(b)  # which original row each row of the running batch is
+    judge = answers is not None and pieces is not None
+    if judge:
+        answers, texts = list(answers) * groups, [""] * b
     past = None
     step_ids, step_pos, attn = ids, pos, mask
     for t in range(int(limits.max())):
@@ -117,6 +145,13 @@ def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Seque
         out[rows[live], t] = nxt[live]
         lengths[rows[live]] += 1
         finished = finished | stop | (lengths[rows] >= limits[rows])
+        if judge:
+            for j in live.nonzero().flatten().tolist():
+                r = int(rows[j])
+                if answers[r] is not None:
+                    texts[r] += pieces[int(nxt[j])]
+                    if _cannot_match(texts[r], answers[r]):
+                        finished[j] = True
         done[rows] = finished
         if bool(finished.all()):
             break
@@ -137,41 +172,48 @@ def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Seque
 
 
 def evaluate_grouped(grouped, tokenizer, task_names: Sequence[str] | None = None, split: str = "test",
-                     n: int = 100, batch_size: int = 128) -> list[EvalResult]:
+                     n: int = 100, batch_size: int = 128, scores_only: bool = False) -> list[EvalResult]:
     """`evaluate` for each of a `grouped.GroupedModel`'s candidates, decoded together (same batches per candidate)."""
-    return _evaluate(grouped.model, tokenizer, task_names, split, n, batch_size, (), None, grouped.groups)
+    return _evaluate(grouped.model, tokenizer, task_names, split, n, batch_size, (), None, grouped.groups,
+                     scores_only)
 
 
 def evaluate(model, tokenizer, task_names: Sequence[str] | None = None, split: str = "test", n: int = 100,
              batch_size: int = 128, prompts: Sequence[str] = (),
-             prompt_limits: Sequence[int] | None = None) -> EvalResult:
+             prompt_limits: Sequence[int] | None = None, scores_only: bool = False) -> EvalResult:
     """Exact-match accuracy of ``model`` on each task's first ``n`` examples of ``split`` (greedy decoding).
 
     ``prompts`` (free text, each with its own limit in ``prompt_limits``) are decoded in the same
     batches and returned in ``generations``: the live view scores and fills its prompts table with
     one decoding loop (on a big model each decoding step reads every weight once, whatever the batch).
+    ``scores_only`` (a search): the same accuracies, but a wrong output stops at its first wrong
+    character where the tokenizer allows judging partial text, so its prediction is cut short.
     """
-    return _evaluate(model, tokenizer, task_names, split, n, batch_size, prompts, prompt_limits, 1)[0]
+    return _evaluate(model, tokenizer, task_names, split, n, batch_size, prompts, prompt_limits, 1, scores_only)[0]
 
 
-def _evaluate(model, tokenizer, task_names, split, n, batch_size, prompts, prompt_limits, groups) -> list[EvalResult]:
+def _evaluate(model, tokenizer, task_names, split, n, batch_size, prompts, prompt_limits, groups,
+              scores_only=False) -> list[EvalResult]:
     import time
 
     t0 = time.perf_counter()
     names = list(TASKS) if task_names is None else list(task_names)
-    exs_by_task, rows, limits, owner = {}, [], [], []
+    exs_by_task, rows, limits, owner, answers = {}, [], [], [], []
     for name in names:
         exs, ids = _prompt_ids(tokenizer, name, split, n)
         exs_by_task[name] = exs
         rows += ids
         limits += [get_task(name).max_new_tokens] * len(ids)
         owner += [name] * len(ids)
+        answers += [e.answer.strip() for e in exs]
     if prompts:
         extra = _encode(tokenizer, prompts)
         wanted = list(prompt_limits) if prompt_limits is not None else [16] * len(extra)
         rows += extra
         limits += [max(1, min(m, _room(model, [r]))) for m, r in zip(wanted, extra)]
         owner += [None] * len(extra)
+        answers += [None] * len(extra)
+    pieces = _pieces(tokenizer) if scores_only else None
     was_training = model.training
     model.eval()
     new: list[list[list[int]]] = [[] for _ in range(groups)]
@@ -181,12 +223,22 @@ def _evaluate(model, tokenizer, task_names, split, n, batch_size, prompts, promp
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         got = greedy_ids(model, [rows[i] for i in idx], [limits[i] for i in idx], tokenizer.pad_token_id,
-                         _stop_ids(tokenizer), groups=groups)
+                         _stop_ids(tokenizer), groups=groups, answers=[answers[i] for i in idx], pieces=pieces)
         for g in range(groups):
             new[g] += got[g * len(idx):(g + 1) * len(idx)]
     if was_training:
         model.train()
     return [_score(tokenizer, names, split, n, exs_by_task, order, owner, new[g], len(rows), t0) for g in range(groups)]
+
+
+_PIECES: dict[tuple, list[str] | None] = {}
+
+
+def _pieces(tokenizer) -> list[str] | None:
+    key = _tok_key(tokenizer)
+    if key not in _PIECES:
+        _PIECES[key] = _concatenative_pieces(tokenizer)
+    return _PIECES[key]
 
 
 def _score(tokenizer, names, split, n, exs_by_task, order, owner, new, nrows, t0) -> EvalResult:

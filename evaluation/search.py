@@ -192,11 +192,12 @@ def score_grid(session, method: str, weights: Sequence[float], select: Sequence[
             chunk = lambdas[c:c + groups]
             if pool is None:
                 scratch.write_update(update, chunk[0])
-                results = [evaluate(scratch.model, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val)]
+                results = [evaluate(scratch.model, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val,
+                                    scores_only=True)]
             else:
                 for i, lam in enumerate(chunk + [chunk[-1]] * (groups - len(chunk))):
                     pool.write(i, scratch.stack.base, update, lam)
-                results = evaluate_grouped(pool, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val)
+                results = evaluate_grouped(pool, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val, scores_only=True)
             for lam, res in zip(chunk, results):
                 row.append(normalized(res.accuracy, ft_val).get("mean", float("nan")))
                 accs.append(res.accuracy)

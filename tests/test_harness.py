@@ -100,3 +100,53 @@ def test_generate_rows_do_not_depend_on_their_batch(loaded):
     alone = generate(model, tok, ["add: 021+9="], max_new_tokens=[3])
     batched = generate(model, tok, ["add: 021+9=", "a much longer free text prompt"], max_new_tokens=[3, 16])
     assert batched[0] == alone[0] and len(alone[0]) <= 3
+
+
+def test_scores_only_decoding_gives_the_same_accuracies_and_cuts_wrong_outputs_short(zoo, loaded):
+    """A search needs scores only: a row stops at its first character that no continuation can
+    turn into the answer. Same accuracies as the full decode, on merges good and bad."""
+    import copy
+
+    import torch
+
+    tok, models = loaded
+    base = models[zoo["base"]["folder"]]
+    fts = [models[f["folder"]] for f in zoo["finetunes"]][:7]
+    theta0 = base.state_dict()
+    taus = [{k: ft.state_dict()[k] - v for k, v in theta0.items()} for ft in fts]
+    candidate = copy.deepcopy(base)
+    cut_short = 0
+    for lam in (0.0, 0.5, 1.0, 2.0):
+        candidate.load_state_dict({k: v + lam * sum(t[k] for t in taus) for k, v in theta0.items()})
+        full = evaluate(candidate, tok, split="validation", n=20)
+        fast = evaluate(candidate, tok, split="validation", n=20, scores_only=True)
+        assert fast.accuracy == full.accuracy
+        for task in full.predictions:
+            for p, q in zip(full.predictions[task], fast.predictions[task]):
+                assert p.startswith(q)
+                cut_short += len(q) < len(p)
+    assert cut_short > 50  # wrong outputs really stop early
+
+
+@pytest.mark.parametrize("case", [("", "abc", False), ("ab", "abc", False), (" ab", "abc", False), ("abd", "abc", True),
+                                  ("abc  ", "abc", False), ("abc d", "abc", True), ("abcd", "abc", True),
+                                  ("  ", "abc", False), ("x", "", True), (" ", "", False)])
+def test_cannot_match_judges_partial_text_by_the_exact_match_rule(case):
+    from evaluation.harness import _cannot_match
+
+    text, answer, expected = case
+    assert _cannot_match(text, answer) is expected
+
+
+def test_cannot_match_is_exact_for_every_continuation():
+    """Never a false miss (some continuation would match), never a miss left running when none can."""
+    import itertools
+
+    from evaluation.harness import _cannot_match
+
+    alphabet = "ab "
+    texts = ["".join(p) for n in range(5) for p in itertools.product(alphabet, repeat=n)]
+    for answer in ("", "a", "ab", "ba", "a b"):
+        for text in texts:
+            reachable = any((text + c).strip() == answer for c in texts)
+            assert _cannot_match(text, answer) is (not reachable), (text, answer)
