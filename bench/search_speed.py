@@ -4,9 +4,11 @@
 Three workloads as the app runs them: auto-tune (`search` of one aggregator over the paper grid
 on all seven fine-tunes), compare-all (`compare_all`, quick grids), and the heterogeneity study's
 per-pair searches (`heterogeneity.STUDY_LAMBDAS`, task arithmetic, one pair per task pair).
-`--quick` shrinks each (one method, 20 λ, three pairs) for a loaded machine.
+`--quick` shrinks each (one method, 20 λ, three pairs) for a loaded machine. `--early-stop` instead
+times the search as it runs (batched, wrong outputs stopped at their first wrong character) against
+the same search decoding every output in full (FEDMERGE_SEARCH_EARLY_STOP=0), same scores required.
 
-    python bench/search_speed.py [--quick] [--threads 1] [--no-record]
+    python bench/search_speed.py [--quick] [--early-stop] [--threads 1] [--no-record]
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--early-stop", action="store_true", help="early-stopped vs full decoding (both batched)")
     add_record_flag(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -39,7 +42,7 @@ def main(argv=None) -> int:
     rows = []
 
     def row(label, old, new, same):
-        rows.append(f"{label:<34} loop {old:7.1f} s   batched {new:7.1f} s   ratio {new / old:.2f}   "
+        rows.append(f"{label:<34} {base_label} {old:7.1f} s   {new_label} {new:7.1f} s   ratio {new / old:.2f}   "
                     f"same scores and choice: {'yes' if same else 'NO'}")
         print(rows[-1], flush=True)
 
@@ -47,38 +50,53 @@ def main(argv=None) -> int:
         return all(x.scores == y.scores and x.best_lambda == y.best_lambda and x.best_hyper == y.best_hyper
                    for x, y in zip(a, b))
 
+    import os
+
+    def timed(fn, baseline: bool):
+        """(seconds, result) of fn run as the baseline (the loop, or full decoding) or as today's search."""
+        if args.early_stop:
+            os.environ["FEDMERGE_SEARCH_EARLY_STOP"] = "0" if baseline else "1"
+            os.environ["FEDMERGE_SEARCH_BATCH"] = "1"
+        else:
+            os.environ["FEDMERGE_SEARCH_EARLY_STOP"] = "1"
+            os.environ["FEDMERGE_SEARCH_BATCH"] = "0" if baseline else "1"
+        try:
+            return best_of(fn)
+        finally:
+            os.environ.pop("FEDMERGE_SEARCH_EARLY_STOP"), os.environ.pop("FEDMERGE_SEARCH_BATCH")
+
+    base_label, new_label = ("full", "early") if args.early_stop else ("loop", "batched")
     for method in (["fedgma"] if args.quick else ["task_arithmetic", "fedgma"]):
         kw = dict(lambdas=lams, quick=args.quick, n_test=100)
-        old, a = best_of(lambda: search(session, method, batched=False, **kw))
-        new, b = best_of(lambda: search(session, method, batched=True, **kw))
+        old, a = timed(lambda: search(session, method, **kw), True)
+        new, b = timed(lambda: search(session, method, **kw), False)
         row(f"auto-tune {method} ({len(a.grid)}x{len(lams)})", old, new, same([a], [b]))
 
     methods = ["task_arithmetic", "ties", "median"] if args.quick else None
-    import os
-    os.environ["FEDMERGE_SEARCH_BATCH"] = "0"
-    old, a = best_of(lambda: compare_all(session, methods=methods, quick=True))
-    os.environ["FEDMERGE_SEARCH_BATCH"] = "1"
-    new, b = best_of(lambda: compare_all(session, methods=methods, quick=True))
+    old, a = timed(lambda: compare_all(session, methods=methods, quick=True), True)
+    new, b = timed(lambda: compare_all(session, methods=methods, quick=True), False)
     row(f"compare-all ({len(a)} methods, quick)", old, new, same(a, b))
 
     pairs = list(itertools.combinations(allsel, 2))[: 3 if args.quick else None]
 
-    def study(batched):
+    def study():
         out = []
         for p in pairs:
             session.select(list(p))
-            out.append(search(session, "task_arithmetic", lambdas=STUDY_LAMBDAS, grid=[{}], n_test=50,
-                              batched=batched))
+            out.append(search(session, "task_arithmetic", lambdas=STUDY_LAMBDAS, grid=[{}], n_test=50))
         session.select(allsel)
         return out
 
-    old, a = best_of(lambda: study(False))
-    new, b = best_of(lambda: study(True))
+    old, a = timed(study, True)
+    new, b = timed(study, False)
     row(f"heterogeneity searches ({len(pairs)} pairs)", old, new, same(a, b))
     if not args.no_record:
         append_results("search_speed", ["python", "bench/search_speed.py", *(argv or sys.argv[1:])],
-                       f"Zoo, 7 fine-tunes, torch threads {args.threads}; loop = today's one-λ-at-a-time "
-                       f"search in the same run.\n\n```\n" + "\n".join(rows) + "\n```")
+                       f"Zoo, 7 fine-tunes, torch threads {args.threads}; " +
+                       ("full = the same batched search decoding every output in full; early = wrong outputs "
+                        "stopped at their first wrong character" if args.early_stop else
+                        "loop = the one-λ-at-a-time search, batched = many λ per forward") +
+                       ", in the same run.\n\n```\n" + "\n".join(rows) + "\n```")
     return 0
 
 

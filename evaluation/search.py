@@ -188,16 +188,17 @@ def score_grid(session, method: str, weights: Sequence[float], select: Sequence[
             done += len(lambdas)
             continue
         row, accs = [], []
+        fast = os.environ.get("FEDMERGE_SEARCH_EARLY_STOP", "1") != "0"  # a wrong output stops at its first wrong character
         for c in range(0, len(lambdas), groups):
             chunk = lambdas[c:c + groups]
             if pool is None:
                 scratch.write_update(update, chunk[0])
                 results = [evaluate(scratch.model, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val,
-                                    scores_only=True)]
+                                    scores_only=fast)]
             else:
                 for i, lam in enumerate(chunk + [chunk[-1]] * (groups - len(chunk))):
                     pool.write(i, scratch.stack.base, update, lam)
-                results = evaluate_grouped(pool, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val, scores_only=True)
+                results = evaluate_grouped(pool, session.tokenizer, tasks, split=LIVE_SPLIT, n=n_val, scores_only=fast)
             for lam, res in zip(chunk, results):
                 row.append(normalized(res.accuracy, ft_val).get("mean", float("nan")))
                 accs.append(res.accuracy)

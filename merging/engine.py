@@ -2,7 +2,9 @@
 
 Each tensor is merged by its method (`Aggregator.merge`: θ₀ + λ·U from the stacked task vectors,
 or mergekit's exact form on the models); the engine reads the stacks, ahead of time, and writes
-the results. Whole-model statistics (cclip's norms) come from a first pass over the task vectors.
+the results. A tensor whose stack is larger than BLOCK_BYTES (a 150k-token embedding) is read,
+merged and written in blocks of rows when the method is coordinate-wise, so the peak does not grow
+with the largest tensor. Whole-model statistics (cclip's norms) come from a first pass.
 """
 from __future__ import annotations
 
