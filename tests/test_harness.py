@@ -150,3 +150,21 @@ def test_cannot_match_is_exact_for_every_continuation():
         for text in texts:
             reachable = any((text + c).strip() == answer for c in texts)
             assert _cannot_match(text, answer) is (not reachable), (text, answer)
+
+
+def test_shared_prefix_prefill_decodes_the_same_tokens(zoo, loaded):
+    """Prompts that share their task keyword prefill it once and copy its KV cache to each row:
+    the same continuations as prefilling every prompt whole."""
+    from evaluation.harness import _prompt_ids, _shared_prefix_len, _stop_ids
+
+    tok, models = loaded
+    rows, prefix = [], []
+    for task in ("reverse", "add", "is_even"):
+        _, ids = _prompt_ids(tok, task, "validation", 15)
+        rows += ids
+        prefix += [_shared_prefix_len(ids)] * len(ids)
+    assert min(prefix) >= 5  # "<bos>add: " and longer
+    for folder in (zoo["base"]["folder"], zoo["finetunes"][0]["folder"], zoo["finetunes"][4]["folder"]):
+        whole = greedy_ids(models[folder], rows, 10, tok.pad_token_id, _stop_ids(tok))
+        shared = greedy_ids(models[folder], rows, 10, tok.pad_token_id, _stop_ids(tok), prefix_lens=prefix)
+        assert shared == whole and any(whole)
