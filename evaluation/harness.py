@@ -265,10 +265,14 @@ def _evaluate(model, tokenizer, task_names, split, n, batch_size, prompts, promp
     model.eval()
     new: list[list[list[int]]] = [[] for _ in range(groups)]
     # Sort by length so padding stays small inside each batch; restore order afterwards. Batches of
-    # 128 rows keep the activations in cache: on the zoo they beat one batch of 700 by 1.5x.
+    # about `batch_size` rows keep the activations in cache: on the zoo they beat one batch of 700 by
+    # 1.5x. The rows are cut into equal batches (7 tasks x 20 = 140 rows: one batch, not 128 + 12,
+    # which costs a second decoding loop for 12 rows).
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+    n_batches = max(1, round(len(order) / batch_size))
+    bounds = [round(j * len(order) / n_batches) for j in range(n_batches + 1)]
+    for a, z in zip(bounds, bounds[1:]):
+        idx = order[a:z]
         got = greedy_ids(model, [rows[i] for i in idx], [limits[i] for i in idx], tokenizer.pad_token_id,
                          _stop_ids(tokenizer), groups=groups, answers=[answers[i] for i in idx], pieces=pieces,
                          prefix_lens=[prefix[i] for i in idx] if scores_only else None)

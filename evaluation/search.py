@@ -145,7 +145,7 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
     gi, li = np.unravel_index(int(arr.argmax()), arr.shape)  # first best: smallest λ / first setting on ties
     best_hyper, best_lambda = {**fixed, **grid[gi]}, float(lambdas[li])
     scratch.write_update(scratch.update(method, weights, select, best_hyper), best_lambda)
-    test = evaluate(scratch.model, session.tokenizer, tasks, split="test", n=n_test)
+    test = evaluate(scratch.model, session.tokenizer, tasks, split="test", n=n_test, scores_only=_scores_only())
     if progress:
         progress(1.0, f"{method}: best {best_lambda:g} {_desc(grid[gi])}")
     curves = {t: [a[t] for a in per_task[gi]] for t in tasks}
@@ -188,7 +188,7 @@ def score_grid(session, method: str, weights: Sequence[float], select: Sequence[
             done += len(lambdas)
             continue
         row, accs = [], []
-        fast = os.environ.get("FEDMERGE_SEARCH_EARLY_STOP", "1") != "0"  # a wrong output stops at its first wrong character
+        fast = _scores_only()
         for c in range(0, len(lambdas), groups):
             chunk = lambdas[c:c + groups]
             if pool is None:
@@ -208,6 +208,12 @@ def score_grid(session, method: str, weights: Sequence[float], select: Sequence[
         scores.append(row)
         per_task.append(accs)
     return scores, per_task, skipped
+
+
+def _scores_only() -> bool:
+    """Decode for scores only (harness.evaluate's `scores_only`: shared keyword prefill, wrong outputs
+    stopped at their first wrong character); FEDMERGE_SEARCH_EARLY_STOP=0 decodes every output in full."""
+    return os.environ.get("FEDMERGE_SEARCH_EARLY_STOP", "1") != "0"
 
 
 def _group_size(model, n: int) -> int:
