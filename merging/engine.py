@@ -239,6 +239,7 @@ def iter_merged_blocks(plan: MergePlan, progress: Progress | None = None, device
 
 def _iter_float32(plan: MergePlan, progress: Progress | None, gpu: torch.device | None, block_bytes: int
                   ) -> Iterator[Block]:
+    """The float32 pipeline: θ₀ + λ·U from each unit's stack of task vectors (or Σ λcᵢθᵢ), on `gpu` if given."""
     norms = update_norms(plan, block_bytes=block_bytes) if plan.method.needs_update_norms else None
     units = work_units(plan, 4, block_bytes)
     # Two pipeline stages on two threads: the next unit's stack is read while this one merges.
