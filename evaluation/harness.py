@@ -250,16 +250,18 @@ def _evaluate(model, tokenizer, task_names, split, n, batch_size, prompts, promp
         rows += ids
         limits += [get_task(name).max_new_tokens] * len(ids)
         owner += [name] * len(ids)
-        answers += [e.answer.strip() for e in exs]
-        prefix += [_shared_prefix_len(ids)] * len(ids)
+        if scores_only:
+            answers += [e.answer.strip() for e in exs]
+            prefix += [_shared_prefix_len(ids)] * len(ids)
     if prompts:
         extra = _encode(tokenizer, prompts)
         wanted = list(prompt_limits) if prompt_limits is not None else [16] * len(extra)
         rows += extra
         limits += [max(1, min(m, _room(model, [r]))) for m, r in zip(wanted, extra)]
         owner += [None] * len(extra)
-        answers += [None] * len(extra)
-        prefix += [0] * len(extra)
+        if scores_only:
+            answers += [None] * len(extra)
+            prefix += [0] * len(extra)
     pieces = _pieces(tokenizer) if scores_only else None
     was_training = model.training
     model.eval()
@@ -274,7 +276,8 @@ def _evaluate(model, tokenizer, task_names, split, n, batch_size, prompts, promp
     for a, z in zip(bounds, bounds[1:]):
         idx = order[a:z]
         got = greedy_ids(model, [rows[i] for i in idx], [limits[i] for i in idx], tokenizer.pad_token_id,
-                         _stop_ids(tokenizer), groups=groups, answers=[answers[i] for i in idx], pieces=pieces,
+                         _stop_ids(tokenizer), groups=groups,
+                         answers=[answers[i] for i in idx] if scores_only else None, pieces=pieces,
                          prefix_lens=[prefix[i] for i in idx] if scores_only else None)
         for g in range(groups):
             new[g] += got[g * len(idx):(g + 1) * len(idx)]

@@ -178,6 +178,7 @@ def score_grid(session, method: str, weights: Sequence[float], select: Sequence[
     groups = _group_size(scratch.model, len(lambdas)) if batched else 1
     pool = GroupedModel(scratch.model, groups) if groups > 1 else None
     skipped: list[str] = []
+    fast = _scores_only()
     for hyper in settings:
         try:
             update = scratch.update(method, weights, select, dict(hyper))
@@ -188,7 +189,6 @@ def score_grid(session, method: str, weights: Sequence[float], select: Sequence[
             done += len(lambdas)
             continue
         row, accs = [], []
-        fast = _scores_only()
         for c in range(0, len(lambdas), groups):
             chunk = lambdas[c:c + groups]
             if pool is None:

@@ -2,9 +2,8 @@
 
 The safetensors header is computed up front from the planned names, shapes and dtypes, so each
 tensor (or block of its rows) is written as soon as it is merged: peak memory is one block, not one
-shard. Everything
-goes to a hidden temporary folder beside the target and is renamed into place at the end: a
-failed or killed merge leaves no folder that looks complete. The bytes go out on a background
+shard. Everything goes to a hidden temporary folder beside the target and is renamed into place at
+the end: a failed or killed merge leaves no folder that looks complete. The bytes go out on a background
 thread (a write releases the GIL), so writing one tensor overlaps merging and reading the next;
 at most `_PENDING` merged tensors wait for it.
 """
@@ -148,9 +147,10 @@ class StreamingModelWriter:
             self._stop()
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._queue.put((self._shard_of[i], data))
-        self._rows = 0 if whole else self._rows + got[0]
-        if whole or self._rows == shape[0]:
+        if whole or self._rows + got[0] == shape[0]:
             self._next, self._rows = self._next + 1, 0
+        else:
+            self._rows += got[0]
 
     def add_file(self, name: str, content: str | bytes) -> None:
         path = self.tmp / name
