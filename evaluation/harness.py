@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .exact_match import cannot_match, concatenative_pieces, forced_outputs, left_padded, shared_prefill, shared_prefix_len
 from .tasks import TASKS, Example, get_task
 
 
@@ -73,71 +74,6 @@ def _cache_arg() -> str:
 _CACHE_ARG = _cache_arg()
 
 
-def _concatenative_pieces(tokenizer) -> list[str] | None:
-    """Each token id's text when decoding is plain concatenation of them (a `Fuse` decoder, as the
-    zoo's character tokenizer has), else None: only then can a partial output be judged by its text."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    decoder = getattr(backend, "decoder", None)
-    if decoder is None or type(decoder).__name__ != "Fuse" or getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return None
-    if len(tokenizer) > 4096:
-        return None
-    special = set(tokenizer.all_special_ids)
-    return ["" if i in special else tokenizer.convert_ids_to_tokens(i) or "" for i in range(len(tokenizer))]
-
-
-def _cannot_match(text: str, answer: str) -> bool:
-    """Whether no continuation of `text` makes `text.strip() == answer` (answer already stripped)."""
-    q = text.lstrip()
-    if len(q) <= len(answer):
-        return not answer.startswith(q)
-    return not q.startswith(answer) or q[len(answer):].strip() != ""
-
-
-def _left_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, p in enumerate(seqs):
-        if len(p):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-    return ids, mask
-
-
-def _shared_prefill(model, prompts: list[Sequence[int]], prefix_lens: list[int], pad_id: int, groups: int):
-    """Prefill each distinct prefix once (per candidate block), copy its KV cache to the rows that
-    start with it, and return (cache, suffix ids, suffix positions, attention mask over both) for the
-    first step of the loop, which runs the suffixes on top of the cache."""
-    index: dict[tuple, int] = {}
-    which = [index.setdefault(tuple(p[:k]), len(index)) for p, k in zip(prompts, prefix_lens)]
-    pre_ids, pre_mask = _left_padded(list(index) * groups, pad_id)
-    res = model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=(pre_mask.cumsum(1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)
-    past = getattr(res, "cache", None)
-    if past is None:
-        past = res.past_key_values
-    u = len(index)
-    rows = torch.tensor([g * u + w for g in range(groups) for w in which])
-    past.batch_select_indices(rows)
-    suffixes = [p[k:] for p, k in zip(prompts, prefix_lens)] * groups
-    suf_ids, suf_mask = _left_padded(suffixes, pad_id)
-    start = torch.tensor(list(prefix_lens) * groups).unsqueeze(1)
-    suf_pos = start + (suf_mask.cumsum(1) - 1).clamp(min=0)
-    return past, suf_ids, suf_pos, torch.cat([pre_mask[rows], suf_mask], dim=1)
-
-
-def _shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
-    """Tokens every prompt starts with (at least one left to each prompt's own part)."""
-    if not prompts:
-        return 0
-    first, n = prompts[0], min(len(p) for p in prompts) - 1
-    k = 0
-    while k < n and all(p[k] == first[k] for p in prompts):
-        k += 1
-    return k
-
-
 @torch.inference_mode()
 def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int] | int,
                pad_id: int, stop_ids: Sequence[int], groups: int = 1,
@@ -150,7 +86,7 @@ def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Seque
     With ``groups`` G > 1 (a `grouped.GroupedModel`), the batch is G blocks of the same prompts and
     the result is G·len(prompt_ids) rows, block-major; a prompt leaves only when every block has finished it.
     With ``answers`` (stripped, one per prompt) and the tokenizer's ``pieces`` (see
-    _concatenative_pieces), a row also stops as soon as its text can no longer match its answer
+    exact_match.concatenative_pieces), a row also stops as soon as its text can no longer match its answer
     exactly (a search needs only the score: wrong outputs cost one token, not their whole length).
     With ``prefix_lens`` (one per prompt, each ≥ 1 and shorter than its prompt), prompts that start
     with the same first k tokens share one prefill of them: the prefixes run first, their KV cache is
@@ -172,10 +108,10 @@ def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Seque
     if judge:
         answers, texts = list(answers) * groups, [""] * b
     if prefix_lens is not None and all(0 < k < len(p) for p, k in zip(prompt_ids, list(prefix_lens) * groups)):
-        past, step_ids, step_pos, attn = _shared_prefill(model, prompt_ids[:b0], list(prefix_lens), pad_id, groups)
+        past, step_ids, step_pos, attn = shared_prefill(model, prompt_ids[:b0], list(prefix_lens), pad_id, groups)
     else:
         past = None
-        step_ids, attn = _left_padded(prompt_ids, pad_id)
+        step_ids, attn = left_padded(prompt_ids, pad_id)
         step_pos = (attn.cumsum(1) - 1).clamp(min=0)
     for t in range(int(limits.max())):
         res = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=True,
@@ -195,7 +131,7 @@ def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Seque
                 r = int(rows[j])
                 if answers[r] is not None:
                     texts[r] += pieces[int(nxt[j])]
-                    if _cannot_match(texts[r], answers[r]):
+                    if cannot_match(texts[r], answers[r]):
                         finished[j] = True
         done[rows] = finished
         if bool(finished.all()):
@@ -243,7 +179,7 @@ def _evaluate(model, tokenizer, task_names, split, n, batch_size, prompts, promp
 
     t0 = time.perf_counter()
     names = list(TASKS) if task_names is None else list(task_names)
-    exs_by_task, rows, limits, owner, answers, prefix = {}, [], [], [], [], []
+    exs_by_task, rows, limits, owner, answers, answer_ids, prefix = {}, [], [], [], [], [], []
     for name in names:
         exs, ids = _prompt_ids(tokenizer, name, split, n)
         exs_by_task[name] = exs
@@ -252,7 +188,8 @@ def _evaluate(model, tokenizer, task_names, split, n, batch_size, prompts, promp
         owner += [name] * len(ids)
         if scores_only:
             answers += [e.answer.strip() for e in exs]
-            prefix += [_shared_prefix_len(ids)] * len(ids)
+            answer_ids += _answer_ids(tokenizer, name, split, n)
+            prefix += [shared_prefix_len(ids)] * len(ids)
     if prompts:
         extra = _encode(tokenizer, prompts)
         wanted = list(prompt_limits) if prompt_limits is not None else [16] * len(extra)
@@ -261,6 +198,7 @@ def _evaluate(model, tokenizer, task_names, split, n, batch_size, prompts, promp
         owner += [None] * len(extra)
         if scores_only:
             answers += [None] * len(extra)
+            answer_ids += [None] * len(extra)
             prefix += [0] * len(extra)
     pieces = _pieces(tokenizer) if scores_only else None
     was_training = model.training
@@ -273,12 +211,27 @@ def _evaluate(model, tokenizer, task_names, split, n, batch_size, prompts, promp
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     n_batches = max(1, round(len(order) / batch_size))
     bounds = [round(j * len(order) / n_batches) for j in range(n_batches + 1)]
+    stop_ids = _stop_ids(tokenizer)
+
+    def decode(idx: list[int]) -> list[list[int]]:
+        return greedy_ids(model, [rows[i] for i in idx], [limits[i] for i in idx], tokenizer.pad_token_id, stop_ids,
+                          groups=groups, answers=[answers[i] for i in idx] if scores_only else None, pieces=pieces,
+                          prefix_lens=[prefix[i] for i in idx] if scores_only else None)
+
     for a, z in zip(bounds, bounds[1:]):
         idx = order[a:z]
-        got = greedy_ids(model, [rows[i] for i in idx], [limits[i] for i in idx], tokenizer.pad_token_id,
-                         _stop_ids(tokenizer), groups=groups,
-                         answers=[answers[i] for i in idx] if scores_only else None, pieces=pieces,
-                         prefix_lens=[prefix[i] for i in idx] if scores_only else None)
+        if pieces is not None:  # scores only: one forced pass decides most rows; the rest are decoded
+            got = forced_outputs(model, [rows[i] for i in idx], [answer_ids[i] for i in idx], [limits[i] for i in idx],
+                                 [prefix[i] for i in idx], tokenizer.pad_token_id, stop_ids, pieces, _CACHE_ARG, groups)
+            unsure = sorted({k % len(idx) for k, ids in enumerate(got) if ids is None})
+            if unsure:
+                decoded = decode([idx[k] for k in unsure])
+                for g in range(groups):
+                    for m, k in enumerate(unsure):
+                        if got[g * len(idx) + k] is None:
+                            got[g * len(idx) + k] = decoded[g * len(unsure) + m]
+        else:
+            got = decode(idx)
         for g in range(groups):
             new[g] += got[g * len(idx):(g + 1) * len(idx)]
     if was_training:
@@ -287,12 +240,27 @@ def _evaluate(model, tokenizer, task_names, split, n, batch_size, prompts, promp
 
 
 _PIECES: dict[tuple, list[str] | None] = {}
+_ANSWER_CACHE: dict[tuple, list[list[int] | None]] = {}
+
+
+def _answer_ids(tokenizer, task: str, split: str, n: int) -> list[list[int] | None]:
+    """Each example's answer as token ids, where they decode back to exactly the answer (else None:
+    that row is decoded for real)."""
+    key = (_tok_key(tokenizer), task, split, n)
+    if key not in _ANSWER_CACHE:
+        pieces = _pieces(tokenizer)
+        out: list[list[int] | None] = []
+        for e in get_task(task).examples(split, n):
+            ids = list(tokenizer(e.answer.strip(), add_special_tokens=False)["input_ids"])
+            out.append(ids if pieces is not None and "".join(pieces[i] for i in ids) == e.answer.strip() else None)
+        _ANSWER_CACHE[key] = out
+    return _ANSWER_CACHE[key]
 
 
 def _pieces(tokenizer) -> list[str] | None:
     key = _tok_key(tokenizer)
     if key not in _PIECES:
-        _PIECES[key] = _concatenative_pieces(tokenizer)
+        _PIECES[key] = concatenative_pieces(tokenizer)
     return _PIECES[key]
 
 

@@ -132,39 +132,81 @@ def test_scores_only_decoding_gives_the_same_accuracies_and_cuts_wrong_outputs_s
                                   ("abc  ", "abc", False), ("abc d", "abc", True), ("abcd", "abc", True),
                                   ("  ", "abc", False), ("x", "", True), (" ", "", False)])
 def test_cannot_match_judges_partial_text_by_the_exact_match_rule(case):
-    from evaluation.harness import _cannot_match
+    from evaluation.exact_match import cannot_match
 
     text, answer, expected = case
-    assert _cannot_match(text, answer) is expected
+    assert cannot_match(text, answer) is expected
 
 
 def test_cannot_match_is_exact_for_every_continuation():
     """Never a false miss (some continuation would match), never a miss left running when none can."""
     import itertools
 
-    from evaluation.harness import _cannot_match
+    from evaluation.exact_match import cannot_match
 
     alphabet = "ab "
     texts = ["".join(p) for n in range(5) for p in itertools.product(alphabet, repeat=n)]
     for answer in ("", "a", "ab", "ba", "a b"):
         for text in texts:
             reachable = any((text + c).strip() == answer for c in texts)
-            assert _cannot_match(text, answer) is (not reachable), (text, answer)
+            assert cannot_match(text, answer) is (not reachable), (text, answer)
 
 
 def test_shared_prefix_prefill_decodes_the_same_tokens(zoo, loaded):
     """Prompts that share their task keyword prefill it once and copy its KV cache to each row:
     the same continuations as prefilling every prompt whole."""
-    from evaluation.harness import _prompt_ids, _shared_prefix_len, _stop_ids
+    from evaluation.exact_match import shared_prefix_len
+    from evaluation.harness import _prompt_ids, _stop_ids
 
     tok, models = loaded
     rows, prefix = [], []
     for task in ("reverse", "add", "is_even"):
         _, ids = _prompt_ids(tok, task, "validation", 15)
         rows += ids
-        prefix += [_shared_prefix_len(ids)] * len(ids)
+        prefix += [shared_prefix_len(ids)] * len(ids)
     assert min(prefix) >= 5  # "<bos>add: " and longer
     for folder in (zoo["base"]["folder"], zoo["finetunes"][0]["folder"], zoo["finetunes"][4]["folder"]):
         whole = greedy_ids(models[folder], rows, 10, tok.pad_token_id, _stop_ids(tok))
         shared = greedy_ids(models[folder], rows, 10, tok.pad_token_id, _stop_ids(tok), prefix_lens=prefix)
         assert shared == whole and any(whole)
+
+
+def test_settle_scores_as_greedy_decoding_for_every_continuation():
+    """The forced check's verdict from the model's predictions along the answer must score exactly as
+    the real greedy output, whatever the model would emit after the tokens it saw; where it cannot
+    (stripped whitespace, dropped specials) it says None and the row is decoded."""
+    import itertools
+
+    from evaluation.exact_match import settle
+
+    pieces = ["", "", "\n", " ", "a", "b"]  # <pad> <eos> newline space a b
+    stops = {1, 2}
+    vocab = range(len(pieces))
+
+    def greedy(stream, limit):
+        out = []
+        for t in stream:
+            if t in stops or len(out) == limit:
+                break
+            out.append(t)
+        return out[:limit]
+
+    def score(ids, answer):
+        return "".join(pieces[i] for i in ids).strip() == "".join(pieces[i] for i in answer)
+
+    answers = [[4], [5], [4, 4], [4, 5], [5, 4], [4, 3, 5]]
+    decided = undecided = hits = 0
+    for answer in answers:
+        for limit in range(1, 5):
+            for head in itertools.product(vocab, repeat=len(answer) + 1):
+                verdict = settle(answer, limit, list(head), stops, pieces)
+                if verdict is None:
+                    undecided += 1
+                    continue
+                decided += 1
+                hits += score(verdict, answer)
+                for n in range(3):
+                    for tail in itertools.product(vocab, repeat=n):
+                        real = greedy(list(head) + list(tail) + [1], limit)
+                        assert score(verdict, answer) == score(real, answer), (answer, limit, head, tail)
+    assert hits and decided > 3 * undecided  # random streams: whitespace and specials are common here
