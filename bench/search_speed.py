@@ -1,12 +1,12 @@
-"""Search speed on the zoo: the batched search (many λ per grouped forward) against today's loop
-(one λ at a time, `batched=False`), measured in the same run, with the same scores required.
+"""Search speed on the zoo: the batched search (many λ per grouped forward) against the one-λ loop
+(the default), measured in the same run, with the same scores required.
 
 Three workloads as the app runs them: auto-tune (`search` of one aggregator over the paper grid
 on all seven fine-tunes), compare-all (`compare_all`, quick grids), and the heterogeneity study's
 per-pair searches (`heterogeneity.STUDY_LAMBDAS`, task arithmetic, one pair per task pair).
 `--quick` shrinks each (one method, 20 λ, three pairs) for a loaded machine. `--early-stop` instead
-times the search as it runs (batched, wrong outputs stopped at their first wrong character) against
-the same search decoding every output in full (FEDMERGE_SEARCH_EARLY_STOP=0), same scores required.
+times the search as it runs (one λ at a time, scored without full decoding: evaluation.exact_match)
+against the same search decoding every output in full (FEDMERGE_SEARCH_EARLY_STOP=0).
 
     python bench/search_speed.py [--quick] [--early-stop] [--threads 1] [--no-record]
 """
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         """(seconds, result) of fn run as the baseline (the loop, or full decoding) or as today's search."""
         if args.early_stop:
             os.environ["FEDMERGE_SEARCH_EARLY_STOP"] = "0" if baseline else "1"
-            os.environ["FEDMERGE_SEARCH_BATCH"] = "1"
+            os.environ["FEDMERGE_SEARCH_BATCH"] = "0"
         else:
             os.environ["FEDMERGE_SEARCH_EARLY_STOP"] = "1"
             os.environ["FEDMERGE_SEARCH_BATCH"] = "0" if baseline else "1"
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     if not args.no_record:
         append_results("search_speed", ["python", "bench/search_speed.py", *(argv or sys.argv[1:])],
                        f"Zoo, 7 fine-tunes, torch threads {args.threads}; " +
-                       ("full = the same batched search decoding every output in full; early = wrong outputs "
-                        "stopped at their first wrong character" if args.early_stop else
+                       ("full = the one-λ search decoding every output in full; early = the same search "
+                        "scoring without full decoding (evaluation.exact_match)" if args.early_stop else
                         "loop = the one-λ-at-a-time search, batched = many λ per forward") +
                        ", in the same run.\n\n```\n" + "\n".join(rows) + "\n```")
     return 0

@@ -98,13 +98,14 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
     """Tune λ and `method`'s hyperparameters for the session's selection.
 
     `weights` are the per-model coefficients (default 1); `fixed` hyperparameters are held
-    (e.g. fednova's steps); `grid` overrides `hyper_grid(method)`. `batched` (default: on where the
-    model qualifies, off with FEDMERGE_SEARCH_BATCH=0) scores a chunk of λ values per forward pass
-    (`evaluation.grouped`); the scores are the same as one λ at a time. `ray` (True for a local Ray,
+    (e.g. fednova's steps); `grid` overrides `hyper_grid(method)`. `batched` (default off; on with
+    FEDMERGE_SEARCH_BATCH=1, where the model qualifies) scores a chunk of λ values per forward pass
+    (`evaluation.grouped`): the same scores as one λ at a time, faster only on a contended CPU now
+    that candidates are scored by teacher forcing (bench/RESULTS.md). `ray` (True for a local Ray,
     or a cluster address) spreads the grid over Ray workers (`evaluation.distributed`): same result.
     """
     if batched is None:
-        batched = os.environ.get("FEDMERGE_SEARCH_BATCH", "1") != "0"
+        batched = os.environ.get("FEDMERGE_SEARCH_BATCH", "0") == "1"
     lambdas = [float(x) for x in lambdas]
     t0 = time.perf_counter()
     n_val = n_val or SEARCH_N
