@@ -167,8 +167,9 @@ def evaluate(model, tokenizer, task_names: Sequence[str] | None = None, split: s
     ``prompts`` (free text, each with its own limit in ``prompt_limits``) are decoded in the same
     batches and returned in ``generations``: the live view scores and fills its prompts table with
     one decoding loop (on a big model each decoding step reads every weight once, whatever the batch).
-    ``scores_only`` (a search): the same accuracies, but a wrong output stops at its first wrong
-    character where the tokenizer allows judging partial text, so its prediction is cut short.
+    ``scores_only`` (a search): the same accuracies, found without decoding every output in full
+    where the tokenizer allows judging partial text (`exact_match`): predictions are then cut short
+    (a hit's is its answer, a miss's ends at its first wrong character).
     """
     return _evaluate(model, tokenizer, task_names, split, n, batch_size, prompts, prompt_limits, 1, scores_only)[0]
 
