@@ -190,7 +190,7 @@ def _tensor_done(plan: MergePlan, name: str, rows: Rows) -> bool:
     return rows is None or rows[1] == plan.base.shape(name)[0]
 
 
-def _iter_exact(plan: MergePlan, progress: Progress | None, block_bytes: int) -> Iterator[Block]:
+def _iter_exact(plan: MergePlan, block_bytes: int) -> Iterator[Block]:
     """The exact path, with the next unit's inputs read on a second thread while this one merges
     (inputs over _PREFETCH_BYTES are read in turn: peak memory)."""
     itemsize = plan.compute_dtype.itemsize
@@ -201,7 +201,6 @@ def _iter_exact(plan: MergePlan, progress: Progress | None, block_bytes: int) ->
     def fetch(i: int):
         return pool.submit(exact_inputs, plan, *units[i]) if i < len(units) and small[i] else None
 
-    done = 0
     try:
         ahead = fetch(0)
         for j, (name, rows) in enumerate(units):
@@ -211,9 +210,6 @@ def _iter_exact(plan: MergePlan, progress: Progress | None, block_bytes: int) ->
             del inputs
             _check_finite_fast(name, merged, "the merge result")
             yield name, rows, merged.to(plan.output_dtype(name))
-            if _tensor_done(plan, name, rows):
-                done += 1
-                report(progress, done, len(plan.tensor_names), name)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -228,17 +224,21 @@ def iter_merged_blocks(plan: MergePlan, progress: Progress | None = None, device
     copied back (the methods defined on whole models, `uses_exact`, stay on the CPU).
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    gpu = dev.type != "cpu"
     if uses_exact(plan):
-        yield from _iter_exact(plan, progress, block_bytes)
+        blocks = _iter_exact(plan, block_bytes)
     else:
-        yield from _iter_float32(plan, progress, dev if gpu else None, block_bytes)
+        blocks = _iter_float32(plan, dev if dev.type != "cpu" else None, block_bytes)
+    done = 0
+    for name, rows, block in blocks:
+        yield name, rows, block
+        if _tensor_done(plan, name, rows):
+            done += 1
+            report(progress, done, len(plan.tensor_names), name)
     for name in plan.passthrough_names:
         yield name, None, plan.base.get(name)
 
 
-def _iter_float32(plan: MergePlan, progress: Progress | None, gpu: torch.device | None, block_bytes: int
-                  ) -> Iterator[Block]:
+def _iter_float32(plan: MergePlan, gpu: torch.device | None, block_bytes: int) -> Iterator[Block]:
     """The float32 pipeline: θ₀ + λ·U from each unit's stack of task vectors (or Σ λcᵢθᵢ), on `gpu` if given."""
     norms = update_norms(plan, block_bytes=block_bytes) if plan.method.needs_update_norms else None
     units = work_units(plan, 4, block_bytes)
@@ -267,7 +267,7 @@ def _iter_float32(plan: MergePlan, progress: Progress | None, gpu: torch.device 
                 return None
             return pool.submit(load, *units[i], ring[i % 2])
 
-        ahead, done = fetch(0), 0
+        ahead = fetch(0)
         for j, (name, rows) in enumerate(units):
             c, data = ahead.result() if ahead is not None else load(name, rows, big)
             ahead = fetch(j + 1)
@@ -287,9 +287,6 @@ def _iter_float32(plan: MergePlan, progress: Progress | None, gpu: torch.device 
             del data
             out = merged.to(plan.output_dtype(name))
             yield name, rows, out.cpu() if gpu else out
-            if _tensor_done(plan, name, rows):
-                done += 1
-                report(progress, done, len(plan.tensor_names), name)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
