@@ -64,6 +64,20 @@ def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     return k
 
 
+def cache_of(res):
+    """The KV cache a transformers forward returned (`cache` in 5.x, `past_key_values` before)."""
+    past = getattr(res, "cache", None)
+    return res.past_key_values if past is None else past
+
+
+def continued(seqs: Sequence[Sequence[int]], starts: Sequence[int], prior_mask: torch.Tensor, pad_id: int):
+    """Ids, positions and attention mask to run `seqs` on top of a cache whose rows hold `starts`
+    tokens (left-padded to `prior_mask`'s width): each sequence left-padded, positions from its start."""
+    ids, mask = left_padded(seqs, pad_id)
+    pos = torch.tensor(list(starts)).unsqueeze(1) + (mask.cumsum(1) - 1).clamp(min=0)
+    return ids, pos, torch.cat([prior_mask, mask], dim=1)
+
+
 def shared_prefill(model, seqs: list[Sequence[int]], prefix_lens: list[int], pad_id: int, groups: int):
     """Prefill each distinct prefix once (per candidate block), copy its KV cache to the rows that
     start with it, and return (cache, rest ids, rest positions, attention mask over both): the
@@ -71,18 +85,14 @@ def shared_prefill(model, seqs: list[Sequence[int]], prefix_lens: list[int], pad
     index: dict[tuple, int] = {}
     which = [index.setdefault(tuple(p[:k]), len(index)) for p, k in zip(seqs, prefix_lens)]
     pre_ids, pre_mask = left_padded(list(index) * groups, pad_id)
-    res = model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=(pre_mask.cumsum(1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)
-    past = getattr(res, "cache", None)
-    if past is None:
-        past = res.past_key_values
+    past = cache_of(model(input_ids=pre_ids, attention_mask=pre_mask,
+                          position_ids=(pre_mask.cumsum(1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1))
     u = len(index)
     rows = torch.tensor([g * u + w for g in range(groups) for w in which])
     past.batch_select_indices(rows)
-    rest_ids, rest_mask = left_padded([p[k:] for p, k in zip(seqs, prefix_lens)] * groups, pad_id)
-    start = torch.tensor(list(prefix_lens) * groups).unsqueeze(1)
-    rest_pos = start + (rest_mask.cumsum(1) - 1).clamp(min=0)
-    return past, rest_ids, rest_pos, torch.cat([pre_mask[rows], rest_mask], dim=1)
+    rest = continued([p[k:] for p, k in zip(seqs, prefix_lens)] * groups, list(prefix_lens) * groups,
+                     pre_mask[rows], pad_id)
+    return (past, *rest)
 
 
 @torch.inference_mode()
@@ -106,9 +116,7 @@ def forced_outputs(model, prompt_ids: Sequence[Sequence[int]], answer_ids: Seque
     past, ids, pos, attn = shared_prefill(model, seqs, [prefix_lens[i] for i in usable], pad_id, groups)
     res = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
                 **{cache_arg: past})
-    past = getattr(res, "cache", None)
-    if past is None:
-        past = res.past_key_values
+    past = cache_of(res)
     first = res.logits[:, -1].argmax(-1).tolist()
     preds: dict[int, list[int]] = {}  # row (g·n + r) -> predictions for answer positions 0..a
     alive = []
@@ -122,13 +130,11 @@ def forced_outputs(model, prompt_ids: Sequence[Sequence[int]], answer_ids: Seque
     if cols:  # teacher-force the answers of the prompts still right in some block
         keep = torch.tensor([g * n + r for g in range(groups) for r in cols])
         past.batch_select_indices(keep)
-        answers = [list(answer_ids[usable[r]]) for r in cols] * groups
-        rest_ids, rest_mask = left_padded(answers, pad_id)
-        start = torch.tensor([len(prompt_ids[usable[r]]) for r in cols] * groups).unsqueeze(1)
-        rest_pos = start + (rest_mask.cumsum(1) - 1).clamp(min=0)
-        longest = rest_ids.shape[1]
-        res = model(input_ids=rest_ids, attention_mask=torch.cat([attn[keep], rest_mask], dim=1), position_ids=rest_pos,
-                    use_cache=True, logits_to_keep=longest, **{cache_arg: past})
+        ids, pos, mask = continued([list(answer_ids[usable[r]]) for r in cols] * groups,
+                                   [len(prompt_ids[usable[r]]) for r in cols] * groups, attn[keep], pad_id)
+        longest = ids.shape[1]
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=longest,
+                    **{cache_arg: past})
         later = res.logits.argmax(-1).tolist()  # [G·len(cols), longest]: position j predicts answer token j + 1
         for g in range(groups):
             for m, r in enumerate(cols):

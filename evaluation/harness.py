@@ -14,7 +14,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .exact_match import cannot_match, concatenative_pieces, forced_outputs, left_padded, shared_prefill, shared_prefix_len
+from .exact_match import (cache_of, cannot_match, concatenative_pieces, forced_outputs, left_padded,
+                          shared_prefill, shared_prefix_len)
 from .tasks import TASKS, Example, get_task
 
 
@@ -116,9 +117,7 @@ def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Seque
     for t in range(int(limits.max())):
         res = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=True,
                     logits_to_keep=1, **{_CACHE_ARG: past} if past is not None else {})
-        past = getattr(res, "cache", None)
-        if past is None:
-            past = res.past_key_values
+        past = cache_of(res)
         nxt = res.logits[:, -1, :].argmax(-1)
         stop = torch.isin(nxt, stops)
         finished = done[rows]
