@@ -43,19 +43,25 @@ def perturbed(base, seed: int, scale: float = 0.02):
     return model
 
 
+def tiny_models(root: Path, seed: int, ft_seeds: list[int], training: list[dict] | None = None) -> dict[str, Path]:
+    """A tiny GPT-2 base (from `seed`) and one random perturbation of it per seed in `ft_seeds`,
+    saved as base/, ft0/, ft1/, ... (with training.json where `training` gives one)."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    base = GPT2LMHeadModel(tiny_config()).eval()
+    paths = {"base": save_model(base, root / "base")}
+    for i, s in enumerate(ft_seeds):
+        paths[f"ft{i}"] = save_model(perturbed(base, seed=s), root / f"ft{i}", training[i] if training else None)
+    return paths
+
+
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory) -> dict[str, Path]:
     """A base and three fine-tunes (random perturbations) of a tiny GPT-2, on disk."""
-    from transformers import GPT2LMHeadModel
-
-    root = tmp_path_factory.mktemp("tinyzoo")
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(tiny_config()).eval()
-    paths = {"base": save_model(base, root / "base")}
-    for i, steps in enumerate([100, 200, 400]):
-        paths[f"ft{i}"] = save_model(perturbed(base, seed=10 + i), root / f"ft{i}",
-                                     {"task": f"t{i}", "steps": steps, "learning_rate": 1e-3 * (i + 1)})
-    return paths
+    return tiny_models(tmp_path_factory.mktemp("tinyzoo"), 0, [10, 11, 12],
+                       [{"task": f"t{i}", "steps": steps, "learning_rate": 1e-3 * (i + 1)}
+                        for i, steps in enumerate([100, 200, 400])])
 
 
 def build_tiny_zoo(tmp_path_factory) -> Path:

@@ -11,7 +11,7 @@ import torch
 
 from merging import Checkpoint, MergeError, parse_config, plan_from_config
 from merging.engine import merge_to_dir
-from tests.conftest import load_sd, perturbed, save_model, tiny_config
+from tests.conftest import load_sd, tiny_models
 
 WEIGHTS = [0.7, 1.2]
 LAM = 0.8
@@ -20,15 +20,7 @@ LAM = 0.8
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """A base and two fine-tunes of a tiny GPT-2 (tied lm_head), each as safetensors."""
-    from transformers import GPT2LMHeadModel
-
-    root = tmp_path_factory.mktemp("formats")
-    torch.manual_seed(1)
-    base = GPT2LMHeadModel(tiny_config()).eval()
-    out = {"base": save_model(base, root / "base")}
-    for i in range(2):
-        out[f"ft{i}"] = save_model(perturbed(base, seed=30 + i), root / f"ft{i}")
-    return out
+    return tiny_models(tmp_path_factory.mktemp("formats"), 1, [30, 31])
 
 
 def merge(tmp: Path, base: Path, fts: list[Path], name: str = "out", **extra) -> Path:
