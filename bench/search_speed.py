@@ -6,9 +6,11 @@ on all seven fine-tunes), compare-all (`compare_all`, quick grids), and the hete
 per-pair searches (`heterogeneity.STUDY_LAMBDAS`, task arithmetic, one pair per task pair).
 `--quick` shrinks each (one method, 20 λ, three pairs) for a loaded machine. `--early-stop` instead
 times the search as it runs (one λ at a time, scored without full decoding: evaluation.exact_match)
-against the same search decoding every output in full (FEDMERGE_SEARCH_EARLY_STOP=0).
+against the same search decoding every output in full (FEDMERGE_SEARCH_EARLY_STOP=0). `--workers N`
+instead times compare-all (every method, quick grids) in this process against the same in N forked
+one-thread processes (`evaluation.distributed.forked_map`; run it with `--threads 2`).
 
-    python bench/search_speed.py [--quick] [--early-stop] [--threads 1] [--no-record]
+    python bench/search_speed.py [--quick] [--early-stop | --workers N] [--threads 1] [--no-record]
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--early-stop", action="store_true", help="early-stopped vs full decoding (both batched)")
+    ap.add_argument("--workers", type=int, default=0, help="compare-all in one process vs in N forked processes")
     add_record_flag(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -66,6 +69,17 @@ def main(argv=None) -> int:
             os.environ.pop("FEDMERGE_SEARCH_EARLY_STOP"), os.environ.pop("FEDMERGE_SEARCH_BATCH")
 
     base_label, new_label = ("full", "early") if args.early_stop else ("loop", "batched")
+    if args.workers:
+        base_label, new_label = "1 process", f"{args.workers} forked"
+        old, a = best_of(lambda: compare_all(session, quick=True, workers=1))
+        new, b = best_of(lambda: compare_all(session, quick=True, workers=args.workers))
+        row(f"compare-all ({len(a)} methods, quick)", old, new, same(a, b))
+        if not args.no_record:
+            append_results("search_speed", ["python", "bench/search_speed.py", *(argv or sys.argv[1:])],
+                           f"Zoo, 7 fine-tunes; 1 process = compare-all with torch threads {args.threads}; "
+                           f"{args.workers} forked = its methods in {args.workers} forked one-thread processes, "
+                           "in the same run.\n\n```\n" + "\n".join(rows) + "\n```")
+        return 0
     for method in (["fedgma"] if args.quick else ["task_arithmetic", "fedgma"]):
         kw = dict(lambdas=lams, quick=args.quick, n_test=100)
         old, a = timed(lambda: search(session, method, **kw), True)

@@ -1,6 +1,13 @@
-"""A search's grid spread over Ray workers (optional: `pip install -r requirements-ray.txt`).
+"""Searches spread over worker processes: forked local processes, or Ray workers (optional:
+`pip install -r requirements-ray.txt`).
 
-Each worker is a Ray actor holding its own `Session` on the same base and fine-tunes (loaded once,
+Local (`forked_map`): independent searches (compare-all's methods) run in forked copies of this
+process with one thread each. On the zoo one search's forward passes already use two threads well,
+but its Python dispatch and merge updates do not: two one-thread processes finish compare-all
+faster than one process with two threads (bench/RESULTS.md). The children share the loaded stack
+copy-on-write and exit with the call, so nothing outlives it.
+
+Ray: each worker is a Ray actor holding its own `Session` on the same base and fine-tunes (loaded once,
 then reused by every search of the process); the driver cuts the (setting × λ) grid into pieces,
 each worker scores its pieces with `search.score_grid` (the function the local search runs, so the
 numbers are the same), and the driver chooses and scores the best candidate on test itself.
@@ -8,12 +15,87 @@ Model paths must be readable on every node (a shared folder, or Hub ids with net
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from merging.errors import MergeError
 
 _ACTORS: dict[tuple, list] = {}
+_FORKED: Any = None  # what forked children work on; set in the parent only while forking
+_FORK_LOCK = threading.Lock()
+_HELD: list = []  # locks the forking thread holds while it forks: released again in each child
+
+
+def _release_held() -> None:
+    for lock in reversed(_HELD):
+        lock.release()
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_release_held)
+FORK_MAX_BYTES = 256 * 2 ** 20  # larger models are searched in this process
+
+
+def fork_workers(model_bytes: int, jobs: int, requested: int | None = None) -> int:
+    """How many forked processes to run `jobs` independent jobs with (1: in this process).
+
+    `requested` (default FEDMERGE_SEARCH_WORKERS, else torch's thread count) is cut to what helps:
+    one job per process at least, a platform that forks, a model of at most FORK_MAX_BYTES (each
+    child writes its candidates into a model-size copy)."""
+    import torch
+
+    if requested is None:
+        env = os.environ.get("FEDMERGE_SEARCH_WORKERS", "").strip()
+        requested = int(env) if env.isdigit() else torch.get_num_threads()
+    if requested < 2 or jobs < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return 1 if model_bytes > FORK_MAX_BYTES else min(int(requested), jobs)
+
+
+def _child_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one thread per process (also keeps a forked OpenMP pool unused)
+
+
+def _forked_call(fn, i: int, item):
+    return i, fn(_FORKED, item)
+
+
+def forked_map(n: int, fn: Callable[[Any, Any], Any], items: Sequence[Any], state: Any,
+               locks: Sequence[Any] = ()) -> Iterator[tuple[int, Any]]:
+    """(index, fn(state, item)) for every item, in the order `n` forked one-thread processes finish them.
+
+    `state` (the session, say) reaches the children through fork, not pickling; `fn` must be a
+    module-level function and its results picklable. `locks` (outermost first) are every lock the
+    children may take: a lock another thread held at the fork would stay locked forever in a child,
+    so the forking thread holds them all while it forks and each child releases them. The
+    processes exit when this generator ends."""
+    global _FORKED
+    with _FORK_LOCK:  # the children copy _FORKED when they are forked, at the first submit
+        _FORKED = state
+        try:
+            for lock in locks:
+                lock.acquire()
+                _HELD.append(lock)
+            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_child_init)
+            futures = [pool.submit(_forked_call, fn, i, item) for i, item in enumerate(items)]
+        finally:
+            _FORKED = None
+            _release_held()  # in the parent too: the children are forked by now
+    try:
+        for f in as_completed(futures):
+            yield f.result()
+    except BrokenProcessPool:
+        raise MergeError("a search worker process died (out of memory?): "
+                         "set FEDMERGE_SEARCH_WORKERS=1 to search in one process") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def require_ray():

@@ -21,6 +21,7 @@ from merging.progress import Progress
 from merging.errors import MergeError
 from merging.registry import AGGREGATORS
 
+from .distributed import fork_workers, forked_map
 from .grouped import GroupedModel, group_size, supports
 from .harness import evaluate, evaluate_grouped, normalized
 from .live_merge import describe
@@ -240,27 +241,51 @@ def sweep(session, method: str, weights: Sequence[float] | None = None, hyper: M
 
 def compare_all(session, methods: Sequence[str] | None = None, weights: Sequence[float] | None = None,
                 quick: bool = True, progress: Progress | None = None, n_val: int | None = None,
-                n_test: int = 50, failed: list[tuple[str, str]] | None = None) -> list[SearchResult]:
+                n_test: int = 50, failed: list[tuple[str, str]] | None = None,
+                workers: int | None = None) -> list[SearchResult]:
     """Tune every applicable aggregator (coarser grids when `quick`) and return their results.
 
-    A method that cannot run on this selection is skipped, with its reason appended to `failed`."""
+    The methods' searches run in `workers` forked one-thread processes (default
+    FEDMERGE_SEARCH_WORKERS, else torch's thread count; `evaluation.distributed.forked_map`): the
+    same results as one after the other. A method that cannot run on this selection is skipped,
+    with its reason appended to `failed`."""
     k = len(session.selected)
     methods = [m for m in (methods or list(AGGREGATORS)) if AGGREGATORS[m].accepts(k)]
-    out = []
-    for j, m in enumerate(methods):
-        def sub(frac, text, j=j):
+    kw = dict(weights=weights, lambdas=QUICK_LAMBDAS if quick else LAMBDAS, quick=quick, n_val=n_val, n_test=n_test)
+    n = fork_workers(sum(t.numel() * t.element_size() for t in session.loaded().stack.base.values()),
+                     len(methods), workers)
+    if n > 1:
+        session.finetuned_accuracy(LIVE_SPLIT, n_val or SEARCH_N)  # reference scores: computed once, inherited
+        session.finetuned_accuracy("test", n_test)
+        found: dict[int, SearchResult | str] = {}
+        for i, r in forked_map(n, _search_or_reason, [(m, kw) for m in methods], session, session.fork_locks()):
+            found[i] = r
             if progress:
-                progress((j + frac) / len(methods), text)
-        try:
-            out.append(search(session, m, weights, lambdas=QUICK_LAMBDAS if quick else LAMBDAS, quick=quick,
-                              progress=sub, n_val=n_val, n_test=n_test))
-        except MergeError as exc:
-            if failed is not None:
-                failed.append((m, str(exc)))
+                progress(len(found) / len(methods), f"{methods[i]} tuned ({len(found)} of {len(methods)} methods)")
+        outcomes = [found[i] for i in range(len(methods))]
+    else:
+        outcomes = []
+        for j, m in enumerate(methods):
+            def sub(frac, text, j=j):
+                if progress:
+                    progress((j + frac) / len(methods), text)
+            outcomes.append(_search_or_reason(session, (m, {**kw, "progress": sub})))
+    out = [r for r in outcomes if isinstance(r, SearchResult)]
+    if failed is not None:
+        failed.extend((m, r) for m, r in zip(methods, outcomes) if isinstance(r, str))
     if not out:
-        raise MergeError("no aggregator could be run on this selection" +
-                         (f" ({failed[0][0]}: {failed[0][1]})" if failed else ""))
+        why = next(((m, r) for m, r in zip(methods, outcomes) if isinstance(r, str)), None)
+        raise MergeError("no aggregator could be run on this selection" + (f" ({why[0]}: {why[1]})" if why else ""))
     return out
+
+
+def _search_or_reason(session, job: tuple[str, dict]) -> SearchResult | str:
+    """search() of one method, or the reason it cannot run on this selection."""
+    method, kw = job
+    try:
+        return search(session, method, **kw)
+    except MergeError as exc:
+        return str(exc)
 
 
 def comparison_table(results: Sequence[SearchResult]) -> tuple[list[str], list[list[Any]]]:

@@ -226,6 +226,17 @@ class Session:
             raise MergeError("select at least one fine-tuned model")
         self.merge.apply(method, weights, lam, clean_hyper(method, hyper or {}, len(select)), select)
 
+    def fork_locks(self) -> list:
+        """Every lock a search on this session may take, outermost first (`distributed.forked_map`
+        holds them while it forks, so no child inherits one locked by another thread)."""
+        from merging import kernels
+
+        from .scorer import REF_ACCURACY, REF_OUTPUTS
+
+        pool = self.loaded()
+        return [self.lock, self.scorer._lock, self.cache._lock, pool.stack._prepare_lock, REF_ACCURACY._lock,
+                REF_OUTPUTS._lock, kernels._COMPILE_LOCK]
+
     def finetuned_accuracy(self, split: str = LIVE_SPLIT, n: int = LIVE_N) -> dict[str, float]:
         """For each selected task: the best accuracy of a selected fine-tune trained on it."""
         self.loaded()

@@ -53,3 +53,41 @@ def test_search_on_a_local_ray_equals_the_local_search():
     finally:
         _ACTORS.clear()
         ray.shutdown()
+
+
+_LOCK = None  # a lock the forked children take (set by the test below)
+
+
+def _take_lock(state, item):
+    got = _LOCK.acquire(timeout=2)  # a lock inherited locked is never freed in the child
+    if got:
+        _LOCK.release()
+    return got, state, item * 2
+
+
+def test_forked_map_children_never_inherit_a_lock_held_by_another_thread():
+    """forked_map holds the given locks while it forks: a child does not start with a lock that another
+    thread of the parent held (and can never release in the child), and results come back by index."""
+    import threading
+    import time
+
+    from evaluation.distributed import forked_map
+
+    global _LOCK
+    _LOCK = threading.Lock()
+    holding = threading.Event()
+
+    def hold():
+        with _LOCK:
+            holding.set()
+            time.sleep(0.5)
+
+    for locks, expect in (([_LOCK], True), ((), False)):
+        holder = threading.Thread(target=hold)
+        holder.start()
+        holding.wait()
+        out = dict(forked_map(2, _take_lock, [1, 2, 3], "state", locks=locks))
+        holder.join()
+        holding.clear()
+        assert out == {i: (expect, "state", x * 2) for i, x in enumerate([1, 2, 3])}
+    assert _LOCK.acquire(blocking=False)  # and the parent's lock is free again

@@ -84,6 +84,22 @@ def zoo_session():
     return Session(cache=StackCache(2 ** 30), allow_hub=False).load_zoo()
 
 
+def test_compare_all_in_forked_processes_equals_one_after_the_other(zoo_session):
+    """compare-all's methods in two forked one-thread processes: the same results as the serial loop
+    (lock safety of the fork: tests/test_distributed.py)."""
+    from evaluation.search import compare_all
+
+    kw = dict(methods=["task_arithmetic", "fedgma", "ties", "slerp", "median"], n_val=6, n_test=6)
+    serial = compare_all(zoo_session, workers=1, **kw)
+    seen = []
+    forked = compare_all(zoo_session, workers=2, progress=lambda f, d: seen.append(d), **kw)
+    assert max(max(r.scores[0]) for r in serial) > 0.1  # not a degenerate all-zero comparison
+    key = lambda rs: [(r.method, r.scores, r.best_lambda, r.best_hyper, r.test_accuracy) for r in rs]  # noqa: E731
+    assert key(forked) == key(serial)
+    assert [r.method for r in serial] == ["task_arithmetic", "fedgma", "ties", "median"]  # slerp: two models only
+    assert seen[-1].endswith("(4 of 4 methods)")  # the forked path's progress: one line per finished method
+
+
 def test_batched_search_gives_the_same_scores_and_choice(zoo_session, session):
     """Many λ per grouped forward (evaluation.grouped) = one λ at a time: every score and the choice."""
     import numpy as np
