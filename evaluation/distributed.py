@@ -77,18 +77,18 @@ def forked_map(n: int, fn: Callable[[Any, Any], Any], items: Sequence[Any], stat
     so the forking thread holds them all while it forks and each child releases them. The
     processes exit when this generator ends."""
     global _FORKED
-    with _FORK_LOCK:  # the children copy _FORKED when they are forked, at the first submit
-        _FORKED = state
-        try:
-            for lock in locks:
-                lock.acquire()
-                _HELD.append(lock)
-            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_child_init)
-            futures = [pool.submit(_forked_call, fn, i, item) for i, item in enumerate(items)]
-        finally:
-            _FORKED = None
-            _release_held()  # in the parent too: the children are forked by now
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_child_init)
     try:
+        with _FORK_LOCK:  # the children copy _FORKED when they are forked, at the first submit
+            _FORKED = state
+            try:
+                for lock in locks:
+                    lock.acquire()
+                    _HELD.append(lock)
+                futures = [pool.submit(_forked_call, fn, i, item) for i, item in enumerate(items)]
+            finally:
+                _FORKED = None
+                _release_held()  # in the parent too: the children are forked by now
         for f in as_completed(futures):
             yield f.result()
     except BrokenProcessPool:
