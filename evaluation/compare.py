@@ -12,7 +12,7 @@ from typing import Sequence
 
 from merging.registry import AGGREGATORS
 
-from .search import LAMBDAS, QUICK_LAMBDAS, SearchResult, search
+from .search import LAMBDAS, QUICK_LAMBDAS, SearchResult, compare_all, search
 from .session import Session, read_zoo
 
 
@@ -27,22 +27,31 @@ def selection(zoo: str | Path | None, heterogeneous: bool) -> list[str]:
 
 
 def run(zoo: str | Path | None = None, heterogeneous: bool = False, methods: Sequence[str] | None = None,
-        quick: bool = False, n_val: int = 50, n_test: int = 100, log=print, ray: str | bool | None = None
-        ) -> list[SearchResult]:
+        quick: bool = False, n_val: int = 50, n_test: int = 100, log=print, ray: str | bool | None = None,
+        workers: int | None = None) -> list[SearchResult]:
+    """Every applicable method tuned on one zoo variant: on Ray workers, else in forked local processes
+    (`search.compare_all`; `workers` as there)."""
     session = Session(zoo=zoo, allow_hub=False).load_zoo()
-    session.select(selection(zoo, heterogeneous))
-    k = len(session.selected)
-    methods = [m for m in (methods or AGGREGATORS) if AGGREGATORS[m].accepts(k)]
-    results = []
-    for m in methods:
-        t0 = time.perf_counter()
-        r = search(session, m, lambdas=QUICK_LAMBDAS if quick else LAMBDAS, quick=quick, n_val=n_val, n_test=n_test,
-                   ray=ray)
-        results.append(r)
-        log(f"{m:18s} {r.describe():40s} val {r.best_score:.3f}  test {r.test_normalized.get('mean', float('nan')):.3f}"
-            f"  ({time.perf_counter() - t0:.0f} s)")
-    session.close()
-    return results
+    try:
+        session.select(selection(zoo, heterogeneous))
+        k = len(session.selected)
+        methods = [m for m in (methods or AGGREGATORS) if AGGREGATORS[m].accepts(k)]
+        lambdas = QUICK_LAMBDAS if quick else LAMBDAS
+        if ray:
+            results = [search(session, m, lambdas=lambdas, quick=quick, n_val=n_val, n_test=n_test, ray=ray)
+                       for m in methods]
+        else:
+            failed: list[tuple[str, str]] = []
+            results = compare_all(session, methods, quick=quick, n_val=n_val, n_test=n_test, failed=failed,
+                                  workers=workers, progress=lambda frac, text: log(f"  {text}"))
+            for m, why in failed:
+                log(f"{m:18s} skipped: {why}")
+        for r in results:
+            log(f"{r.method:18s} {r.describe():40s} val {r.best_score:.3f}  "
+                f"test {r.test_normalized.get('mean', float('nan')):.3f}  ({r.seconds:.0f} s)")
+        return results
+    finally:
+        session.close()
 
 
 def markdown_table(results: Sequence[SearchResult], title: str) -> str:

@@ -28,6 +28,7 @@ from merging.errors import MergeError
 _ACTORS: dict[tuple, list] = {}
 _FORKED: Any = None  # what forked children work on; set in the parent only while forking
 _FORK_LOCK = threading.Lock()
+_IN_CHILD = False  # set in forked search processes
 _HELD: list = []  # locks the forking thread holds while it forks: released again in each child
 
 
@@ -46,13 +47,13 @@ def fork_workers(model_bytes: int, jobs: int, requested: int | None = None) -> i
 
     `requested` (default FEDMERGE_SEARCH_WORKERS, else torch's thread count) is cut to what helps:
     one job per process at least, a platform that forks, a model of at most FORK_MAX_BYTES (each
-    child writes its candidates into a model-size copy)."""
+    child writes its candidates into a model-size copy), and never inside a forked process."""
     import torch
 
     if requested is None:
         env = os.environ.get("FEDMERGE_SEARCH_WORKERS", "").strip()
         requested = int(env) if env.isdigit() else torch.get_num_threads()
-    if requested < 2 or jobs < 2 or "fork" not in multiprocessing.get_all_start_methods():
+    if _IN_CHILD or requested < 2 or jobs < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return 1
     return 1 if model_bytes > FORK_MAX_BYTES else min(int(requested), jobs)
 
@@ -60,6 +61,8 @@ def fork_workers(model_bytes: int, jobs: int, requested: int | None = None) -> i
 def _child_init() -> None:
     import torch
 
+    global _IN_CHILD
+    _IN_CHILD = True  # a search inside a forked search runs in its process: no forks of forks
     torch.set_num_threads(1)  # one thread per process (also keeps a forked OpenMP pool unused)
 
 

@@ -24,6 +24,7 @@ from merging.plan import layer_of
 from merging.progress import Progress
 from merging.similarity import SimilarityReport
 
+from .distributed import fork_workers, forked_map
 from .harness import evaluate, normalized
 from .live_merge import MergeSettings
 from .scorer import LIVE_SPLIT, ScratchModel
@@ -160,9 +161,21 @@ def _score(session, select: list[int], method: str, n_val: int, n_test: int) -> 
     return 1.0 - r.test_normalized.get("mean", math.nan), chosen
 
 
+def _score_group(session, job: tuple[list[int], Sequence[str], int, int]) -> tuple[dict, dict]:
+    """Drop and chosen merge of every method on one group (the unit a forked process runs)."""
+    select, methods, n_val, n_test = job
+    drop, setting = {}, {}
+    for m in methods:
+        drop[m], setting[m] = _score(session, select, m, n_val, n_test)
+    return drop, setting
+
+
 def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 12, n_test: int = 30,
-        progress: Progress | None = None, leave_one_out: bool = True) -> Study:
-    """Run the study on the session's current selection (restored afterwards)."""
+        progress: Progress | None = None, leave_one_out: bool = True, workers: int | None = None) -> Study:
+    """Run the study on the session's current selection (restored afterwards).
+
+    The groups are scored in `workers` forked one-thread processes (as `search.compare_all`'s methods:
+    default FEDMERGE_SEARCH_WORKERS, else torch's thread count); the same results as one after the other."""
     t0 = time.perf_counter()
     selected = list(session.selected)
     if len(selected) < 2:
@@ -173,17 +186,26 @@ def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 12, n_te
     if leave_one_out and len(selected) > 2:
         groups_idx += [("leave-one-out", [j for j in range(len(selected)) if j != i]) for i in range(len(selected))]
     everyone = set(range(len(selected)))
-    groups: list[GroupResult] = []
-    total = len(groups_idx) * len(methods)
-    done = 0
+    jobs = [([selected[i] for i in idx], list(methods), n_val, n_test) for _, idx in groups_idx]
+    label = lambda g: f"{groups_idx[g][0]} {'+'.join(names[i] for i in groups_idx[g][1])}"  # noqa: E731
+    scored: dict[int, tuple[dict, dict]] = {}
     try:
-        for kind, idx in groups_idx:
-            drop, setting = {}, {}
-            for m in methods:
-                drop[m], setting[m] = _score(session, [selected[i] for i in idx], m, n_val, n_test)
-                done += 1
+        n = fork_workers(session.model_bytes(), len(jobs), workers)
+        if n > 1:
+            session.finetuned_accuracy(LIVE_SPLIT, n_val)  # every member's reference scores: computed once, inherited
+            session.finetuned_accuracy("test", n_test)
+            for g, result in forked_map(n, _score_group, jobs, session, session.fork_locks()):
+                scored[g] = result
                 if progress:
-                    progress(done / (total + 1), f"{kind} {'+'.join(names[i] for i in idx)}: {m}")
+                    progress(len(scored) / (len(jobs) + 1), f"{label(g)} ({len(scored)} of {len(jobs)} groups)")
+        else:
+            for g, job in enumerate(jobs):
+                scored[g] = _score_group(session, job)
+                if progress:
+                    progress((g + 1) / (len(jobs) + 1), label(g))
+        groups: list[GroupResult] = []
+        for g, (kind, idx) in enumerate(groups_idx):
+            drop, setting = scored[g]
             left = sorted(everyone - set(idx)) if kind == "leave-one-out" else []
             groups.append(GroupResult([names[i] for i in idx], kind, group_measures(report, idx), drop, setting,
                                       names[left[0]] if left else None))

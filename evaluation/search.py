@@ -94,8 +94,8 @@ def hyper_grid(method: str, norms: Sequence[float] | None = None, quick: bool = 
 def search(session, method: str, weights: Sequence[float] | None = None, *, lambdas: Sequence[float] = LAMBDAS,
            grid: Sequence[Mapping[str, Any]] | None = None, fixed: Mapping[str, Any] | None = None,
            n_val: int | None = None, n_test: int = 100, quick: bool = False,
-           progress: Progress | None = None, batched: bool | None = None, ray: str | bool | None = None
-           ) -> SearchResult:
+           progress: Progress | None = None, batched: bool | None = None, ray: str | bool | None = None,
+           workers: int | None = None) -> SearchResult:
     """Tune λ and `method`'s hyperparameters for the session's selection.
 
     `weights` are the per-model coefficients (default 1); `fixed` hyperparameters are held
@@ -104,6 +104,8 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
     (`evaluation.grouped`): the same scores as one λ at a time, faster only on a contended CPU now
     that candidates are scored by teacher forcing (bench/RESULTS.md). `ray` (True for a local Ray,
     or a cluster address) spreads the grid over Ray workers (`evaluation.distributed`): same result.
+    Otherwise a grid of several settings is scored in `workers` forked one-thread processes, a
+    setting each (default FEDMERGE_SEARCH_WORKERS, else torch's thread count): same result.
     """
     if batched is None:
         batched = os.environ.get("FEDMERGE_SEARCH_BATCH", "0") == "1"
@@ -136,6 +138,9 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
 
         scores, per_task, skipped = score_grid_on_ray(ray, session, method, weights, select, lambdas, settings,
                                                       n_val, ft_val, batched, progress=progress, total=total)
+    elif (n := fork_workers(session.model_bytes(), len(settings), workers)) > 1:
+        scores, per_task, skipped = _score_settings_forked(n, session, method, weights, select, lambdas, settings,
+                                                           n_val, ft_val, batched, progress, total)
     else:
         scores, per_task, skipped = score_grid(session, method, weights, select, lambdas, settings, n_val, ft_val,
                                                batched, progress=progress, total=total, scratch=scratch)
@@ -212,6 +217,27 @@ def score_grid(session, method: str, weights: Sequence[float], select: Sequence[
     return scores, per_task, skipped
 
 
+def _score_settings_forked(n: int, session, method: str, weights: Sequence[float], select: Sequence[int],
+                           lambdas: Sequence[float], settings: Sequence[Mapping[str, Any]], n_val: int,
+                           ft_val: Mapping[str, float], batched: bool, progress: Progress | None, total: int
+                           ) -> tuple[list[list[float]], list[list[dict[str, float]]], list[str]]:
+    """score_grid with each setting in one of `n` forked processes: the same rows, in the settings' order."""
+    jobs = [(method, weights, select, lambdas, [s], n_val, ft_val, batched) for s in settings]
+    rows: dict[int, tuple] = {}
+    for i, r in forked_map(n, _score_one_setting, jobs, session, session.fork_locks()):
+        rows[i] = r
+        if progress:
+            progress(len(rows) * len(lambdas) / total,
+                     f"{method} {_desc(settings[i])}: best {max(r[0][0], default=float('nan')):.2f} "
+                     f"({len(rows)} of {len(settings)} settings)")
+    out = [rows[i] for i in range(len(settings))]
+    return ([r[0][0] for r in out], [r[1][0] for r in out], [why for r in out for why in r[2]])
+
+
+def _score_one_setting(session, job: tuple) -> tuple:
+    return score_grid(session, *job)
+
+
 def _scores_only() -> bool:
     """Decode for scores only (harness.evaluate's `scores_only`: shared keyword prefill, wrong outputs
     stopped at their first wrong character); FEDMERGE_SEARCH_EARLY_STOP=0 decodes every output in full."""
@@ -252,16 +278,20 @@ def compare_all(session, methods: Sequence[str] | None = None, weights: Sequence
     k = len(session.selected)
     methods = [m for m in (methods or list(AGGREGATORS)) if AGGREGATORS[m].accepts(k)]
     kw = dict(weights=weights, lambdas=QUICK_LAMBDAS if quick else LAMBDAS, quick=quick, n_val=n_val, n_test=n_test)
-    n = fork_workers(sum(t.numel() * t.element_size() for t in session.loaded().stack.base.values()),
-                     len(methods), workers)
+    n = fork_workers(session.model_bytes(), len(methods), workers)
     if n > 1:
         session.finetuned_accuracy(LIVE_SPLIT, n_val or SEARCH_N)  # reference scores: computed once, inherited
         session.finetuned_accuracy("test", n_test)
+        # Longest grids first, so no process is left with a long search after the others are done.
+        norms = session.stack.update_norms(torch.ones(k) if weights is None else torch.tensor(weights),
+                                           list(session.selected)).tolist()
+        order = sorted(range(len(methods)), key=lambda i: -len(hyper_grid(methods[i], norms, quick)))
         found: dict[int, SearchResult | str] = {}
-        for i, r in forked_map(n, _search_or_reason, [(m, kw) for m in methods], session, session.fork_locks()):
-            found[i] = r
+        for j, r in forked_map(n, _search_or_reason, [(methods[i], kw) for i in order], session,
+                               session.fork_locks()):
+            found[order[j]] = r
             if progress:
-                progress(len(found) / len(methods), f"{methods[i]} tuned ({len(found)} of {len(methods)} methods)")
+                progress(len(found) / len(methods), f"{methods[order[j]]} tuned ({len(found)} of {len(methods)} methods)")
         outcomes = [found[i] for i in range(len(methods))]
     else:
         outcomes = []
@@ -269,7 +299,7 @@ def compare_all(session, methods: Sequence[str] | None = None, weights: Sequence
             def sub(frac, text, j=j):
                 if progress:
                     progress((j + frac) / len(methods), text)
-            outcomes.append(_search_or_reason(session, (m, {**kw, "progress": sub})))
+            outcomes.append(_search_or_reason(session, (m, {**kw, "progress": sub, "workers": workers})))
     out = [r for r in outcomes if isinstance(r, SearchResult)]
     if failed is not None:
         failed.extend((m, r) for m, r in zip(methods, outcomes) if isinstance(r, str))

@@ -237,6 +237,10 @@ class Session:
         return [self.lock, self.scorer._lock, self.cache._lock, pool.stack._prepare_lock, REF_ACCURACY._lock,
                 REF_OUTPUTS._lock, kernels._COMPILE_LOCK]
 
+    def model_bytes(self) -> int:
+        """Bytes of one copy of the base model (what each forked search process writes its candidates into)."""
+        return sum(t.numel() * t.element_size() for t in self.loaded().stack.base.values())
+
     def finetuned_accuracy(self, split: str = LIVE_SPLIT, n: int = LIVE_N) -> dict[str, float]:
         """For each selected task: the best accuracy of a selected fine-tune trained on it."""
         self.loaded()

@@ -74,3 +74,26 @@ def test_study_on_a_tiny_zoo(tmp_path_factory):
     assert list(first.y) == [g.drop["task_arithmetic"] for g in study.pairs]
     text = H.to_markdown(study, methods)
     assert "Spearman" in text and "drop: median" in text
+
+
+def test_study_in_forked_processes_equals_one_after_the_other():
+    """The study's groups scored in two forked one-thread processes: the same drops and chosen merges as
+    the serial loop, on the shipped zoo (its fine-tunes score well above 0, so equal drops mean something)."""
+    from evaluation.session import Session
+    from merging.cache import StackCache
+
+    session = Session(cache=StackCache(2 ** 30), allow_hub=False).load_zoo()
+    try:
+        session.select([0, 1, 4])  # reverse, upper, add: three pairs and three leave-one-out pairs
+        methods = ["task_arithmetic", "median"]
+        serial = H.run(session, methods, n_val=6, n_test=6, workers=1)
+        seen = []
+        forked = H.run(session, methods, n_val=6, n_test=6, workers=2, progress=lambda f, d: seen.append(d))
+        assert session.selected == [0, 1, 4]
+        key = lambda st: [(g.members, g.kind, g.drop, g.setting, g.measures) for g in st.groups]  # noqa: E731
+        assert key(forked) == key(serial)
+        assert min(g.drop["task_arithmetic"] for g in serial.groups) < 0.9  # some merge works: not all-zero
+        assert forked.ablation == serial.ablation and forked.recommendation == serial.recommendation
+        assert any(d.endswith("(6 of 6 groups)") for d in seen)  # the forked path's progress, one line per group
+    finally:
+        session.close()

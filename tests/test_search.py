@@ -100,6 +100,25 @@ def test_compare_all_in_forked_processes_equals_one_after_the_other(zoo_session)
     assert seen[-1].endswith("(4 of 4 methods)")  # the forked path's progress: one line per finished method
 
 
+def test_search_with_its_settings_in_forked_processes_equals_one_process(zoo_session):
+    """One search's hyperparameter settings scored in two forked processes (auto-tune's grid): every
+    score, curve, skipped setting and the choice equal the one-process search."""
+    import numpy as np
+
+    from evaluation.search import search
+
+    kw = dict(lambdas=[0.2, 0.6, 1.0, 1.4], grid=[{"rho": 0.1}, {"rho": 0.5}, {"rho": 0.9}], n_val=6, n_test=6)
+    one = search(zoo_session, "fedgma", workers=1, **kw)
+    seen = []
+    two = search(zoo_session, "fedgma", workers=2, progress=lambda f, d: seen.append((f, d)), **kw)
+    assert np.nanmax(np.array(one.scores)) > 0.1  # not a degenerate all-zero comparison
+    np.testing.assert_array_equal(np.array(two.scores), np.array(one.scores))
+    assert (two.curves, two.val_accuracy, two.best_lambda, two.best_hyper, two.test_accuracy) == (
+        one.curves, one.val_accuracy, one.best_lambda, one.best_hyper, one.test_accuracy)
+    assert [d for _, d in seen if "settings)" in d][-1].endswith("(3 of 3 settings)")
+    assert all(0 < f <= 1 for f, _ in seen)
+
+
 def test_batched_search_gives_the_same_scores_and_choice(zoo_session, session):
     """Many λ per grouped forward (evaluation.grouped) = one λ at a time: every score and the choice."""
     import numpy as np
