@@ -7,8 +7,9 @@ per-pair searches (`heterogeneity.STUDY_LAMBDAS`, task arithmetic, one pair per 
 `--quick` shrinks each (one method, 20 λ, three pairs) for a loaded machine. `--early-stop` instead
 times the search as it runs (one λ at a time, scored without full decoding: evaluation.exact_match)
 against the same search decoding every output in full (FEDMERGE_SEARCH_EARLY_STOP=0). `--workers N`
-instead times compare-all (every method, quick grids) in this process against the same in N forked
-one-thread processes (`evaluation.distributed.forked_map`; run it with `--threads 2`).
+instead times auto-tune, compare-all (every method, quick grids) and the whole heterogeneity study,
+as the app calls them, in this process against the same in N forked one-thread processes
+(`evaluation.distributed.forked_map`: settings, methods, groups; run it with `--threads 2`).
 
     python bench/search_speed.py [--quick] [--early-stop | --workers N] [--threads 1] [--no-record]
 """
@@ -70,15 +71,25 @@ def main(argv=None) -> int:
 
     base_label, new_label = ("full", "early") if args.early_stop else ("loop", "batched")
     if args.workers:
+        from evaluation import heterogeneity
+
         base_label, new_label = "1 process", f"{args.workers} forked"
+        for method in (["fedgma"] if args.quick else ["task_arithmetic", "fedgma"]):  # auto-tune, as the app calls it
+            old, a = best_of(lambda: search(session, method, lambdas=lams, quick=args.quick, workers=1))
+            new, b = best_of(lambda: search(session, method, lambdas=lams, quick=args.quick, workers=args.workers))
+            row(f"auto-tune {method} ({len(a.grid)}x{len(lams)})", old, new, same([a], [b]))
         old, a = best_of(lambda: compare_all(session, quick=True, workers=1))
         new, b = best_of(lambda: compare_all(session, quick=True, workers=args.workers))
         row(f"compare-all ({len(a)} methods, quick)", old, new, same(a, b))
+        old, a = best_of(lambda: heterogeneity.run(session, workers=1))
+        new, b = best_of(lambda: heterogeneity.run(session, workers=args.workers))
+        key = lambda st: [(g.members, g.drop, g.setting) for g in st.groups]  # noqa: E731
+        row(f"heterogeneity study ({len(a.groups)} groups)", old, new, key(a) == key(b))
         if not args.no_record:
             append_results("search_speed", ["python", "bench/search_speed.py", *(argv or sys.argv[1:])],
-                           f"Zoo, 7 fine-tunes; 1 process = compare-all with torch threads {args.threads}; "
-                           f"{args.workers} forked = its methods in {args.workers} forked one-thread processes, "
-                           "in the same run.\n\n```\n" + "\n".join(rows) + "\n```")
+                           f"Zoo, 7 fine-tunes, as the app calls each; 1 process = torch threads {args.threads}; "
+                           f"{args.workers} forked = its settings / methods / groups in {args.workers} forked "
+                           "one-thread processes, in the same run.\n\n```\n" + "\n".join(rows) + "\n```")
         return 0
     for method in (["fedgma"] if args.quick else ["task_arithmetic", "fedgma"]):
         kw = dict(lambdas=lams, quick=args.quick, n_test=100)
