@@ -10,7 +10,7 @@ deterministic data, one thread per training process). Steps:
 2. fine-tune a copy of the base on each task (loss on the answer), replaying the mixture with a
    KL-to-base loss so each task vector acts on its own keyword alone; two processes at a time with
    one thread each (a 1M-parameter model does not speed up with more threads);
-3. an extra, heterogeneous fine-tune of one task (far more steps, a higher learning rate);
+3. an extra, heterogeneous fine-tune of one task (far more steps, a higher learning rate, no replay);
 4. build in a sibling folder, measure everything the README claims (``zoo_report.measure``), render
    the README from its template and swap the folder in.
 """
@@ -90,14 +90,15 @@ FULL = ZooConfig(
     finetune_steps=300,
     finetune_lr=3e-4,
     finetune_replay=32,
-    overrides={"add": {"steps": 400, "learning_rate": 5e-4}, "sort": {"steps": 400}, "sort_desc": {"steps": 600}},
-    extras=(FinetuneSpec("reverse-long", "reverse", steps=1600, learning_rate=6e-4, seed=200, replay=32,
+    overrides={"add": {"steps": 400, "learning_rate": 5e-4}, "sort": {"steps": 400}, "sort_desc": {"steps": 800}},
+    # training heterogeneity: 5× the steps, 2× the learning rate and no replay (its own local objective)
+    extras=(FinetuneSpec("reverse-long", "reverse", steps=1600, learning_rate=6e-4, seed=200, replay=0,
                          variant_of="reverse"),),
     conflicts=(("sort", "sort_desc"),),
 )
 TINY = ZooConfig(n_embd=16, n_layer=1, n_head=2, n_positions=64, pretrain_steps=3, pretrain_batch=8, pretrain_skill_batch=4,
                  pretrain_threads=1, finetune_steps=3, finetune_batch=8, finetune_replay=4, eval_n=5,
-                 extras=(FinetuneSpec("reverse-long", "reverse", steps=6, learning_rate=1.5e-3, batch_size=8, replay=4,
+                 extras=(FinetuneSpec("reverse-long", "reverse", steps=6, learning_rate=1.5e-3, batch_size=8, replay=0,
                                       seed=200, variant_of="reverse"),),
                  conflicts=(("sort", "sort_desc"),), measure={"n_val": 2, "n_test": 3, "lambdas": (0.5, 1.0)})
 
@@ -538,7 +539,7 @@ def folder_mb(folder: Path) -> float:
 def recipe_facts(cfg: ZooConfig) -> dict:
     """The recipe's settings as the zoo README quotes them."""
     extras = "; ".join(f"`{s.name}` is `{s.variant_of}` trained for {s.steps} steps at lr {s.learning_rate:g}"
-                       for s in cfg.extras)
+                       + ("" if s.replay else " without replay") for s in cfg.extras)
     return {**{k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str))},
             "vocab": len(VOCAB), "skills": ", ".join(f"`{kw}`" for kw in SKILLS), "base_forms": dict(BASE_FORMS),
             "extras": f"Heterogeneous extra: {extras} (marked `variant_of` in zoo.json)." if extras else ""}

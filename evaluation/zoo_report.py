@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .harness import evaluate
+from .scorer import LIVE_SPLIT
 
 PAIR_LAMBDAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(2, 21))  # 0.2 … 2.0
 ALL_METHODS = ("task_arithmetic", "fednova", "fedgma", "median", "cclip", "ties")
@@ -98,20 +99,75 @@ def zoo_index(zoo: str | Path) -> dict[str, Any]:
 
 
 class _Scorer:
-    """Scores settings on one session's test split (the claims' numbers)."""
+    """Scores settings on one session's test split (the claims' numbers). Each setting's per-example
+    hits are computed once; `prefetch` computes many in forked processes (`evaluation.distributed`)."""
 
     def __init__(self, session, n_test: int):
         self.session, self.n_test = session, n_test
+        self._hits: dict[Setting, tuple[dict[str, np.ndarray], dict[str, float]]] = {}
+
+    def prefetch(self, settings: Sequence[Setting]) -> None:
+        todo = list(dict.fromkeys(s for s in settings if s not in self._hits))
+        for i, h in _map(self.session, _hits_job, [(s, self.n_test) for s in todo], [("test", self.n_test)]):
+            self._hits[todo[i]] = h
+
+    def hits(self, setting: Setting) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        if setting not in self._hits:
+            self._hits[setting] = hits(self.session, setting, self.n_test)
+        return self._hits[setting]
 
     def scored(self, setting: Setting, val: float | None = None) -> dict[str, Any]:
-        h, own = hits(self.session, setting, self.n_test)
+        h, own = self.hits(setting)
         return {**setting.to_dict(), "validation_normalized": val,
                 "test_accuracy": {t: float(v.mean()) for t, v in h.items()}, "test_normalized": normalized_mean(h, own)}
 
-    def interval(self, a: Setting, b: Setting) -> list[float]:
-        ha, own_a = hits(self.session, a, self.n_test)
-        hb, own_b = hits(self.session, b, self.n_test)
+    def interval(self, a: Setting | Sequence[Setting], b: Setting | Sequence[Setting]) -> list[float]:
+        """95% interval of normalized(a) − normalized(b); a list of pair merges counts as one pooled merge."""
+        ha, own_a = self.pooled(a)
+        hb, own_b = self.pooled(b)
         return list(bootstrap_diff(ha, hb, own_a, own_b))
+
+    def pooled(self, settings: Setting | Sequence[Setting]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Hits of several merges as one: keyed "merge index/task", so each merge's tasks count once."""
+        if isinstance(settings, Setting):
+            return self.hits(settings)
+        h, own = {}, {}
+        for i, st in enumerate(settings):
+            hi, oi = self.hits(st)
+            h.update({f"{i}/{t}": v for t, v in hi.items()})
+            own.update({f"{i}/{t}": v for t, v in oi.items()})
+        return h, own
+
+    def group(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Scored pair merges and their pooled normalized mean (the mean over the pairs)."""
+        h, own = self.pooled([Setting.from_dict(r) for r in rows])
+        return {"pairs": list(rows), "test_normalized": normalized_mean(h, own)}
+
+
+def _hits_job(session, job: tuple[Setting, int]):
+    return hits(session, *job)
+
+
+def _tune_job(session, job: tuple[tuple[str, ...], str, tuple[float, ...], int]) -> tuple[Setting, float]:
+    return tune(session, *job)
+
+
+def _map(session, fn, jobs: Sequence[Any], references: Sequence[tuple[str, int]]):
+    """(index, fn(session, job)) for every job: in forked one-thread processes where that helps
+    (`distributed.fork_workers`), else one after the other. The fine-tunes' reference scores of
+    every model are computed first, once, so the children inherit them."""
+    from .distributed import fork_workers, forked_map
+
+    n = fork_workers(session.model_bytes(), len(jobs))
+    if n < 2:
+        yield from ((i, fn(session, job)) for i, job in enumerate(jobs))
+        return
+    selected = list(session.selected)
+    session.select(list(range(len(session.specs))))
+    for split, k in references:
+        session.finetuned_accuracy(split, k)
+    session.select(selected)
+    yield from forked_map(n, fn, jobs, session, session.fork_locks())
 
 
 def _open(zoo: Path):
@@ -139,17 +195,34 @@ def measure(zoo: str | Path, n_val: int = N_VAL, n_test: int = N_TEST, lambdas: 
     rep: dict[str, Any] = {"primary": primary, "variants": variants, "conflicts": [list(c) for c in conflicts],
                            "n_val": n_val, "n_test": n_test}
 
-    def tuned(models, method, lams):
-        return tune(session, models, method, lams, n_val)
-
     session.select([s.name for s in session.specs])
     sim = session.similarity(with_merged=False)
     rep["similarity"] = {"names": sim.names, "cosine": sim.cosine.tolist(), "sign_conflict": sim.sign_conflict.tolist(),
                          "norms": sim.norms.tolist()}
 
+    # Every merge to tune, tuned first (in forked processes where that helps), then every chosen
+    # setting scored on test once; the report below only assembles them.
+    pairs = list(itertools.combinations(primary, 2))
+    # training heterogeneity: each variant in place of its twin in the twin's pairs (where merging works)
+    het = {twin: [n for n in primary if n != twin] for twin in variants if twin in primary}
+    jobs = list(dict.fromkeys(  # the long ones (all fine-tunes at once) first
+        [(tuple(primary), m, group_lams) for m in ALL_METHODS]
+        + [((variants[twin], x), m, pair_lams) for twin, xs in het.items() for x in xs
+           for m in ("task_arithmetic", "fednova")]
+        + [((a, b), m, pair_lams) for a, b in conflicts for m in ("task_arithmetic", *FL_ROBUST)]
+        + [((a, b), "task_arithmetic", pair_lams) for a, b in pairs]))
+    log(f"tuning {len(jobs)} merges on validation (pairs, all fine-tunes at once, conflicts, training heterogeneity)")
+    chosen: dict[tuple, tuple[Setting, float]] = {}
+    for i, st in _map(session, _tune_job, [(*j, n_val) for j in jobs], [(LIVE_SPLIT, n_val)]):
+        chosen[jobs[i]] = st
+    sc.prefetch([st[0] for st in chosen.values()])
+
+    def tuned(models, method, lams):
+        return chosen[(tuple(models), method, lams)]
+
     log("pairs: task arithmetic, λ tuned on validation")
     rep["pairs"] = []
-    for a, b in itertools.combinations(primary, 2):
+    for a, b in pairs:
         row = sc.scored(*tuned([a, b], "task_arithmetic", pair_lams))
         i, j = sim.names.index(a), sim.names.index(b)
         row.update(cosine=float(sim.cosine[i, j]), sign_conflict=float(sim.sign_conflict[i, j]),
@@ -175,20 +248,26 @@ def measure(zoo: str | Path, n_val: int = N_VAL, n_test: int = N_TEST, lambdas: 
                                                   for m in ("task_arithmetic", *FL_ROBUST)))
 
     rep["training_heterogeneity"] = []
-    for twin, variant in variants.items():
-        if twin not in primary:
-            continue
-        het = [variant if n == twin else n for n in primary]
-        het_ta, het_nova = tuned(het, "task_arithmetic", group_lams), tuned(het, "fednova", group_lams)
-        entry = {"variant": variant, "twin": twin, "plain_task_arithmetic": rep["all"]["task_arithmetic"],
-                 "task_arithmetic": sc.scored(*het_ta), "fednova": sc.scored(*het_nova),
-                 "drop_interval": sc.interval(Setting.from_dict(rep["all"]["task_arithmetic"]), het_ta[0]),
-                 "recovery_interval": sc.interval(het_nova[0], het_ta[0])}
+    for twin, partners in het.items():
+        variant = variants[twin]
+        plain = [p for p in rep["pairs"] if twin in p["models"]]
+        pairs_of = {m: [sc.scored(*tuned([variant, x], m, pair_lams)) for x in partners]
+                    for m in ("task_arithmetic", "fednova")}
+        entry = {"variant": variant, "twin": twin, "partners": partners, "plain_task_arithmetic": sc.group(plain),
+                 **{m: sc.group(rows) for m, rows in pairs_of.items()}}
+        entry.update(_het_intervals(sc, entry))
         rep["training_heterogeneity"].append(entry)
-        log(f"  {variant} for {twin}: TA {entry['task_arithmetic']['test_normalized']:.3f}, "
-            f"FedNova {entry['fednova']['test_normalized']:.3f}")
+        log(f"  {variant} for {twin} in its pairs: TA {entry['plain_task_arithmetic']['test_normalized']:.3f} → "
+            f"{entry['task_arithmetic']['test_normalized']:.3f}, FedNova {entry['fednova']['test_normalized']:.3f}")
     session.close()
     return rep
+
+
+def _het_intervals(sc: _Scorer, h: Mapping[str, Any]) -> dict[str, list[float]]:
+    """The drop (plain − with the variant) and FedNova's recovery (FedNova − TA), pooled over the pairs."""
+    group = {k: [Setting.from_dict(r) for r in h[k]["pairs"]] for k in ("plain_task_arithmetic", "task_arithmetic", "fednova")}
+    return {"drop_interval": sc.interval(group["plain_task_arithmetic"], group["task_arithmetic"]),
+            "recovery_interval": sc.interval(group["fednova"], group["task_arithmetic"])}
 
 
 def rescore(zoo: str | Path, rep: Mapping[str, Any]) -> dict[str, Any]:
@@ -199,6 +278,9 @@ def rescore(zoo: str | Path, rep: Mapping[str, Any]) -> dict[str, Any]:
     session = _open(Path(zoo))
     sc = _Scorer(session, rep["n_test"])
     new = copy.deepcopy(dict(rep))
+    rows = [*rep["pairs"], *rep["all"].values(), *(c[k] for c in rep["conflict"] for k in ("task_arithmetic", *FL_ROBUST)),
+            *(r for h in rep["training_heterogeneity"] for k in ("task_arithmetic", "fednova") for r in h[k]["pairs"])]
+    sc.prefetch([Setting.from_dict(r) for r in rows])
 
     def again(row):
         return {**row, **sc.scored(Setting.from_dict(row), row.get("validation_normalized"))}
@@ -211,9 +293,9 @@ def rescore(zoo: str | Path, rep: Mapping[str, Any]) -> dict[str, Any]:
         for m in FL_ROBUST:
             c[m] = {**again(c[m]), "interval_vs_task_arithmetic": sc.interval(Setting.from_dict(c[m]), ta)}
     for h in new["training_heterogeneity"]:
-        plain, ta, nova = (Setting.from_dict(h[k]) for k in ("plain_task_arithmetic", "task_arithmetic", "fednova"))
-        h.update(plain_task_arithmetic=new["all"]["task_arithmetic"], task_arithmetic=again(h["task_arithmetic"]),
-                 fednova=again(h["fednova"]), drop_interval=sc.interval(plain, ta), recovery_interval=sc.interval(nova, ta))
+        for k in ("plain_task_arithmetic", "task_arithmetic", "fednova"):
+            h[k] = sc.group([again(r) for r in h[k]["pairs"]])
+        h.update(_het_intervals(sc, h))
     session.close()
     return new
 
@@ -264,7 +346,8 @@ def claims(rep: Mapping[str, Any]) -> list[dict[str, Any]]:
     for h in rep["training_heterogeneity"]:
         drop = h["plain_task_arithmetic"]["test_normalized"] - h["task_arithmetic"]["test_normalized"]
         rec = h["fednova"]["test_normalized"] - h["task_arithmetic"]["test_normalized"]
-        add(f"{h['variant']} in place of {h['twin']}: Task Arithmetic drops ≥ {T['hetero_drop']} (interval above 0)",
+        add(f"{h['variant']} in place of {h['twin']} in its pairs: Task Arithmetic drops ≥ {T['hetero_drop']} "
+            "(interval above 0)",
             f"{drop:.3f}, 95% interval [{h['drop_interval'][0]:+.3f}, {h['drop_interval'][1]:+.3f}]",
             drop >= T["hetero_drop"] and h["drop_interval"][0] > 0)
         dropped = drop >= T["hetero_drop"] and h["drop_interval"][0] > 0
@@ -338,14 +421,18 @@ def render_readme(rep: Mapping[str, Any], recipe: Mapping[str, Any]) -> str:
         conflict_rows.append("")
     het_rows = []
     for h in rep["training_heterogeneity"]:
-        het_rows += [f"`{h['variant']}` ({tr[h['variant']]['steps']} steps at lr {tr[h['variant']]['learning_rate']:g}) "
-                     f"in place of `{h['twin']}` ({tr[h['twin']]['steps']} steps at lr {tr[h['twin']]['learning_rate']:g}), "
-                     "all one-per-task fine-tunes merged:", "",
-                     "| merge | chosen on validation | test accuracy | normalized |", "|---|---|---|---:|"]
-        for label, r in (("Task Arithmetic, plain zoo", h["plain_task_arithmetic"]),
-                         (f"Task Arithmetic with {h['variant']}", h["task_arithmetic"]),
-                         (f"FedNova with {h['variant']}", h["fednova"])):
-            het_rows.append(f"| {label} | {_hyper(r)} | {_acc(r['test_accuracy'])} | {r['test_normalized']:.3f} |")
+        v, t = h["variant"], h["twin"]
+        het_rows += [f"`{v}` ({tr[v]['steps']} steps at lr {tr[v]['learning_rate']:g}, replay {tr[v].get('replay', 0)}) "
+                     f"in place of `{t}` ({tr[t]['steps']} steps at lr {tr[t]['learning_rate']:g}, replay "
+                     f"{tr[t].get('replay', 0)}) in its pairs with every other task; normalized test accuracy of each "
+                     "pair, λ chosen on validation:", "",
+                     f"| partner | Task Arithmetic, `{t}` | Task Arithmetic, `{v}` | FedNova, `{v}` |", "|---|---|---|---|"]
+        rows = zip(h["partners"], *(h[k]["pairs"] for k in ("plain_task_arithmetic", "task_arithmetic", "fednova")))
+        for x, *rs in rows:
+            het_rows.append(f"| `{x}` | " + " | ".join(f"{r['test_normalized']:.2f} ({_hyper(r)}; {_acc(r['test_accuracy'])})"
+                                                       for r in rs) + " |")
+        het_rows.append("| mean | " + " | ".join(f"**{h[k]['test_normalized']:.3f}**" for k in
+                                                   ("plain_task_arithmetic", "task_arithmetic", "fednova")) + " |")
         het_rows += ["", f"Drop of Task Arithmetic: 95% interval [{h['drop_interval'][0]:+.3f}, {h['drop_interval'][1]:+.3f}]; "
                      f"FedNova − Task Arithmetic: [{h['recovery_interval'][0]:+.3f}, {h['recovery_interval'][1]:+.3f}].", ""]
     claim_rows = ["| claim | measured | holds |", "|---|---|:-:|"]

@@ -33,7 +33,8 @@ def test_tiny_recipe_end_to_end(tmp_path):
         assert {"task", "steps", "learning_rate", "batch_size", "seed", "train_seconds"} <= set(rec)
         if name != "base":
             assert rec["base"] == "base" and 0 <= rec["test_accuracy"] <= 1 and 0 <= rec["validation_accuracy"] <= 1
-            assert rec["replay"] > 0  # fine-tunes replay the pretraining mixture
+            # one-per-task fine-tunes replay the pretraining mixture; the heterogeneous extra does not
+            assert (rec["replay"] > 0) == ("variant_of" not in rec)
         model = AutoModelForCausalLM.from_pretrained(out / name)
         tok = AutoTokenizer.from_pretrained(out / name)
         assert next(model.parameters()).dtype.is_floating_point and tok.pad_token_id == model.config.pad_token_id
@@ -47,7 +48,11 @@ def test_tiny_recipe_end_to_end(tmp_path):
     assert [c["pair"] for c in report["conflict"]] == zoo["conflicts"]
     het = report["training_heterogeneity"]
     assert [(h["variant"], h["twin"]) for h in het] == [("reverse-long", "reverse")]
-    assert len(het[0]["drop_interval"]) == 2 and het[0]["fednova"]["models"][0] == "reverse-long"
+    assert len(het[0]["drop_interval"]) == 2 and len(het[0]["recovery_interval"]) == 2
+    partners = [n for n in report["primary"] if n != "reverse"]
+    assert het[0]["partners"] == partners  # reverse-long in place of reverse in each of reverse's pairs
+    assert [r["models"] for r in het[0]["fednova"]["pairs"]] == [["reverse-long", x] for x in partners]
+    assert [r["models"] for r in het[0]["plain_task_arithmetic"]["pairs"]] == [["reverse", x] for x in partners]
     assert {c["claim"] for c in report["claims"]} and all(isinstance(c["ok"], bool) for c in report["claims"])
     readme = (out / "README.md").read_text()
     assert readme.startswith("# Built-in model zoo") and readme.endswith("\n") and "$" not in readme
@@ -84,3 +89,19 @@ def test_pretraining_mixture_never_shows_a_task_keyword():
         unknown += answer == UNKNOWN
     assert set(BASE_FORMS.values()) <= seen_forms and set(BASE_FORMS) == set(TASKS)
     assert 0.1 < unknown / 3000 < 0.4
+
+
+@pytest.mark.slow  # measures the shipped zoo twice (small splits): ~1 min
+def test_zoo_measurements_in_forked_processes_equal_one_process(monkeypatch):
+    """measure() tunes its merges and scores the chosen ones in forked processes: the same report as
+    one process, on the shipped zoo (small splits and λ grid to keep it quick)."""
+    from evaluation.zoo_report import measure
+
+    zoo = ROOT / "assets" / "zoo"
+    reports = []
+    for workers in ("1", "2"):
+        monkeypatch.setenv("FEDMERGE_SEARCH_WORKERS", workers)
+        reports.append(measure(zoo, n_val=4, n_test=12, lambdas=(0.4, 1.0), log=lambda *a: None))
+    one, two = reports
+    assert json.dumps(two, sort_keys=True) == json.dumps(one, sort_keys=True)
+    assert max(p["test_normalized"] for p in one["pairs"]) > 0.5  # real merges, not an all-zero report
