@@ -101,6 +101,20 @@ def forked_map(n: int, fn: Callable[[Any, Any], Any], items: Sequence[Any], stat
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def session_map(session, fn: Callable[[Any, Any], Any], jobs: Sequence[Any],
+                references: Sequence[tuple[str, int]] = (), workers: int | None = None) -> Iterator[tuple[int, Any]]:
+    """(index, fn(session, job)) for every job: in forked one-thread processes where `fork_workers`
+    says it helps, else one after the other in this process. The selected fine-tunes' reference
+    scores (`references`: (split, n) pairs) are computed first, once, so every child inherits them."""
+    n = fork_workers(session.model_bytes(), len(jobs), workers)
+    if n < 2:
+        yield from ((i, fn(session, job)) for i, job in enumerate(jobs))
+        return
+    for split, k in references:
+        session.finetuned_accuracy(split, k)
+    yield from forked_map(n, fn, jobs, session, session.fork_locks())
+
+
 def require_ray():
     """The ray module, or the one-line error saying how to install it."""
     try:

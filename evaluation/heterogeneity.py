@@ -24,7 +24,7 @@ from merging.plan import layer_of
 from merging.progress import Progress
 from merging.similarity import SimilarityReport
 
-from .distributed import fork_workers, forked_map
+from .distributed import session_map
 from .harness import evaluate, normalized
 from .live_merge import MergeSettings
 from .scorer import LIVE_SPLIT, ScratchModel
@@ -190,19 +190,10 @@ def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 12, n_te
     label = lambda g: f"{groups_idx[g][0]} {'+'.join(names[i] for i in groups_idx[g][1])}"  # noqa: E731
     scored: dict[int, tuple[dict, dict]] = {}
     try:
-        n = fork_workers(session.model_bytes(), len(jobs), workers)
-        if n > 1:
-            session.finetuned_accuracy(LIVE_SPLIT, n_val)  # every member's reference scores: computed once, inherited
-            session.finetuned_accuracy("test", n_test)
-            for g, result in forked_map(n, _score_group, jobs, session, session.fork_locks()):
-                scored[g] = result
-                if progress:
-                    progress(len(scored) / (len(jobs) + 1), f"{label(g)} ({len(scored)} of {len(jobs)} groups)")
-        else:
-            for g, job in enumerate(jobs):
-                scored[g] = _score_group(session, job)
-                if progress:
-                    progress((g + 1) / (len(jobs) + 1), label(g))
+        for g, result in session_map(session, _score_group, jobs, [(LIVE_SPLIT, n_val), ("test", n_test)], workers):
+            scored[g] = result
+            if progress:
+                progress(len(scored) / (len(jobs) + 1), f"{label(g)} ({len(scored)} of {len(jobs)} groups)")
         groups: list[GroupResult] = []
         for g, (kind, idx) in enumerate(groups_idx):
             drop, setting = scored[g]

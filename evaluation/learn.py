@@ -30,11 +30,13 @@ def learn_markdown(scenarios: Sequence[Scenario] = ()) -> str:
         "* **Training heterogeneity**: fine-tunes ran different numbers of steps or learning rates. Plain "
         "averaging silently over-weights the longest-trained client: compare the task-vector norms with the "
         "steps and learning rates (the zoo's `reverse-long` ran 1600 steps at twice the learning rate of "
-        "`reverse`'s 300). FedNova divides each update by its steps.",
+        "`reverse`'s 300, and without the replay the other fine-tunes used). FedNova divides each update by its steps.",
         "* **What this zoo shows** (measured, assets/zoo/README.md): fine-tunes with their own keyword merge in "
         "pairs; `sort` and `sort_desc` share the keyword `sort` but sort in opposite directions, a conflict "
-        "no merge can fully solve, where centered clipping keeps more than Task Arithmetic; all seven at once "
-        "still lose most of their skill with every aggregator.",
+        "no merge can fully solve, where centered clipping keeps more than Task Arithmetic; `reverse-long` in "
+        "place of `reverse` takes over its pairs under Task Arithmetic (the other task drops to about 0%), and "
+        "FedNova wins some of that back in a few pairs only, because the long client changed the model on other "
+        "prompts too, not just by more; all seven at once still lose most of their skill with every aggregator.",
         "",
         "In every method below the merged model is θ₀ + λ·U, with U built from the weighted updates uᵢ = wᵢ·τᵢ. "
         "Each method has its own best λ: FedNova and the coordinate-wise median average the K updates instead of "

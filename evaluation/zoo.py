@@ -32,6 +32,7 @@ from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, encode, save_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "assets" / "zoo"
+KEPT = ("scenarios.json",)  # carried over by a rebuild (the workshop scenarios, written by hand)
 
 
 @dataclass(frozen=True)
@@ -495,6 +496,9 @@ def build_zoo(out: Path | str = DEFAULT_OUT, cfg: ZooConfig = FULL, log=print, w
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if write_readme:
         (work / "README.md").write_text(render_readme(report, recipe_facts(cfg)))
+    for name in KEPT:  # hand-written files that belong to the zoo but are not built
+        if (out / name).exists():
+            shutil.copy2(out / name, work / name)
     old = out.with_name(out.name + ".old")
     if out.exists():
         out.rename(old)

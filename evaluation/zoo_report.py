@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .distributed import session_map
 from .harness import evaluate
 from .scorer import LIVE_SPLIT
 
@@ -108,7 +109,8 @@ class _Scorer:
 
     def prefetch(self, settings: Sequence[Setting]) -> None:
         todo = list(dict.fromkeys(s for s in settings if s not in self._hits))
-        for i, h in _map(self.session, _hits_job, [(s, self.n_test) for s in todo], [("test", self.n_test)]):
+        self.session.select(list(range(len(self.session.specs))))  # every model's reference scores, once
+        for i, h in session_map(self.session, _hits_job, [(s, self.n_test) for s in todo], [("test", self.n_test)]):
             self._hits[todo[i]] = h
 
     def hits(self, setting: Setting) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -150,24 +152,6 @@ def _hits_job(session, job: tuple[Setting, int]):
 
 def _tune_job(session, job: tuple[tuple[str, ...], str, tuple[float, ...], int]) -> tuple[Setting, float]:
     return tune(session, *job)
-
-
-def _map(session, fn, jobs: Sequence[Any], references: Sequence[tuple[str, int]]):
-    """(index, fn(session, job)) for every job: in forked one-thread processes where that helps
-    (`distributed.fork_workers`), else one after the other. The fine-tunes' reference scores of
-    every model are computed first, once, so the children inherit them."""
-    from .distributed import fork_workers, forked_map
-
-    n = fork_workers(session.model_bytes(), len(jobs))
-    if n < 2:
-        yield from ((i, fn(session, job)) for i, job in enumerate(jobs))
-        return
-    selected = list(session.selected)
-    session.select(list(range(len(session.specs))))
-    for split, k in references:
-        session.finetuned_accuracy(split, k)
-    session.select(selected)
-    yield from forked_map(n, fn, jobs, session, session.fork_locks())
 
 
 def _open(zoo: Path):
@@ -213,7 +197,7 @@ def measure(zoo: str | Path, n_val: int = N_VAL, n_test: int = N_TEST, lambdas: 
         + [((a, b), "task_arithmetic", pair_lams) for a, b in pairs]))
     log(f"tuning {len(jobs)} merges on validation (pairs, all fine-tunes at once, conflicts, training heterogeneity)")
     chosen: dict[tuple, tuple[Setting, float]] = {}
-    for i, st in _map(session, _tune_job, [(*j, n_val) for j in jobs], [(LIVE_SPLIT, n_val)]):
+    for i, st in session_map(session, _tune_job, [(*j, n_val) for j in jobs], [(LIVE_SPLIT, n_val)]):
         chosen[jobs[i]] = st
     sc.prefetch([st[0] for st in chosen.values()])
 

@@ -20,9 +20,12 @@ def test_tiny_recipe_end_to_end(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "zoo"
+    out.mkdir()
+    (out / "scenarios.json").write_text('{"scenarios": []}\n')  # hand-written: a rebuild keeps it
     subprocess.run([sys.executable, "-m", "evaluation", "build-zoo", "--tiny", "--out", str(out)], cwd=ROOT,
                    check=True, capture_output=True, text=True, timeout=300)
     assert not (tmp_path / "zoo.building").exists() and not (tmp_path / "zoo.old").exists()
+    assert (out / "scenarios.json").read_text() == '{"scenarios": []}\n'
     zoo = json.loads((out / "zoo.json").read_text())
     folders = [zoo["base"]["folder"]] + [f["folder"] for f in zoo["finetunes"]]
     assert {f["task"] for f in zoo["finetunes"]} == set(TASKS)
