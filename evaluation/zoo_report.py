@@ -336,8 +336,8 @@ def claims(rep: Mapping[str, Any]) -> list[dict[str, Any]]:
             drop >= T["hetero_drop"] and h["drop_interval"][0] > 0)
         dropped = drop >= T["hetero_drop"] and h["drop_interval"][0] > 0
         add(f"{h['variant']}: FedNova recovers ≥ {T['hetero_recover']:.0%} of that drop (interval above 0)",
-            (f"{rec / drop:.0%} of it" if dropped else f"no drop to recover; FedNova − TA {rec:+.3f}, 95% interval "
-             f"[{h['recovery_interval'][0]:+.3f}, {h['recovery_interval'][1]:+.3f}]"),
+            (f"{rec / drop:.0%} of it; " if dropped else "no drop to recover; ") + f"FedNova − TA {rec:+.3f}, 95% "
+            f"interval [{h['recovery_interval'][0]:+.3f}, {h['recovery_interval'][1]:+.3f}]",
             dropped and rec >= T["hetero_recover"] * drop and h["recovery_interval"][0] > 0)
     if "size_mb" in rep:
         add(f"the zoo takes ≤ {T['size_mb']:.0f} MB", f"{rep['size_mb']:.1f} MB", rep["size_mb"] <= T["size_mb"])
