@@ -21,7 +21,7 @@ from merging.progress import Progress
 from merging.errors import MergeError
 from merging.registry import AGGREGATORS
 
-from .distributed import fork_workers, forked_map
+from .distributed import fork_workers, forked_map, session_map
 from .grouped import GroupedModel, group_size, supports
 from .harness import evaluate, evaluate_grouped, normalized
 from .live_merge import describe
@@ -280,15 +280,13 @@ def compare_all(session, methods: Sequence[str] | None = None, weights: Sequence
     kw = dict(weights=weights, lambdas=QUICK_LAMBDAS if quick else LAMBDAS, quick=quick, n_val=n_val, n_test=n_test)
     n = fork_workers(session.model_bytes(), len(methods), workers)
     if n > 1:
-        session.finetuned_accuracy(LIVE_SPLIT, n_val or SEARCH_N)  # reference scores: computed once, inherited
-        session.finetuned_accuracy("test", n_test)
         # Longest grids first, so no process is left with a long search after the others are done.
         norms = session.stack.update_norms(torch.ones(k) if weights is None else torch.tensor(weights),
                                            list(session.selected)).tolist()
         order = sorted(range(len(methods)), key=lambda i: -len(hyper_grid(methods[i], norms, quick)))
         found: dict[int, SearchResult | str] = {}
-        for j, r in forked_map(n, _search_or_reason, [(methods[i], kw) for i in order], session,
-                               session.fork_locks()):
+        refs = [(LIVE_SPLIT, n_val or SEARCH_N), ("test", n_test)]
+        for j, r in session_map(session, _search_or_reason, [(methods[i], kw) for i in order], refs, n):
             found[order[j]] = r
             if progress:
                 progress(len(found) / len(methods), f"{methods[order[j]]} tuned ({len(found)} of {len(methods)} methods)")
