@@ -102,7 +102,7 @@ def test_compare_all_in_forked_processes_equals_one_after_the_other(zoo_session)
 
 def test_search_with_its_settings_in_forked_processes_equals_one_process(zoo_session):
     """One search's hyperparameter settings scored in two forked processes (auto-tune's grid): every
-    score, curve, skipped setting and the choice equal the one-process search."""
+    score, curve and the choice equal the one-process search."""
     import numpy as np
 
     from evaluation.search import search
