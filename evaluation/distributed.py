@@ -1,11 +1,12 @@
 """Searches spread over worker processes: forked local processes, or Ray workers (optional:
 `pip install -r requirements-ray.txt`).
 
-Local (`forked_map`): independent searches (compare-all's methods) run in forked copies of this
-process with one thread each. On the zoo one search's forward passes already use two threads well,
-but its Python dispatch and merge updates do not: two one-thread processes finish compare-all
-faster than one process with two threads (bench/RESULTS.md). The children share the loaded stack
-copy-on-write and exit with the call, so nothing outlives it.
+Local (`forked_map`, and `session_map` over a session): independent searches (a search's
+settings, compare-all's methods, the heterogeneity study's groups, the zoo report's merges) run in
+forked copies of this process with one thread each. On the zoo one search's forward passes already
+use two threads well, but its Python dispatch and merge updates do not: two one-thread processes
+finish these faster than one process with two threads (bench/RESULTS.md). The children share the
+loaded stack copy-on-write and exit with the call, so nothing outlives it.
 
 Ray: each worker is a Ray actor holding its own `Session` on the same base and fine-tunes (loaded once,
 then reused by every search of the process); the driver cuts the (setting × λ) grid into pieces,
