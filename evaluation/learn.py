@@ -34,9 +34,11 @@ def learn_markdown(scenarios: Sequence[Scenario] = ()) -> str:
         "* **What this zoo shows** (measured, assets/zoo/README.md): fine-tunes with their own keyword merge in "
         "pairs; `sort` and `sort_desc` share the keyword `sort` but sort in opposite directions, a conflict "
         "no merge can fully solve, where centered clipping keeps more than Task Arithmetic; `reverse-long` in "
-        "place of `reverse` takes over its pairs under Task Arithmetic (the other task drops to about 0%), and "
-        "FedNova wins some of that back in a few pairs only, because the long client changed the model on other "
-        "prompts too, not just by more; all seven at once still lose most of their skill with every aggregator.",
+        "place of `reverse` takes over its pairs under Task Arithmetic (the other task drops to about 0%). Its task "
+        "vector is about 5× `reverse`'s norm after 5.3× the steps (Heterogeneity tab, norms), so FedNova's division "
+        "by the steps gives it the right size; yet FedNova wins the drop back in a few pairs only, because without "
+        "replay the long client also changed the model's answers to other prompts: a change of direction, which "
+        "no rescaling undoes. All seven at once still lose most of their skill with every aggregator.",
         "",
         "In every method below the merged model is θ₀ + λ·U, with U built from the weighted updates uᵢ = wᵢ·τᵢ. "
         "Each method has its own best λ: FedNova and the coordinate-wise median average the K updates instead of "

@@ -108,3 +108,26 @@ def test_zoo_measurements_in_forked_processes_equal_one_process(monkeypatch):
     one, two = reports
     assert json.dumps(two, sort_keys=True) == json.dumps(one, sort_keys=True)
     assert max(p["test_normalized"] for p in one["pairs"]) > 0.5  # real merges, not an all-zero report
+
+
+def test_long_client_update_grows_with_its_steps():
+    """The Learn tab's premise for FedNova on the shipped zoo: `reverse-long`'s task vector is ~5× the
+    norm of `reverse`'s for 5.3× the steps (FedNova's rescaling gets its size right)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from evaluation.pool import zoo_dir
+
+    zoo = zoo_dir()
+    base = load_file(str(zoo / "base" / "model.safetensors"))
+
+    def norm_and_steps(name):
+        ft = load_file(str(zoo / name / "model.safetensors"))
+        n = torch.sqrt(sum(((ft[k].double() - base[k].double()) ** 2).sum() for k in base)).item()
+        return n, json.loads((zoo / name / "training.json").read_text())["steps"]
+
+    (n_long, k_long), (n_twin, k_twin) = norm_and_steps("reverse-long"), norm_and_steps("reverse")
+    assert k_long / k_twin > 5
+    assert 0.8 < (n_long / n_twin) / (k_long / k_twin) < 1.25  # size ∝ steps, within 25%
