@@ -63,7 +63,7 @@ class ZooConfig:
     pretrain_seed: int = 0
     # the thread count is part of the recipe (another count rounds differently: another base). On the full
     # recipe 2 threads take 0.45 s a step against 0.66 s for 1 (measured 2026-11-29; a full 2-thread rebuild:
-    # pretraining 907 s, claims as shipped); the shipped zoo was built with 1
+    # pretraining 907 s, the same claims met and missed); the shipped zoo was built with 1
     pretrain_threads: int = 1
     pretrain_skill_batch: int = 32  # auxiliary prompt-format skills per step (answer-only loss); 0 = sentences only
     workers: int = 2
