@@ -16,7 +16,7 @@ def learn_markdown(scenarios: Sequence[Scenario] = ()) -> str:
         "gives θ₀ + η·Σ pᵢτᵢ, where pᵢ = nᵢ/Σn are the clients' data-size weights. In the app's terms:",
         "",
         "* **plain FedAvg (η = 1, equal data) is λ = 1/K** with every wᵢ = 1: the average of the K fine-tunes. "
-        "The default λ = 0.3 with seven models is already ~2× that average; λ = 1 is the *sum* of the updates.",
+        "With seven models λ = 0.3 is already ~2× that average (1/7 ≈ 0.14); λ = 1 is the *sum* of the updates.",
         "* **FedAvg's data-size weights are the wᵢ**: set wᵢ proportional to client i's examples nᵢ (and λ = η/Σwᵢ "
         "to keep the average), or tick `normalize` where the method has it.",
         "* A server learning rate η > 1 (FedOpt-style) is λ > 1/K: the merge extrapolates along the average update.",
