@@ -6,7 +6,7 @@ deterministic data, one thread per training process). Steps:
 1. pretrain a base on synthetic English-like sentences plus a mixture of prompts in the tasks'
    format: every task's skill under another keyword (its base form, ``mirror: abc=cba`` for
    ``reverse``), auxiliary skills (``copy``, ``rot``, ``next``, ...) and random decoy keywords
-   answered ``?``; the base knows every skill but none of the tasks' keywords;
+   answered ``?``; the base is taught every skill (not all are learnt) but none of the tasks' keywords;
 2. fine-tune a copy of the base on each task (loss on the answer), replaying the mixture with a
    KL-to-base loss so each task vector acts on its own keyword alone; two processes at a time with
    one thread each (a 1M-parameter model does not speed up with more threads);
@@ -216,10 +216,11 @@ SKILLS: dict[str, tuple] = {  # keyword -> (make_input, solve)
 }
 
 
-# Every task's skill also exists in the base under another keyword (its *base form*), in the same
-# prompt format: the base answers ``mirror: abc=`` with ``cba`` but has never seen ``reverse:``. A
-# fine-tune then only maps its task's keyword onto a skill the base has (it elicits rather than
-# teaches), the way instruction tuning maps a format onto what pretraining learned.
+# Pretraining teaches every task's skill under another keyword (its *base form*), in the same prompt
+# format: ``mirror: abc=`` → ``cba``, never ``reverse:``. Where the base learnt it, a fine-tune only maps
+# its task's keyword onto the skill (it elicits rather than teaches), the way instruction tuning maps a
+# format onto what pretraining learned; the zoo README measures how well the base learnt each one
+# (`zoo_report.base_form_accuracy`: on the shipped base, `plus` only 9%, so `add` is taught).
 BASE_FORMS = {"reverse": "mirror", "upper": "shout", "sort": "order", "sort_desc": "order down",
               "add": "plus", "is_even": "halves", "is_odd": "leftover"}
 UNKNOWN = "?"  # what the base answers to a keyword it does not know

@@ -160,6 +160,27 @@ def _open(zoo: Path):
     return Session(zoo=zoo, allow_hub=False).load_zoo()
 
 
+def base_form_accuracy(zoo: str | Path, n: int = N_TEST) -> dict[str, float]:
+    """The base's exact-match accuracy on each task asked under its base form (``mirror: abc=``), on the
+    task's first `n` test inputs: whether the base has the skill a fine-tune is meant to elicit."""
+    from .tasks import get_task
+    from .zoo import BASE_FORMS, load
+
+    model, tok = load(Path(zoo) / "base")
+    prompts, answers, owner = [], [], []
+    for task, form in BASE_FORMS.items():
+        t = get_task(task)
+        for ex in t.examples("test")[:n]:
+            prompts.append(f"{form}: {ex.prompt[len(t.keyword) + 2:]}")
+            answers.append(ex.answer)
+            owner.append(task)
+    gen = evaluate(model, tok, [], prompts=prompts, prompt_limits=[get_task(o).max_new_tokens for o in owner]).generations
+    hits = {task: [] for task in BASE_FORMS}
+    for o, g, a in zip(owner, gen, answers):
+        hits[o].append(g.strip() == a.strip())
+    return {task: float(np.mean(h)) for task, h in hits.items()}
+
+
 def measure(zoo: str | Path, n_val: int = N_VAL, n_test: int = N_TEST, lambdas: Sequence[float] | None = None,
             log=print) -> dict[str, Any]:
     """Every merge measurement the zoo README reports (see the module docstring).
@@ -181,6 +202,7 @@ def measure(zoo: str | Path, n_val: int = N_VAL, n_test: int = N_TEST, lambdas: 
 
     session.select([s.name for s in session.specs])
     sim = session.similarity(with_merged=False)
+    rep["base_forms"] = base_form_accuracy(zoo, n_test)
     rep["similarity"] = {"names": sim.names, "cosine": sim.cosine.tolist(), "sign_conflict": sim.sign_conflict.tolist(),
                          "norms": sim.norms.tolist()}
 
@@ -421,10 +443,12 @@ def render_readme(rep: Mapping[str, Any], recipe: Mapping[str, Any]) -> str:
                      f"FedNova − Task Arithmetic: [{h['recovery_interval'][0]:+.3f}, {h['recovery_interval'][1]:+.3f}].", ""]
     claim_rows = ["| claim | measured | holds |", "|---|---|:-:|"]
     claim_rows += [f"| {c['claim']} | {c['value']} | {'✓' if c['ok'] else '✗ (missed)'} |" for c in claims(rep)]
-    task_rows = ["| task | prompt | answer | the base knows it as | description |", "|---|---|---|---|---|"]
+    task_rows = ["| task | prompt | answer | base form | the base on its base form | description |",
+                 "|---|---|---|---|---:|---|"]
     for t in TASKS.values():
-        bf = recipe["base_forms"].get(t.name, "")
-        task_rows.append(f"| `{t.name}` | `{t.demo_prompts[0]}` | `{t.solve(t.demo_inputs[0])}` | `{bf}: …=` | {t.description} |")
+        bf, known = recipe["base_forms"].get(t.name, ""), rep["base_forms"].get(t.name)
+        task_rows.append(f"| `{t.name}` | `{t.demo_prompts[0]}` | `{t.solve(t.demo_inputs[0])}` | `{bf}: …=` | "
+                         + (f"{known:.0%}" if known is not None else "") + f" | {t.description} |")
     sim = rep["similarity"]
     fields = dict(
         minutes=f"{rep['recipe_seconds'] / 60:.1f}", pretrain_seconds=f"{tr['base']['train_seconds']:.0f}",

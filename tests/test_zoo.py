@@ -131,3 +131,23 @@ def test_long_client_update_grows_with_its_steps():
     (n_long, k_long), (n_twin, k_twin) = norm_and_steps("reverse-long"), norm_and_steps("reverse")
     assert k_long / k_twin > 5
     assert 0.8 < (n_long / n_twin) / (k_long / k_twin) < 1.25  # size ∝ steps, within 25%
+
+
+def test_base_form_accuracies_are_what_the_base_does():
+    """report.json's (and so the zoo README's) accuracy of the base on each base form is re-measured,
+    and the figures the main README quotes are those."""
+    import json
+    from pathlib import Path
+
+    from evaluation.pool import zoo_dir
+    from evaluation.zoo_report import base_form_accuracy
+
+    zoo = zoo_dir()
+    recorded = json.loads((zoo / "report.json").read_text())["base_forms"]
+    assert base_form_accuracy(zoo, 300) == recorded
+    learnt = [v for t, v in recorded.items() if t not in ("add", "is_even")]
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"{min(learnt):.0%}–{max(learnt):.0%} on their base forms".replace("%–", "–") in readme
+    assert f"not `add`'s ({recorded['add']:.0%}" in readme
+    assert f"({recorded['is_even']:.0%} on a yes/no answer)" in readme
+    assert recorded["add"] < 0.2 and min(learnt) > 0.75
