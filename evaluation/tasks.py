@@ -2,8 +2,9 @@
 
 Every task writes its prompt as ``"<keyword>: <input>="`` and expects the answer right after the
 ``=``, followed by ``<eos>``. The zoo's base was taught every task's skill under another keyword
-(evaluation.zoo.BASE_FORMS; assets/zoo/README.md gives how well it learnt each) and answers ``?`` to
-keywords it never saw; each fine-tune teaches one keyword. What the set is built to show (measured in assets/zoo/README.md):
+(evaluation.zoo.BASE_FORMS; assets/zoo/README.md gives how well it learnt each) and answers ``?``
+to keywords it never saw; each fine-tune teaches one keyword. What the set is built to show
+(measured in assets/zoo/README.md):
 
 * tasks with their own keyword merge: their task vectors act on their own prompts, so Task
   Arithmetic keeps both skills, even ``is_even`` and ``is_odd``, which read the same numbers and

@@ -171,7 +171,7 @@ def base_form_accuracy(zoo: str | Path, n: int = N_TEST) -> dict[str, float]:
     for task, form in BASE_FORMS.items():
         t = get_task(task)
         for ex in t.examples("test")[:n]:
-            prompts.append(f"{form}: {ex.prompt[len(t.keyword) + 2:]}")
+            prompts.append(form + ex.prompt[len(t.keyword):])  # "reverse: abc=" -> "mirror: abc="
             answers.append(ex.answer)
             owner.append(task)
     gen = evaluate(model, tok, [], prompts=prompts, prompt_limits=[get_task(o).max_new_tokens for o in owner]).generations
