@@ -20,6 +20,7 @@ import numpy as np
 from .distributed import session_map
 from .harness import evaluate
 from .scorer import LIVE_SPLIT
+from .tasks import Task, get_task
 
 PAIR_LAMBDAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(2, 21))  # 0.2 … 2.0
 ALL_METHODS = ("task_arithmetic", "fednova", "fedgma", "median", "cclip", "ties")
@@ -57,7 +58,7 @@ def hits(session, setting: Setting, n: int = N_TEST) -> tuple[dict[str, np.ndarr
     out = {}
     for t in session.tasks:
         exs = res.examples[t]
-        out[t] = np.array([p.strip() == e.answer.strip() for p, e in zip(res.predictions[t], exs)], dtype=float)
+        out[t] = np.array([Task.score(p, e.answer) for p, e in zip(res.predictions[t], exs)], dtype=float)
     return out, own
 
 
@@ -163,21 +164,20 @@ def _open(zoo: Path):
 def base_form_accuracy(zoo: str | Path, n: int = N_TEST) -> dict[str, float]:
     """The base's exact-match accuracy on each task asked under its base form (``mirror: abc=``), on the
     task's first `n` test inputs: whether the base has the skill a fine-tune is meant to elicit."""
-    from .tasks import get_task
     from .zoo import BASE_FORMS, load
 
     model, tok = load(Path(zoo) / "base")
     prompts, answers, owner = [], [], []
     for task, form in BASE_FORMS.items():
         t = get_task(task)
-        for ex in t.examples("test")[:n]:
+        for ex in t.examples("test", n):
             prompts.append(form + ex.prompt[len(t.keyword):])  # "reverse: abc=" -> "mirror: abc="
             answers.append(ex.answer)
             owner.append(task)
     gen = evaluate(model, tok, [], prompts=prompts, prompt_limits=[get_task(o).max_new_tokens for o in owner]).generations
     hits = {task: [] for task in BASE_FORMS}
     for o, g, a in zip(owner, gen, answers):
-        hits[o].append(g.strip() == a.strip())
+        hits[o].append(Task.score(g, a))
     return {task: float(np.mean(h)) for task, h in hits.items()}
 
 
@@ -446,9 +446,8 @@ def render_readme(rep: Mapping[str, Any], recipe: Mapping[str, Any]) -> str:
     task_rows = ["| task | prompt | answer | base form | the base on its base form | description |",
                  "|---|---|---|---|---:|---|"]
     for t in TASKS.values():
-        bf, known = recipe["base_forms"].get(t.name, ""), rep["base_forms"].get(t.name)
-        task_rows.append(f"| `{t.name}` | `{t.demo_prompts[0]}` | `{t.solve(t.demo_inputs[0])}` | `{bf}: …=` | "
-                         + (f"{known:.0%}" if known is not None else "") + f" | {t.description} |")
+        task_rows.append(f"| `{t.name}` | `{t.demo_prompts[0]}` | `{t.solve(t.demo_inputs[0])}` | "
+                         f"`{recipe['base_forms'][t.name]}: …=` | {rep['base_forms'][t.name]:.0%} | {t.description} |")
     sim = rep["similarity"]
     fields = dict(
         minutes=f"{rep['recipe_seconds'] / 60:.1f}", pretrain_seconds=f"{tr['base']['train_seconds']:.0f}",
