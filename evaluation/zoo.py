@@ -221,6 +221,10 @@ SKILLS: dict[str, tuple] = {  # keyword -> (make_input, solve)
 # its task's keyword onto the skill (it elicits rather than teaches), the way instruction tuning maps a
 # format onto what pretraining learned; the zoo README measures how well the base learnt each one
 # (`zoo_report.base_form_accuracy`: on the shipped base, `plus` only 9%, so `add` is taught).
+# Tried 2026-11-29 and not adopted: drawing `plus` 3× and `halves` 2× as often (skill batch 128, 2 threads)
+# taught the base plus 80% and halves 100% and shrank add's task vector (norm 5.17 → 3.20); pairs rose to
+# 0.904, but all seven at once stayed at 0.248 (best aggregator 0.341), sort's fine-tune fell to 92% and
+# the rebuild took 30.8 min: the all-seven merge is not bound by `add` having to teach arithmetic.
 BASE_FORMS = {"reverse": "mirror", "upper": "shout", "sort": "order", "sort_desc": "order down",
               "add": "plus", "is_even": "halves", "is_odd": "leftover"}
 UNKNOWN = "?"  # what the base answers to a keyword it does not know
