@@ -21,6 +21,7 @@ for _k, _v in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_OFFLINE", "1"), (
 
 import functools  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import threading  # noqa: E402
 from functools import partial  # noqa: E402
@@ -30,7 +31,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from evaluation import heterogeneity, landscape, limits, plots, scenarios  # noqa: E402
+from evaluation import heterogeneity, landscape, limits, plots, scenarios, task_count  # noqa: E402
 from evaluation.learn import learn_markdown  # noqa: E402
 from evaluation.playground import (DEFAULT_LAMBDA, DEFAULT_METHOD, LAMBDA_RANGE, OUTPUTS_CSS,  # noqa: E402
                                    PANEL_CSS, PANEL_JS, Cancelled, Playground, View, add_model, method_label,
@@ -325,7 +326,7 @@ def hetero(pg: Playground | None, layer_name: str, metric_name: str) -> list:
 # ---------------------------------------------------------------------------- long jobs
 
 @_guard
-def job_estimate(pg: Playground | None, kind: str, methods: list[str] | None = None) -> str:
+def job_estimate(pg: Playground | None, kind: str, methods: list[str] | None = None, per_size: Any = None) -> str:
     """Before a long job: how many merges, about how long, and that Cancel stops it."""
     pg = ensure(pg)
     k = len(pg.selected)
@@ -337,6 +338,11 @@ def job_estimate(pg: Playground | None, kind: str, methods: list[str] | None = N
         n, n_val = len(landscape.GRID) ** 2, None
     elif kind == "study":
         groups = k * (k - 1) // 2 + (k if k > 2 else 0)
+        m = len([x for x in (methods or heterogeneity.DEFAULT_METHODS) if AGGREGATORS[x].max_models is None])
+        n, n_val = groups * m * (len(heterogeneity.STUDY_LAMBDAS) + 1), 12
+    elif kind == "task_count":
+        per = _per_size(per_size)
+        groups = sum(min(math.comb(k, j), per) for j in range(2, k + 1))
         m = len([x for x in (methods or heterogeneity.DEFAULT_METHODS) if AGGREGATORS[x].max_models is None])
         n, n_val = groups * m * (len(heterogeneity.STUDY_LAMBDAS) + 1), 12
     else:
@@ -437,15 +443,46 @@ def do_landscape(pg: Playground, progress=gr.Progress()) -> list:
     return [landscape.to_html(ls), f"Landscape of **{ls.names[0]}** × **{ls.names[1]}**: {ls.seconds:.1f} s."]
 
 
-@_guard
-def do_study(pg: Playground | None, methods_chosen: list[str], progress=gr.Progress()) -> list:
-    """The heterogeneity study on the current selection (stoppable between its searches)."""
+def _per_size(value: Any) -> int:
+    return int(limits.check_number("groups per size", value, 1, task_count.MAX_PER_SIZE))
+
+
+def _study_methods(methods_chosen: Any) -> list[str]:
+    """The aggregators ticked for the study or the curve: known names, those that take any number of models."""
     if not isinstance(methods_chosen, (list, tuple)):
         raise MergeError("aggregators: expected a list of aggregator names")
     methods_chosen = [limits.check_method(m) for m in methods_chosen]  # before any work
     methods_chosen = [m for m in methods_chosen if AGGREGATORS[m].max_models is None]
     if not methods_chosen:
-        return [gr.skip(), warn(MergeError("choose at least one aggregator that takes any number of models"))]
+        raise MergeError("choose at least one aggregator that takes any number of models")
+    return methods_chosen
+
+
+@_guard
+def do_task_count(pg: Playground | None, methods_chosen: list[str], per_size: Any, progress=gr.Progress()) -> list:
+    """How many tasks one merge holds, on the current selection (stoppable between its searches)."""
+    try:
+        methods_chosen, per = _study_methods(methods_chosen), _per_size(per_size)
+    except MergeError as exc:
+        return [gr.skip(), warn(exc)]
+    pg = ensure(pg)
+    try:
+        curve = _job(pg, "task-count curve", lambda tick: task_count.run(pg.session, methods_chosen, per_size=per,
+                                                                          progress=tick), progress, check=False)
+    except Cancelled:
+        return [gr.skip(), "Cancelled: the curve stopped; the selection is as it was."]
+    except Exception as exc:
+        return [gr.skip(), warn(exc)]
+    return [task_count.figure(curve), task_count.to_markdown(curve)]
+
+
+@_guard
+def do_study(pg: Playground | None, methods_chosen: list[str], progress=gr.Progress()) -> list:
+    """The heterogeneity study on the current selection (stoppable between its searches)."""
+    try:
+        methods_chosen = _study_methods(methods_chosen)
+    except MergeError as exc:
+        return [gr.skip(), warn(exc)]
     pg = ensure(pg)
     try:
         study = _job(pg, "heterogeneity study", lambda tick: heterogeneity.run(pg.session, methods_chosen,
@@ -615,11 +652,22 @@ def build_demo() -> gr.Blocks:
                             "λ, and correlates the drop in normalized accuracy with the measures above.")
                 with gr.Row():
                     study_methods = gr.CheckboxGroup(choices=list(AGGREGATORS), value=list(heterogeneity.DEFAULT_METHODS),
-                                                     label="Aggregators in the study")
+                                                     label="Aggregators in the study", elem_id="fm-study-methods")
                     study_btn = gr.Button("Run the study", variant="primary")
                     study_cancel = gr.Button("Cancel", variant="stop")
                 study_plot = gr.Plot(label="Drop vs heterogeneity, per pair")
                 study_md = gr.Markdown()
+                gr.Markdown("**How many tasks does one merge hold?** Merges groups of 2, 3, … up to all of the "
+                            "selected fine-tunes (every group, or a fixed sample of them per size) with the "
+                            "aggregators above at their tuned λ. A curve that falls with the number of tasks, "
+                            "where pairs merge well, means the model runs out of room, not that two tasks conflict.")
+                with gr.Row():
+                    count_per = gr.Slider(1, task_count.MAX_PER_SIZE, value=task_count.PER_SIZE, step=1,
+                                          label="Groups per size", elem_id="fm-count-per")
+                    count_btn = gr.Button("Run the task-count curve", variant="primary", elem_id="fm-count-btn")
+                    count_cancel = gr.Button("Cancel", variant="stop")
+                count_plot = gr.Plot(label="Normalized accuracy vs tasks merged", elem_id="fm-count-plot")
+                count_md = gr.Markdown(elem_id="fm-count-md")
             with gr.Tab("Explore", id="explore"):
                 gr.Markdown("λ is searched over 0.05…2.00 (plus ρ for fedgma/cclip, density for ties/dare) by the best "
                             "mean **normalized** validation accuracy; the chosen setting is reported on test. Each "
@@ -723,6 +771,11 @@ def build_demo() -> gr.Blocks:
             do_study, inputs=[state, study_methods], outputs=[study_plot, study_md], concurrency_limit=1,
             concurrency_id="jobs", api_name="heterogeneity")
         study_cancel.click(do_cancel, inputs=[state], outputs=[study_md], queue=False)
+        count_btn.click(lambda pg, ms, per: job_estimate(pg, "task_count", ms, per), inputs=[state, study_methods, count_per],
+                        outputs=[count_md], show_progress="hidden", api_visibility="undocumented").then(
+            do_task_count, inputs=[state, study_methods, count_per], outputs=[count_plot, count_md],
+            concurrency_limit=1, concurrency_id="jobs", api_name="task_count")
+        count_cancel.click(do_cancel, inputs=[state], outputs=[count_md], queue=False)
 
         zip_btn.click(do_zip, inputs=[state], outputs=[zip_file], concurrency_limit=2, api_name="zip")
         yaml_btn.click(do_yaml, inputs=[state], outputs=[yaml_file, yaml_code], api_name="yaml")

@@ -75,11 +75,56 @@ def _add_heterogeneity(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-test", type=int, default=30, help="test examples per task (the reported drop)")
 
 
+def _task_count(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from merging.errors import MergeError
+
+    from . import task_count
+    from .session import Session, read_zoo
+
+    try:
+        sizes = [int(k) for k in args.sizes.split(",")] if args.sizes else None
+    except ValueError:
+        raise MergeError(f"--sizes: comma-separated whole numbers, not {args.sizes[:40]!r}") from None
+    session = Session(zoo=args.zoo, allow_hub=False).load_zoo()
+    if args.models:
+        session.select(args.models.split(","))
+    else:
+        session.select([s.name for s in read_zoo(args.zoo)[1] if not s.variant_of])
+    curve = task_count.run(session, args.methods.split(","), per_size=args.per_size, n_val=args.n_val,
+                           n_test=args.n_test, progress=lambda f, d: print(f"[{f:4.0%}] {d}", flush=True),
+                           sizes=sizes)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = task_count.to_markdown(curve)
+    (out / "task-count.md").write_text(text)
+    task_count.figure(curve).write_html(out / "task-count.html", include_plotlyjs="cdn")
+    print(text)
+    print(f"wrote {out / 'task-count.md'} and {out / 'task-count.html'}")
+    return 0
+
+
+def _add_task_count(p: argparse.ArgumentParser) -> None:
+    from .task_count import MAX_PER_SIZE, PER_SIZE
+
+    p.add_argument("--zoo", default=None, help="zoo folder (default assets/zoo)")
+    p.add_argument("--models", default=None, help="comma-separated fine-tunes (default: one per task)")
+    p.add_argument("--methods", default="task_arithmetic,fedgma,median,fednova")
+    p.add_argument("--per-size", type=int, default=PER_SIZE, help=f"groups merged per size (1-{MAX_PER_SIZE})")
+    p.add_argument("--sizes", default=None, help="comma-separated group sizes (default: 2 to all selected)")
+    p.add_argument("--out", default="evaluation/results")
+    p.add_argument("--n-val", type=int, default=12, help="validation examples per task (λ tuning)")
+    p.add_argument("--n-test", type=int, default=30, help="test examples per task (the reported accuracy)")
+
+
 # name -> (help, add_arguments, run). Add commands here.
 COMMANDS = {
     "build-zoo": ("rebuild the built-in model zoo deterministically", _add_build_zoo, _build_zoo),
     "heterogeneity": ("does heterogeneity predict merge failure? pairwise study with rank correlations",
                       _add_heterogeneity, _heterogeneity),
+    "task-count": ("how many tasks does one merge hold? normalized accuracy against the number merged",
+                   _add_task_count, _task_count),
     "compare": ("tune every aggregator on the zoo (plain, then heterogeneous) and tabulate", _add_compare, _compare),
 }
 

@@ -161,7 +161,7 @@ def _score(session, select: list[int], method: str, n_val: int, n_test: int) -> 
     return 1.0 - r.test_normalized.get("mean", math.nan), chosen
 
 
-def _score_group(session, job: tuple[list[int], Sequence[str], int, int]) -> tuple[dict, dict]:
+def score_group(session, job: tuple[list[int], Sequence[str], int, int]) -> tuple[dict, dict]:
     """Drop and chosen merge of every method on one group (the unit a forked process runs)."""
     select, methods, n_val, n_test = job
     drop, setting = {}, {}
@@ -190,7 +190,7 @@ def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 12, n_te
     label = lambda g: f"{groups_idx[g][0]} {'+'.join(names[i] for i in groups_idx[g][1])}"  # noqa: E731
     scored: dict[int, tuple[dict, dict]] = {}
     try:
-        for g, result in session_map(session, _score_group, jobs, [(LIVE_SPLIT, n_val), ("test", n_test)], workers):
+        for g, result in session_map(session, score_group, jobs, [(LIVE_SPLIT, n_val), ("test", n_test)], workers):
             scored[g] = result
             if progress:
                 progress(len(scored) / (len(jobs) + 1), f"{label(g)} ({len(scored)} of {len(jobs)} groups)")

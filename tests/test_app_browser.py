@@ -283,3 +283,27 @@ def test_twelve_models(open_page, shipped_url, tmp_path, monkeypatch):
     slider.press("Home")
     assert "⚠️" not in p.settle(before)
     merged_column_check(p.page, DESKTOP["width"])
+
+
+def test_task_count_curve_in_the_heterogeneity_tab(open_page, shipped_url):
+    """All seven zoo tasks, Task Arithmetic only, one group per size: the estimate first, then the
+    table (sizes 2 to 7, all seven at the end) and the plotted curve."""
+    p = open_page(f"{shipped_url}?scenario=everything")
+    p.settle("")
+    p.page.get_by_role("tab", name="Heterogeneity").click()
+    boxes = p.page.locator("#fm-study-methods")
+    for name in ("fedgma", "median", "fednova"):  # leave task_arithmetic ticked
+        boxes.get_by_label(name, exact=True).uncheck()
+    per = p.page.locator("#fm-count-per input[type=number]")
+    per.fill("1")
+    per.press("Enter")
+    p.page.locator("#fm-count-btn").click()
+    md = p.page.locator("#fm-count-md")
+    md.get_by_text("About 66 merges").wait_for(timeout=30_000)  # 6 groups × 11 λ, said before the work
+    md.locator("table").wait_for(timeout=120_000)
+    rows = md.locator("tbody tr").all_inner_texts()
+    assert [r.split("\t")[0].strip() for r in rows] == ["2", "3", "4", "5", "6", "7"], rows
+    assert "reverse + upper + sort + sort_desc + add + is_even + is_odd" in rows[-1]
+    assert "fedgma" not in md.inner_text()
+    p.page.locator("#fm-count-plot .scatterlayer .trace").first.wait_for(timeout=30_000)
+    assert p.page.get_by_text("Error", exact=True).count() == 0 and not p.toasts()

@@ -144,3 +144,18 @@ def test_heterogeneity_study_endpoint(app_url):
     assert "Spearman" in text and "drop: median" in text and "drop: slerp" not in text
     assert "upper + add" in text and "all but sort" in text
     assert fig
+
+
+def test_task_count_endpoint(app_url):
+    """The task-count curve on the tiny zoo: every group size, slerp (two models only) left out, and a
+    groups-per-size value out of range refused."""
+    c = client(app_url)
+    live(c, weights=[1.0] * 3, selection=["upper", "add", "sort"])
+    fig, text = c.predict(["task_arithmetic", "slerp"], 2, api_name="/task_count")
+    assert "| 2 | 2 |" in text and "| 3 | 1 |" in text and "slerp" not in text
+    assert "no accuracy to normalize by" in text  # the recipe's tiny fine-tunes answer nothing right
+    assert fig
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="greater than maximum value 20"):  # Gradio checks the slider's bounds
+        c.predict(["task_arithmetic"], 99, api_name="/task_count")

@@ -244,6 +244,18 @@ def test_scenario_file_is_checked(tmp_path):
         scenarios.load(f)
 
 
+def test_task_count_estimate_and_bounds(pg):
+    import app
+
+    pg.act(lambda: pg.select(["upper", "add", "sort"]))
+    # two groups of two (of three), one of three; slerp is left out
+    assert app.job_estimate(pg, "task_count", ["task_arithmetic", "slerp"], 2).startswith(f"⏳ About {3 * 11} merges")
+    for bad in (0, 21, "x", None):  # refused before any work, in words
+        out = app.do_task_count(pg, ["task_arithmetic"], bad, progress=lambda *a, **k: None)
+        assert out[-1].startswith("⚠️ groups per size") and "between 1 and 20" in out[-1], (bad, out)
+    assert set(pg.selected) == {"upper", "add", "sort"}
+
+
 def test_study_estimate_and_cancel(pg, monkeypatch):
     import app
     from evaluation.playground import Playground
