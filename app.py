@@ -578,6 +578,9 @@ CSS = """
 .fm-title h1 {margin-bottom: 0.1em}
 .fm-status {min-height: 1.5em}
 #fm-scenarios button {flex: 1 1 auto}
+/* the task-count table: numbers stay whole; on a narrow screen the table scrolls, not the page */
+#fm-count-md table {display: block; overflow-x: auto; max-width: 100%}
+#fm-count-md td, #fm-count-md th {word-break: normal; overflow-wrap: normal}
 @media (max-width: 640px) {
   #fm-scenarios {flex-direction: row !important; flex-wrap: wrap !important; gap: 4px !important}
   #fm-scenarios > button {flex: 1 1 45% !important; min-width: 45% !important; margin: 0 !important}
@@ -822,13 +825,18 @@ def build_hyper_widgets() -> tuple[list, list]:
     return groups, comps
 
 
+def look() -> dict[str, Any]:
+    """The theme and CSS (Gradio 6 takes them at launch): one place, for `main` and the browser tests."""
+    return {"theme": gr.themes.Soft(primary_hue="indigo"), "css": CSS}
+
+
 def main() -> None:
     torch.set_num_threads(default_threads())
     demo = build_demo()
     demo.queue(default_concurrency_limit=2)
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                 server_port=int(os.environ["GRADIO_SERVER_PORT"]) if os.environ.get("GRADIO_SERVER_PORT") else None,
-                theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, show_error=True)
+                show_error=True, **look())
 
 
 if __name__ == "__main__":

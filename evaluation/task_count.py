@@ -120,7 +120,7 @@ def run(session, methods: Sequence[str] = DEFAULT_METHODS, per_size: int = PER_S
 
 def to_markdown(curve: TaskCountCurve) -> str:
     """Mean (lowest–highest) normalized test accuracy per group size, and the weakest group of each size."""
-    lines = ["| tasks merged | groups | " + " | ".join(curve.methods) + " | weakest group (first aggregator) |",
+    lines = ["| tasks merged | groups | " + " | ".join(curve.methods) + " | weakest group |",
              "|" + "---|" * (3 + len(curve.methods))]
     first = curve.methods[0]
     for p in curve.points:
@@ -130,11 +130,12 @@ def to_markdown(curve: TaskCountCurve) -> str:
             if math.isnan(p.mean(m)):
                 cells.append("n/a")
             else:
-                cells.append(f"{p.mean(m):.2f}" + (f" ({lo:.2f}–{hi:.2f})" if len(p.groups) > 1 else ""))
+                # word joiners keep "(0.70–1.00)" on one line in a narrow (phone) column
+                cells.append(f"{p.mean(m):.2f}" + (f" ({lo:.2f}\u2060–\u2060{hi:.2f})" if len(p.groups) > 1 else ""))
         worst = p.weakest(first)
         lines.append(f"| {p.k} | {len(p.groups)} | " + " | ".join(cells) + f" | {' + '.join(worst) if worst else 'n/a'} |")
     lines += ["", "Mean normalized test accuracy of the merged groups (lowest–highest in parentheses); λ tuned "
-              f"on validation per group and aggregator. Time: {curve.seconds:.0f} s."]
+              f"on validation per group and aggregator; the weakest group is {first}'s. Time: {curve.seconds:.0f} s."]
     if any(math.isnan(x) for p in curve.points for m in curve.methods for x in p.scores[m]):
         lines += ["", "n/a: groups whose fine-tunes answer none of their own test prompts have no accuracy to "
                   "normalize by; they are left out of the means."]
@@ -162,4 +163,7 @@ def figure(curve: TaskCountCurve):
                         hovertemplate="%{x} tasks: mean %{y:.2f}<extra>" + m + "</extra>")
     fig.update_xaxes(title="tasks merged at once", dtick=1)
     fig.update_yaxes(title="normalized accuracy (test)", range=[0, 1.05])
-    return styled(fig, "How many tasks does one merge hold?")
+    styled(fig, "How many tasks does one merge hold?")
+    # the legend above the plot, not beside it: on a phone a side legend takes half the width
+    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="left", x=0), margin=dict(t=90))
+    return fig

@@ -93,7 +93,7 @@ def serve_app(zoo: Path):
     demo = app.build_demo()
     demo.queue(default_concurrency_limit=2)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.look())
     yield f"http://127.0.0.1:{port}/"
     demo.close()
     mp.undo()
