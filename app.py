@@ -37,7 +37,7 @@ from evaluation.playground import (DEFAULT_LAMBDA, DEFAULT_METHOD, LAMBDA_RANGE,
                                    PANEL_CSS, PANEL_JS, Cancelled, Playground, View, add_model, method_label,
                                    model_card, panel_html)
 from evaluation.search import (LAMBDAS, QUICK_LAMBDAS, SEARCH_N, compare_all, comparison_chart,  # noqa: E402
-                               comparison_table, hyper_grid, search, sweep)
+                               comparison_table, eval_cost_ratio, hyper_grid, search, sweep)
 from evaluation.session import default_threads, push_to_hub, read_zoo  # noqa: E402
 from evaluation.tasks import TASKS  # noqa: E402
 from merging.errors import MergeError  # noqa: E402
@@ -336,19 +336,22 @@ def job_estimate(pg: Playground | None, kind: str, methods: list[str] | None = N
         n, n_val = len(hyper_grid(pg.method)) * len(LAMBDAS) + 1, SEARCH_N
     elif kind == "landscape":
         n, n_val = len(landscape.GRID) ** 2, None
-    elif kind == "study":
-        groups = k * (k - 1) // 2 + (k if k > 2 else 0)
+    elif kind in ("study", "task_count"):
+        if kind == "study":  # pairs, then the leave-one-out groups
+            sizes = [2] * (k * (k - 1) // 2) + ([k - 1] * k if k > 2 else [])
+        else:
+            per_group = _per_size(per_size)
+            sizes = [j for j in range(2, k + 1) for _ in range(min(math.comb(k, j), per_group))]
         m = len([x for x in (methods or heterogeneity.DEFAULT_METHODS) if AGGREGATORS[x].max_models is None])
-        n, n_val = groups * m * (len(heterogeneity.STUDY_LAMBDAS) + 1), 12
-    elif kind == "task_count":
-        per = _per_size(per_size)
-        groups = sum(min(math.comb(k, j), per) for j in range(2, k + 1))
-        m = len([x for x in (methods or heterogeneity.DEFAULT_METHODS) if AGGREGATORS[x].max_models is None])
-        n, n_val = groups * m * (len(heterogeneity.STUDY_LAMBDAS) + 1), 12
+        evals = m * (len(heterogeneity.STUDY_LAMBDAS) + 1)
+        # a group scores only its own tasks: its merges cost |group|/k of one over the whole selection
+        seconds = evals * sum(sizes) / max(k, 1) * pg.seconds_per_eval(12) * eval_cost_ratio()
+        return (f"⏳ About {len(sizes) * evals} merges, ~{max(1, round(seconds))} s on this machine. "
+                "**Cancel** stops it.")
     else:
         ok = [m for m in AGGREGATORS if _fits(m, k)]
         n, n_val = sum(len(hyper_grid(m, quick=True)) * len(QUICK_LAMBDAS) + 1 for m in ok), SEARCH_N
-    per = pg.seconds_per_eval(n_val or 12)
+    per = pg.seconds_per_eval(n_val or 12) * (eval_cost_ratio() if kind != "landscape" else 1.0)
     return f"⏳ About {n} merges, ~{max(1, round(n * per))} s on this machine. **Cancel** stops it."
 
 
@@ -774,8 +777,9 @@ def build_demo() -> gr.Blocks:
             do_study, inputs=[state, study_methods], outputs=[study_plot, study_md], concurrency_limit=1,
             concurrency_id="jobs", api_name="heterogeneity")
         study_cancel.click(do_cancel, inputs=[state], outputs=[study_md], queue=False)
-        count_btn.click(lambda pg, ms, per: job_estimate(pg, "task_count", ms, per), inputs=[state, study_methods, count_per],
-                        outputs=[count_md], show_progress="hidden", api_visibility="undocumented").then(
+        count_btn.click(lambda pg, ms, per: job_estimate(pg, "task_count", ms, per),
+                        inputs=[state, study_methods, count_per], outputs=[count_md], show_progress="hidden",
+                        api_visibility="undocumented").then(
             do_task_count, inputs=[state, study_methods, count_per], outputs=[count_plot, count_md],
             concurrency_limit=1, concurrency_id="jobs", api_name="task_count")
         count_cancel.click(do_cancel, inputs=[state], outputs=[count_md], queue=False)

@@ -238,6 +238,16 @@ def _score_one_setting(session, job: tuple) -> tuple:
     return score_grid(session, *job)
 
 
+# What a search candidate's scoring costs against the full decode the live view times (README,
+# Performance: scores-only scoring takes 0.45–0.51× the time of full decoding); for the app's estimates.
+SCORES_ONLY_COST = 0.5
+
+
+def eval_cost_ratio() -> float:
+    """A search candidate's scoring time over the live view's full decode of the same prompts."""
+    return SCORES_ONLY_COST if _scores_only() else 1.0
+
+
 def _scores_only() -> bool:
     """Decode for scores only (harness.evaluate's `scores_only`: shared keyword prefill, wrong outputs
     stopped at their first wrong character); FEDMERGE_SEARCH_EARLY_STOP=0 decodes every output in full."""

@@ -133,7 +133,8 @@ def to_markdown(curve: TaskCountCurve) -> str:
                 # word joiners keep "(0.70–1.00)" on one line in a narrow (phone) column
                 cells.append(f"{p.mean(m):.2f}" + (f" ({lo:.2f}\u2060–\u2060{hi:.2f})" if len(p.groups) > 1 else ""))
         worst = p.weakest(first)
-        lines.append(f"| {p.k} | {len(p.groups)} | " + " | ".join(cells) + f" | {' + '.join(worst) if worst else 'n/a'} |")
+        weakest = " + ".join(worst) if worst else "n/a"
+        lines.append(f"| {p.k} | {len(p.groups)} | " + " | ".join(cells) + f" | {weakest} |")
     lines += ["", "Mean normalized test accuracy of the merged groups (lowest–highest in parentheses); λ tuned "
               f"on validation per group and aggregator; the weakest group is {first}'s. Time: {curve.seconds:.0f} s."]
     if any(math.isnan(x) for p in curve.points for m in curve.methods for x in p.scores[m]):
