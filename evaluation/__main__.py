@@ -42,10 +42,8 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
                    help="spread each search over Ray workers: a local Ray, or the cluster at ADDRESS")
 
 
-def _heterogeneity(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from . import heterogeneity
+def _zoo_selection(args: argparse.Namespace):
+    """The zoo in a session, with --models selected (default: one fine-tune per task)."""
     from .session import Session, read_zoo
 
     session = Session(zoo=args.zoo, allow_hub=False).load_zoo()
@@ -53,69 +51,72 @@ def _heterogeneity(args: argparse.Namespace) -> int:
         session.select(args.models.split(","))
     else:
         session.select([s.name for s in read_zoo(args.zoo)[1] if not s.variant_of])
-    methods = args.methods.split(",")
-    study = heterogeneity.run(session, methods, n_val=args.n_val, n_test=args.n_test,
-                              progress=lambda f, d: print(f"[{f:4.0%}] {d}", flush=True))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = heterogeneity.to_markdown(study, methods)
-    (out / "heterogeneity.md").write_text(text)
-    heterogeneity.scatter_figures(study, methods).write_html(out / "heterogeneity.html", include_plotlyjs="cdn")
+    return session
+
+
+def _write_report(out: str, stem: str, text: str, figure) -> None:
+    """<out>/<stem>.md and <stem>.html, and the table on stdout."""
+    from pathlib import Path
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.md").write_text(text)
+    figure.write_html(folder / f"{stem}.html", include_plotlyjs="cdn")
     print(text)
-    print(f"wrote {out / 'heterogeneity.md'} and {out / 'heterogeneity.html'}")
-    return 0
+    print(f"wrote {folder / (stem + '.md')} and {folder / (stem + '.html')}")
 
 
-def _add_heterogeneity(p: argparse.ArgumentParser) -> None:
+def _add_selection(p: argparse.ArgumentParser, reported: str) -> None:
+    """The options the zoo studies share: which models and aggregators, where to write, how many examples."""
     p.add_argument("--zoo", default=None, help="zoo folder (default assets/zoo)")
     p.add_argument("--models", default=None, help="comma-separated fine-tunes (default: one per task)")
     p.add_argument("--methods", default="task_arithmetic,fedgma,median,fednova")
     p.add_argument("--out", default="evaluation/results")
     p.add_argument("--n-val", type=int, default=12, help="validation examples per task (λ tuning)")
-    p.add_argument("--n-test", type=int, default=30, help="test examples per task (the reported drop)")
+    p.add_argument("--n-test", type=int, default=30, help=f"test examples per task (the reported {reported})")
+
+
+def _progress(fraction: float, desc: str) -> None:
+    print(f"[{fraction:4.0%}] {desc}", flush=True)
+
+
+def _heterogeneity(args: argparse.Namespace) -> int:
+    from . import heterogeneity
+
+    session = _zoo_selection(args)
+    methods = args.methods.split(",")
+    study = heterogeneity.run(session, methods, n_val=args.n_val, n_test=args.n_test, progress=_progress)
+    _write_report(args.out, "heterogeneity", heterogeneity.to_markdown(study, methods),
+                  heterogeneity.scatter_figures(study, methods))
+    return 0
+
+
+def _add_heterogeneity(p: argparse.ArgumentParser) -> None:
+    _add_selection(p, "drop")
 
 
 def _task_count(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from merging.errors import MergeError
 
     from . import task_count
-    from .session import Session, read_zoo
 
     try:
         sizes = [int(k) for k in args.sizes.split(",")] if args.sizes else None
     except ValueError:
         raise MergeError(f"--sizes: comma-separated whole numbers, not {args.sizes[:40]!r}") from None
-    session = Session(zoo=args.zoo, allow_hub=False).load_zoo()
-    if args.models:
-        session.select(args.models.split(","))
-    else:
-        session.select([s.name for s in read_zoo(args.zoo)[1] if not s.variant_of])
+    session = _zoo_selection(args)
     curve = task_count.run(session, args.methods.split(","), per_size=args.per_size, n_val=args.n_val,
-                           n_test=args.n_test, progress=lambda f, d: print(f"[{f:4.0%}] {d}", flush=True),
-                           sizes=sizes)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = task_count.to_markdown(curve)
-    (out / "task-count.md").write_text(text)
-    task_count.figure(curve).write_html(out / "task-count.html", include_plotlyjs="cdn")
-    print(text)
-    print(f"wrote {out / 'task-count.md'} and {out / 'task-count.html'}")
+                           n_test=args.n_test, progress=_progress, sizes=sizes)
+    _write_report(args.out, "task-count", task_count.to_markdown(curve), task_count.figure(curve))
     return 0
 
 
 def _add_task_count(p: argparse.ArgumentParser) -> None:
     from .task_count import MAX_PER_SIZE, PER_SIZE
 
-    p.add_argument("--zoo", default=None, help="zoo folder (default assets/zoo)")
-    p.add_argument("--models", default=None, help="comma-separated fine-tunes (default: one per task)")
-    p.add_argument("--methods", default="task_arithmetic,fedgma,median,fednova")
+    _add_selection(p, "accuracy")
     p.add_argument("--per-size", type=int, default=PER_SIZE, help=f"groups merged per size (1-{MAX_PER_SIZE})")
     p.add_argument("--sizes", default=None, help="comma-separated group sizes (default: 2 to all selected)")
-    p.add_argument("--out", default="evaluation/results")
-    p.add_argument("--n-val", type=int, default=12, help="validation examples per task (λ tuning)")
-    p.add_argument("--n-test", type=int, default=30, help="test examples per task (the reported accuracy)")
 
 
 # name -> (help, add_arguments, run). Add commands here.

@@ -90,3 +90,23 @@ def test_the_documented_curve(zoo_session):
     assert [round(p.mean(m), 2) for p in curve.points[-2:] for m in ("cclip", "fednova")] == [0.45, 0.46, 0.38, 0.40]
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert "0.93 in pairs,\n  then 0.79, 0.59, 0.50, 0.31 and 0.21" in readme and "0.45–0.46 vs 0.31 at six" in readme
+
+
+def test_command_line_writes_the_table_and_figure(tmp_path, capsys):
+    """`python -m evaluation task-count`: the report files, and a one-line error with exit 2 on bad input."""
+    from evaluation.__main__ import main
+
+    code = main(["task-count", "--models", "reverse,upper,is_even", "--methods", "task_arithmetic",
+                 "--per-size", "1", "--n-val", "6", "--n-test", "6", "--out", str(tmp_path)])
+    assert code == 0
+    text = (tmp_path / "task-count.md").read_text()
+    assert "| 3 | 1 |" in text and "reverse + upper + is_even" in text
+    assert "plotly" in (tmp_path / "task-count.html").read_text()
+    assert text in capsys.readouterr().out
+    for bad, want in ((["--sizes", "2,x"], "--sizes: comma-separated whole numbers"),
+                      (["--sizes", "9"], "group sizes: whole numbers from 2 to 7"),
+                      (["--methods", "slerp"], "slerp: merge")):
+        assert main(["task-count", "--out", str(tmp_path / "no"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and want in err and "\n" not in err, err
+    assert not (tmp_path / "no").exists()
