@@ -310,14 +310,15 @@ def scatter_figures(study: Study, methods: Sequence[str]):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    from merging.report import PALETTE
+
     fig = make_subplots(rows=1, cols=len(MEASURES), subplot_titles=[MEASURES[m] for m in MEASURES],
                         shared_yaxes=True)
-    colors = ["#4f46e5", "#db2777", "#059669", "#d97706", "#0891b2", "#7c3aed"]
     for k, meth in enumerate(methods):
         for c, m in enumerate(MEASURES, start=1):
             fig.add_trace(go.Scatter(
                 x=[g.measures[m] for g in study.pairs], y=[g.drop[meth] for g in study.pairs], mode="markers",
-                name=meth, legendgroup=meth, showlegend=c == 1, marker=dict(color=colors[k % len(colors)], size=9),
+                name=meth, legendgroup=meth, showlegend=c == 1, marker=dict(color=PALETTE[k % len(PALETTE)], size=9),
                 text=[" + ".join(g.members) for g in study.pairs],
                 hovertemplate="%{text}<br>%{x:.3g} → drop %{y:.2f}<extra>" + meth + "</extra>"), row=1, col=c)
     fig.update_yaxes(title_text="drop in normalized accuracy", row=1, col=1)

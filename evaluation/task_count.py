@@ -148,12 +148,11 @@ def figure(curve: TaskCountCurve):
     group a faint point behind it."""
     import plotly.graph_objects as go
 
-    from merging.report import styled
+    from merging.report import PALETTE, styled
 
     fig = go.Figure()
-    colors = ["#4f46e5", "#db2777", "#059669", "#d97706", "#0891b2", "#7c3aed"]
     for c, m in enumerate(curve.methods):
-        color = colors[c % len(colors)]
+        color = PALETTE[c % len(PALETTE)]
         xs = [p.k for p in curve.points for _ in p.groups]
         fig.add_scatter(x=xs, y=[s for p in curve.points for s in p.scores[m]], mode="markers", legendgroup=m,
                         showlegend=False, marker=dict(color=color, size=6, opacity=0.35),

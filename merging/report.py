@@ -8,6 +8,10 @@ import plotly.graph_objects as go
 FONT = dict(family="Inter, system-ui, sans-serif", size=13)
 
 
+# one colour per aggregator (or series) in the figures that compare several
+PALETTE = ("#4f46e5", "#db2777", "#059669", "#d97706", "#0891b2", "#7c3aed")
+
+
 def styled(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
     """The house style of every figure: title top left, one font, white template."""
     fig.update_layout(title=dict(text=title, x=0.02), font=FONT, height=height, margin=dict(l=60, r=20, t=50, b=50),
