@@ -582,7 +582,7 @@ CSS = """
 .fm-status {min-height: 1.5em}
 #fm-scenarios button {flex: 1 1 auto}
 /* the task-count table: numbers stay whole; on a narrow screen the table scrolls, not the page */
-#fm-count-md table {display: block; overflow-x: auto; max-width: 100%}
+#fm-count-md table {display: block; overflow-x: auto; width: fit-content; max-width: 100%; border: none}
 #fm-count-md td, #fm-count-md th {word-break: normal; overflow-wrap: normal}
 @media (max-width: 640px) {
   #fm-scenarios {flex-direction: row !important; flex-wrap: wrap !important; gap: 4px !important}
