@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import plotly.graph_objects as go
 
-from merging.report import layer_similarity_heatmap, norms_chart, similarity_heatmap, styled
+from merging.report import layer_similarity_heatmap, legend_below, norms_chart, similarity_heatmap, styled
 
 __all__ = ["accuracy_bars", "lambda_sweep", "layer_similarity_heatmap", "norms_chart", "similarity_heatmap"]
 
@@ -32,4 +32,4 @@ def lambda_sweep(lambdas: Sequence[float], curves: Mapping[str, Sequence[float]]
         fig.add_vline(x=best, line_dash="dash", line_color="#888", annotation_text=f"λ = {best:g}")
     fig.update_xaxes(title="λ")
     fig.update_yaxes(title="accuracy", tickformat=".0%")
-    return styled(fig, title)
+    return legend_below(styled(fig, title))

@@ -148,7 +148,7 @@ def figure(curve: TaskCountCurve):
     group a faint point behind it."""
     import plotly.graph_objects as go
 
-    from merging.report import PALETTE, styled
+    from merging.report import PALETTE, legend_below, styled
 
     fig = go.Figure()
     for c, m in enumerate(curve.methods):
@@ -163,7 +163,4 @@ def figure(curve: TaskCountCurve):
                         hovertemplate="%{x} tasks: mean %{y:.2f}<extra>" + m + "</extra>")
     fig.update_xaxes(title="tasks merged at once", dtick=1)
     fig.update_yaxes(title="normalized accuracy (test)", range=[0, 1.05])
-    styled(fig, "How many tasks does one merge hold?")
-    # the legend above the plot, not beside it: on a phone a side legend takes half the width
-    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="left", x=0), margin=dict(t=90))
-    return fig
+    return legend_below(styled(fig, "How many tasks does one merge hold?"))

@@ -8,6 +8,13 @@ import plotly.graph_objects as go
 FONT = dict(family="Inter, system-ui, sans-serif", size=13)
 
 
+def legend_below(fig: go.Figure) -> go.Figure:
+    """A horizontal legend under the x axis: beside the plot, a legend takes half of a phone's width,
+    and above it, a legend that wraps runs into the title."""
+    fig.update_layout(legend=dict(orientation="h", yref="container", yanchor="bottom", y=0, xanchor="left", x=0))
+    return fig
+
+
 # one colour per aggregator (or series) in the figures that compare several
 PALETTE = ("#4f46e5", "#db2777", "#059669", "#d97706", "#0891b2", "#7c3aed")
 
