@@ -93,7 +93,8 @@ def gta_exact(sparsifier: Sparsifier | None, consensus: bool) -> Callable:
         for i, m in enumerate(models):
             d = m - base
             deltas[i] = d if sparsifier is None else sparsifier.exact(d, i, k, hp)
-        w = torch.tensor([float(x) for x in weights], dtype=deltas.dtype).reshape(-1, *([1] * base.dim()))
+        w = torch.tensor([float(x) for x in weights], dtype=deltas.dtype, device=deltas.device)
+        w = w.reshape(-1, *([1] * base.dim()))
         deltas.mul_(w)
         if consensus:
             mask = sign_consensus(deltas)
@@ -136,8 +137,8 @@ def linear_exact(base, models, weights, lam: float, normalize: bool, **_) -> tor
     models' order, rounded once to the compute dtype. Reads no base; λ ≠ 1 scales the step from it."""
     first = models[0]
     acc = torch.float64 if first.dtype == torch.float64 else torch.float32
-    w = torch.tensor([float(x) for x in weights], dtype=acc)
-    out = torch.zeros(first.shape, dtype=acc)
+    w = torch.tensor([float(x) for x in weights], dtype=acc)  # CPU scalars: addcmul_ takes them on any device
+    out = torch.zeros(first.shape, dtype=acc, device=first.device)
     for m, c in zip(models, w.unbind(0)):
         out.addcmul_(m, c)
     if normalize:
@@ -190,7 +191,7 @@ def fednova(weights: torch.Tensor, steps, learning_rates, fednova_mode: str) -> 
     if (effort <= 0).any():
         raise MergeError("fednova: steps and learning rates must be positive")
     scale = effort.mean() / (k * effort)
-    return weights * scale.to(weights.dtype)
+    return weights * scale.to(weights.device, weights.dtype)
 
 
 @aggregator(
@@ -208,7 +209,7 @@ def cclip(weights: torch.Tensor, rho, *, update_norms: torch.Tensor) -> torch.Te
     if rho is None:
         rho = true_median(norms)
     scale = torch.where(norms > 0, (rho / norms.clamp_min(1e-30)).clamp(max=1.0), torch.ones_like(norms))
-    return weights * scale.to(weights.dtype)
+    return weights * scale.to(weights.device, weights.dtype)
 
 
 def _fedgma_kernel(t, w, theta0, lam, out, rho, **_) -> int:

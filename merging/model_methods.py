@@ -95,7 +95,7 @@ def multislerp(base, models, weights, normalize_weights: bool, eps: float):
     if base is not None:
         x -= base
     flat = x.view(x.shape[0], -1)
-    w = torch.tensor(weights, dtype=x.dtype)
+    w = torch.tensor(weights, dtype=x.dtype, device=x.device)
     if not any(weights):
         raise MergeError("multislerp: the weights are all zero")
     if normalize_weights:
@@ -238,7 +238,7 @@ def arcee_fusion(base, models, weights):
         g = torch.Generator().manual_seed(0)
         flat = flat[torch.randint(flat.numel(), (1_000_000,), generator=g)]
     ordered = torch.sort(flat).values
-    q1, med, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()]
+    q1, med, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75], device=ordered.device) * (ordered.numel() - 1)).long()]
     mask = (importance >= med + 1.5 * (q3 - q1)).float()
     return base + (other - base) * mask
 

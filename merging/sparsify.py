@@ -26,8 +26,7 @@ def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(x, dtype=torch.bool)
     k = max(1, int(density * n))
     a = x.detach().abs()  # computed once: the cut is found on a float32 copy, the mask on `a`
-    threshold = np.partition(a.reshape(-1).float().numpy(), n - k)[n - k]
-    return a >= float(threshold)
+    return a >= _order_stats(a, [n - k])[0]
 
 
 def band_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -42,9 +41,18 @@ def band_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     n_bot = max(0, n - target - n_top)
     lo_rank, hi_rank = n_bot, n_bot + target - 1  # ascending ranks kept, inclusive
     a = x.detach().abs()
-    part = np.partition(a.reshape(-1).float().numpy(), [lo_rank, hi_rank])
-    mask = a >= float(part[lo_rank])
-    return mask.logical_and_(a <= float(part[hi_rank]))
+    lo, hi = _order_stats(a, [lo_rank, hi_rank])
+    return (a >= lo).logical_and_(a <= hi)
+
+
+def _order_stats(a: torch.Tensor, ranks: list[int]) -> list[float]:
+    """The values of the given ascending ranks of `a` (float32): numpy's selection on the CPU, torch's
+    kthvalue elsewhere (a GPU: no copy of the tensor to the host)."""
+    flat = a.reshape(-1).float()
+    if flat.device.type == "cpu":
+        part = np.partition(flat.numpy(), ranks)
+        return [float(part[r]) for r in ranks]
+    return [float(flat.kthvalue(r + 1).values) for r in ranks]
 
 
 def random_bits(n: int, seed: int) -> np.ndarray:
@@ -64,7 +72,7 @@ def bernoulli_mask(x: torch.Tensor, density: float, seed: int) -> torch.Tensor:
     if density >= 1:
         return torch.ones_like(x, dtype=torch.bool)
     bits = random_bits(x.numel(), seed)
-    return torch.from_numpy(bits < np.uint64(random_threshold(density))).reshape(x.shape)
+    return torch.from_numpy(bits < np.uint64(random_threshold(density))).reshape(x.shape).to(x.device)
 
 
 def apply_mask(x: torch.Tensor, mask: torch.Tensor, rescale_l1: bool, eps: float = 1e-7) -> torch.Tensor:
@@ -82,7 +90,8 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor, rescale_l1: bool, eps: float
 # ----------------------------------------------------------------------------- sparsified tensors
 
 def _fused_ok(x: torch.Tensor) -> bool:
-    return kernels.enabled() and x.dtype == torch.float32 and x.is_contiguous() and x.numel() > 0
+    return (kernels.enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+            and x.numel() > 0)  # numba: CPU tensors only
 
 
 def keep_top(x: torch.Tensor, density: float, rescale: bool, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,7 +154,7 @@ def exact_top(x: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
     if density <= 0 or n == 0:
         return torch.zeros_like(x)
     k = max(1, int(density * n))
-    mask = torch.zeros(n, dtype=x.dtype)
+    mask = torch.zeros(n, dtype=x.dtype, device=x.device)
     mask[torch.argsort(x.abs().reshape(-1).float(), descending=True)[:k]] = 1
     return apply_mask(x, mask.reshape_as(x), rescale)
 
@@ -158,7 +167,7 @@ def exact_band(x: torch.Tensor, density: float, gamma: float, rescale: bool) -> 
     target, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - target - n_top)
     order = torch.sort(x.abs().reshape(-1).float(), descending=False).indices
-    mask = torch.zeros(n, dtype=x.dtype)
+    mask = torch.zeros(n, dtype=x.dtype, device=x.device)
     mask[order[n_bot:n_bot + target]] = 1
     return apply_mask(x, mask.reshape_as(x), rescale)
 
@@ -199,6 +208,6 @@ def exact_della(x: torch.Tensor, density: float, epsilon: float, seed: int, resc
     lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
-    keep = uniform(rows.numel(), seed).reshape(rows.shape) < probs.double()
+    keep = uniform(rows.numel(), seed).reshape(rows.shape).to(rows.device) < probs.double()
     out = apply_mask(rows.to(work), keep.to(work), rescale)
     return out.to(x.dtype).reshape(x.shape)
