@@ -1,7 +1,8 @@
 """FedMerge Playground: merge fine-tuned models live, with Federated Learning's aggregators.
 
 `python app.py` serves it on 127.0.0.1 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT), offline, on
-the built-in zoo (FEDMERGE_ZOO). This file only lays out and wires; the handlers below are plain
+the built-in zoo (FEDMERGE_ZOO), merging and decoding on a GPU when torch sees one
+(FEDMERGE_DEVICE=cpu|cuda|cuda:N|auto, default auto). This file only lays out and wires; the handlers below are plain
 functions over an `evaluation.playground.Playground` (unit-tested in tests/test_app_handlers.py),
 and the work lives in evaluation/ and merging/.
 
@@ -835,6 +836,14 @@ def look() -> dict[str, Any]:
 
 
 def main() -> None:
+    from merging.cache import CACHE
+
+    try:
+        device = CACHE.device  # a bad FEDMERGE_DEVICE: one line, before anything is served
+    except MergeError as exc:
+        raise SystemExit(f"app.py: FEDMERGE_DEVICE: {exc}") from None
+    if device.type != "cpu":
+        print(f"merging and decoding on {device} ({torch.cuda.get_device_name(device)})", flush=True)
     torch.set_num_threads(default_threads())
     demo = build_demo()
     demo.queue(default_concurrency_limit=2)

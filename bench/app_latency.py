@@ -9,6 +9,7 @@ to the plots; the baseline is one /live round trip measured in the same run) and
 user action once, counting the queue requests it sends. Appends to bench/RESULTS.md.
 
     python bench/app_latency.py [--n 60] [--loads 5] [--zoo assets/zoo] [--per-task 1] [--no-browser] [--no-record]
+                                [--device cpu|cuda]  (the app's FEDMERGE_DEVICE; default: the app's own, auto)
 
 For the GPT-2-small-shaped run (4 synthetic fine-tunes of bench/make_checkpoints.py, each given
 one zoo task, 2 prompts per task = 8 generations per event):
@@ -126,6 +127,7 @@ def main() -> int:
                     help="use bench/_work/ckpt-1x (GPT-2-small shape, made if missing) as a 4-task zoo")
     ap.add_argument("--loads", type=int, default=5, help="page loads in the browser part")
     ap.add_argument("--no-browser", action="store_true")
+    ap.add_argument("--device", default=None, help="FEDMERGE_DEVICE for the app (default: its own, auto)")
     add_record_flag(ap)
     args = ap.parse_args()
     if args.gpt2:
@@ -141,6 +143,9 @@ def main() -> int:
     k = len(names)
     port = free_port()
     env = {**os.environ, "FEDMERGE_ZOO": str(Path(args.zoo).resolve()), "GRADIO_SERVER_PORT": str(port)}
+    if args.device:
+        env["FEDMERGE_DEVICE"] = args.device
+    device = env.get("FEDMERGE_DEVICE", "auto")
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=open(work_dir() / "app_latency.log", "w"))
     try:
@@ -180,7 +185,7 @@ def main() -> int:
         proc.wait(timeout=20)
     if not args.no_record:
         text = [f"gradio_client round trips to `python app.py` (127.0.0.1), zoo `{Path(args.zoo).name}`, "
-                f"{k} fine-tunes, {len(prompts.splitlines()) or k} prompts, app torch threads "
+                f"{k} fine-tunes, {len(prompts.splitlines()) or k} prompts, FEDMERGE_DEVICE {device}, app torch threads "
                 f"{default_threads(args.zoo)}, {args.n} events per row; each event merges, scores the live validation subset "
                 f"(FEDMERGE_LIVE_N={os.environ.get('FEDMERGE_LIVE_N', '12')} per task) and regenerates the prompts table.",
                 "", "| event | p50 | p95 |", "|---|---|---|"]

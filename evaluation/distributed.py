@@ -43,20 +43,23 @@ os.register_at_fork(after_in_child=_release_held)
 FORK_MAX_BYTES = 256 * 2 ** 20  # larger models are searched in this process
 
 
-def fork_workers(model_bytes: int, jobs: int, requested: int | None = None) -> int:
-    """How many forked processes to run `jobs` independent jobs with (1: in this process).
+def fork_workers(session, jobs: int, requested: int | None = None) -> int:
+    """How many forked processes to run `jobs` independent jobs of `session` with (1: in this process).
 
     `requested` (default FEDMERGE_SEARCH_WORKERS, else torch's thread count) is cut to what helps:
     one job per process at least, a platform that forks, a model of at most FORK_MAX_BYTES (each
-    child writes its candidates into a model-size copy), and never inside a forked process."""
+    child writes its candidates into a model-size copy), never inside a forked process, and never
+    with the models on a GPU (CUDA does not survive a fork; one process keeps the GPU busy)."""
     import torch
 
+    if session.device.type != "cpu":
+        return 1
     if requested is None:
         env = os.environ.get("FEDMERGE_SEARCH_WORKERS", "").strip()
         requested = int(env) if env.isdigit() else torch.get_num_threads()
     if _IN_CHILD or requested < 2 or jobs < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return 1
-    return 1 if model_bytes > FORK_MAX_BYTES else min(int(requested), jobs)
+    return 1 if session.model_bytes() > FORK_MAX_BYTES else min(int(requested), jobs)
 
 
 def _child_init() -> None:
@@ -107,7 +110,7 @@ def session_map(session, fn: Callable[[Any, Any], Any], jobs: Sequence[Any],
     """(index, fn(session, job)) for every job: in forked one-thread processes where `fork_workers`
     says it helps, else one after the other in this process. The selected fine-tunes' reference
     scores (`references`: (split, n) pairs) are computed first, once, so every child inherits them."""
-    n = fork_workers(session.model_bytes(), len(jobs), workers)
+    n = fork_workers(session, len(jobs), workers)
     if n < 2:
         yield from ((i, fn(session, job)) for i, job in enumerate(jobs))
         return

@@ -12,6 +12,9 @@ concatenation (the zoo's character tokenizer); other tokenizers decode in full.
 
 Prompts of one task share their keyword ("<bos>reverse: "): that prefix is prefilled once and its
 KV cache copied to each row.
+
+Bookkeeping (ids, masks, which rows run) stays on the CPU; what the model reads is moved to its
+device at each call (`device_of`), and what decides the next step comes back as Python numbers.
 """
 from __future__ import annotations
 
@@ -64,6 +67,15 @@ def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     return k
 
 
+def device_of(model) -> torch.device:
+    """Where a model's weights are (a grouped model holds them as buffers)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def cache_of(res):
     """The KV cache a transformers forward returned (`cache` in 5.x, `past_key_values` before)."""
     past = getattr(res, "cache", None)
@@ -85,11 +97,13 @@ def shared_prefill(model, seqs: list[Sequence[int]], prefix_lens: list[int], pad
     index: dict[tuple, int] = {}
     which = [index.setdefault(tuple(p[:k]), len(index)) for p, k in zip(seqs, prefix_lens)]
     pre_ids, pre_mask = left_padded(list(index) * groups, pad_id)
-    past = cache_of(model(input_ids=pre_ids, attention_mask=pre_mask,
-                          position_ids=(pre_mask.cumsum(1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1))
+    dev = device_of(model)
+    past = cache_of(model(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev),
+                          position_ids=(pre_mask.cumsum(1) - 1).clamp(min=0).to(dev), use_cache=True,
+                          logits_to_keep=1))
     u = len(index)
     rows = torch.tensor([g * u + w for g in range(groups) for w in which])
-    past.batch_select_indices(rows)
+    past.batch_select_indices(rows.to(dev))
     rest = continued([p[k:] for p, k in zip(seqs, prefix_lens)] * groups, list(prefix_lens) * groups,
                      pre_mask[rows], pad_id)
     return (past, *rest)
@@ -114,8 +128,9 @@ def forced_outputs(model, prompt_ids: Sequence[Sequence[int]], answer_ids: Seque
     n = len(usable)
     seqs = [list(prompt_ids[i]) for i in usable]
     past, ids, pos, attn = shared_prefill(model, seqs, [prefix_lens[i] for i in usable], pad_id, groups)
-    res = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
-                **{cache_arg: past})
+    dev = device_of(model)
+    res = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), use_cache=True,
+                logits_to_keep=1, **{cache_arg: past})
     past = cache_of(res)
     first = res.logits[:, -1].argmax(-1).tolist()
     preds: dict[int, list[int]] = {}  # row (g·n + r) -> predictions for answer positions 0..a
@@ -129,12 +144,12 @@ def forced_outputs(model, prompt_ids: Sequence[Sequence[int]], answer_ids: Seque
     cols = sorted(set(alive))
     if cols:  # teacher-force the answers of the prompts still right in some block
         keep = torch.tensor([g * n + r for g in range(groups) for r in cols])
-        past.batch_select_indices(keep)
+        past.batch_select_indices(keep.to(dev))
         ids, pos, mask = continued([list(answer_ids[usable[r]]) for r in cols] * groups,
                                    [len(prompt_ids[usable[r]]) for r in cols] * groups, attn[keep], pad_id)
         longest = ids.shape[1]
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=longest,
-                    **{cache_arg: past})
+        res = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True,
+                    logits_to_keep=longest, **{cache_arg: past})
         later = res.logits.argmax(-1).tolist()  # [G·len(cols), longest]: position j predicts answer token j + 1
         for g in range(groups):
             for m, r in enumerate(cols):

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .exact_match import (cache_of, cannot_match, concatenative_pieces, forced_outputs, left_padded,
+from .exact_match import (cache_of, cannot_match, concatenative_pieces, device_of, forced_outputs, left_padded,
                           shared_prefill, shared_prefix_len)
 from .tasks import TASKS, Example, get_task
 
@@ -114,11 +114,12 @@ def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Seque
         past = None
         step_ids, attn = left_padded(prompt_ids, pad_id)
         step_pos = (attn.cumsum(1) - 1).clamp(min=0)
+    dev = device_of(model)  # the model's inputs go there; the loop's bookkeeping stays on the CPU
     for t in range(int(limits.max())):
-        res = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=True,
-                    logits_to_keep=1, **{_CACHE_ARG: past} if past is not None else {})
+        res = model(input_ids=step_ids.to(dev), attention_mask=attn.to(dev), position_ids=step_pos.to(dev),
+                    use_cache=True, logits_to_keep=1, **{_CACHE_ARG: past} if past is not None else {})
         past = cache_of(res)
-        nxt = res.logits[:, -1, :].argmax(-1)
+        nxt = res.logits[:, -1, :].argmax(-1).cpu()
         stop = torch.isin(nxt, stops)
         finished = done[rows]
         live = ~finished & ~stop
@@ -146,7 +147,7 @@ def greedy_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Seque
             keep = (torch.arange(groups).unsqueeze(1) * n + cols.unsqueeze(0)).flatten()
         if keep.numel() <= 0.75 * len(rows) and hasattr(past, "batch_select_indices"):
             # drop finished rows from the batch (and the KV cache): they no longer cost a forward
-            past.batch_select_indices(keep)
+            past.batch_select_indices(keep.to(dev))
             rows, step_ids, step_pos, attn = rows[keep], step_ids[keep], step_pos[keep], attn[keep]
     return [out[i, :int(lengths[i])].tolist() for i in range(b)]
 

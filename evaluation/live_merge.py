@@ -121,10 +121,10 @@ class LiveMerge:
     def _merged_dots(self, idx: list[int]) -> tuple[np.ndarray, float]:
         """(τᵢ · (θ − θ₀) for the selected i, ‖θ − θ₀‖²) from the model's parameters: one pass."""
         stack = self.pool.stack
-        dots = torch.zeros(len(stack), dtype=torch.float64)
+        dots = torch.zeros(len(stack), dtype=torch.float64, device=stack.device)
         sq = 0.0
         for n in stack.names:
             m = (self.targets[n].detach() - stack.base[n]).reshape(-1)
             dots += (stack.deltas[n].reshape(len(stack), -1) @ m).double()  # all rows: no copy
             sq += float(torch.dot(m, m))
-        return dots[idx].numpy(), sq
+        return dots[idx].cpu().numpy(), sq

@@ -264,7 +264,8 @@ class Playground:
         mean = res.normalized.get("mean")
         status = (f"**{self.method}**, λ = {self.lam:g}, {len(self.selected)} model(s): mean normalized accuracy "
                   f"**{'—' if mean is None else f'{mean:.0%}'}** on {len(res.tasks)} task(s) "
-                  f"(validation, {LIVE_N} per task) · {res.seconds * 1000:.0f} ms")
+                  f"(validation, {LIVE_N} per task) · {res.seconds * 1000:.0f} ms"
+                  + (f" on {s.device}" if s.device.type != "cpu" else ""))
         if res.notes:  # e.g. a prompt cut to the model's context
             status += "  \nℹ️ " + "; ".join(res.notes)
         return View(outputs_html(res), acc, hm, status, res)

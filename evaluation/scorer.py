@@ -128,10 +128,11 @@ class Scorer:
             yield self._scratch
 
     def _key(self, which: str | int) -> tuple:
+        where = str(self.pool.stack.device)  # a GPU's rounding may flip an argmax: its scores are its own
         if which == "base":
-            return (str(self.pool.base_ref), "base")
+            return (where, str(self.pool.base_ref), "base")
         spec = self.pool.specs[int(which)]
-        return (str(self.pool.base_ref), spec.ref, spec.name)
+        return (where, str(self.pool.base_ref), spec.ref, spec.name)
 
     def accuracy(self, which: str | int, tasks: Sequence[str], split: str = LIVE_SPLIT, n: int = LIVE_N
                  ) -> dict[str, float]:

@@ -138,7 +138,7 @@ def search(session, method: str, weights: Sequence[float] | None = None, *, lamb
 
         scores, per_task, skipped = score_grid_on_ray(ray, session, method, weights, select, lambdas, settings,
                                                       n_val, ft_val, batched, progress=progress, total=total)
-    elif (n := fork_workers(session.model_bytes(), len(settings), workers)) > 1:
+    elif (n := fork_workers(session, len(settings), workers)) > 1:
         scores, per_task, skipped = _score_settings_forked(n, session, method, weights, select, lambdas, settings,
                                                            n_val, ft_val, batched, progress, total)
     else:
@@ -288,7 +288,7 @@ def compare_all(session, methods: Sequence[str] | None = None, weights: Sequence
     k = len(session.selected)
     methods = [m for m in (methods or list(AGGREGATORS)) if AGGREGATORS[m].accepts(k)]
     kw = dict(weights=weights, lambdas=QUICK_LAMBDAS if quick else LAMBDAS, quick=quick, n_val=n_val, n_test=n_test)
-    n = fork_workers(session.model_bytes(), len(methods), workers)
+    n = fork_workers(session, len(methods), workers)
     if n > 1:
         # Longest grids first, so no process is left with a long search after the others are done.
         norms = session.stack.update_norms(torch.ones(k) if weights is None else torch.tensor(weights),

@@ -237,6 +237,11 @@ class Session:
         return [self.lock, self.scorer._lock, self.cache._lock, pool.stack._prepare_lock, REF_ACCURACY._lock,
                 REF_OUTPUTS._lock, kernels._COMPILE_LOCK]
 
+    @property
+    def device(self):
+        """Where this session's models are merged and decoded (the cache's: FEDMERGE_DEVICE, default auto)."""
+        return self.cache.device
+
     def model_bytes(self) -> int:
         """Bytes of one copy of the base model (what each forked search process writes its candidates into)."""
         return sum(t.numel() * t.element_size() for t in self.loaded().stack.base.values())
@@ -429,6 +434,15 @@ def _trim_loop() -> None:
         gc.collect()
         if trim is not None:
             trim(0)
+        _empty_gpu_cache()
+
+
+def _empty_gpu_cache() -> None:
+    """Give a dropped session's GPU memory back to the device (torch keeps freed blocks cached)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def clean_hyper(method: str, hyper: Mapping[str, Any], k: int) -> dict[str, Any]:

@@ -12,6 +12,9 @@ Before anything is read, the stack's size is estimated from the safetensors head
 `MergeError` naming the models, and least-recently-used entries are evicted to make room
 otherwise. Evicting only drops the cache's reference: sessions still holding a stack keep it
 alive until they are freed.
+
+Stacks live on the cache's `device`: FEDMERGE_DEVICE (cpu, cuda, cuda:N, auto), default auto (a
+GPU when torch sees one). The budget then counts that device's memory.
 """
 from __future__ import annotations
 
@@ -22,7 +25,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from .checkpoints import Checkpoint
+from .device import resolve_device
 from .errors import MergeError
 from .progress import Progress
 from .live import TaskVectorStack, estimate_stack_bytes
@@ -92,14 +98,22 @@ def _fmt(n: int) -> str:
 class StackCache:
     """LRU of TaskVectorStacks (and base models) under one byte budget; thread-safe."""
 
-    def __init__(self, budget_bytes: int = DEFAULT_BUDGET):
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET, device: torch.device | str | None = None):
         self.budget = int(budget_bytes)
+        self._device = None if device is None else torch.device(device)
         self._stacks: OrderedDict[tuple, TaskVectorStack] = OrderedDict()
         self._models: OrderedDict[str, tuple[Any, Any, int]] = OrderedDict()  # path -> (model, tokenizer, bytes)
         self._lock = threading.RLock()
         self._loading: dict[tuple, threading.Lock] = {}
         self.hits = 0
         self.misses = 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where stacks and session models live (resolved at first use: a bad FEDMERGE_DEVICE is a MergeError)."""
+        if self._device is None:
+            self._device = resolve_device(os.environ.get("FEDMERGE_DEVICE") or "auto")
+        return self._device
 
     # ------------------------------------------------------------------ stacks
     @property
@@ -154,7 +168,7 @@ class StackCache:
                 f"{_fmt(self.budget)}; select fewer or smaller models")
         with self._lock:
             self._evict_for(need)
-        stack = TaskVectorStack(base, sources, progress=progress)  # MergeError for incompatible models
+        stack = TaskVectorStack(base, sources, progress=progress, device=self.device)  # MergeError if incompatible
         with self._lock:
             self.misses += 1
             self._stacks[key] = stack

@@ -1,6 +1,7 @@
-"""Where disk merges run: `--device cpu|cuda|auto` (CLI; FEDMERGE_DEVICE sets its default). Tensors
-are read on the CPU, merged on the device and streamed back, so the device holds one tensor's stack
-at a time. (The app merges and decodes on the CPU: no GPU was available to build that path.)"""
+"""Where merges run: `--device cpu|cuda|auto` (CLI; FEDMERGE_DEVICE sets its default, cpu) and
+FEDMERGE_DEVICE for the app (default auto: `merging.cache.StackCache.device`). Disk merges read
+tensors on the CPU, merge them on the device and stream them back, so the device holds one tensor's
+stack at a time; the app keeps its task-vector stacks and session models on the device."""
 from __future__ import annotations
 
 import os

@@ -7,6 +7,10 @@ its parameters: no reload, no new model per merge. Linear merges (also DARE / Br
 magnitude pruning over their cached sparsified stack) are one matrix-vector product per tensor,
 and when a single task's coefficient changes, an update by that change alone. Other merges are
 computed into a second set of buffers that is swapped in once every tensor came out finite.
+
+Both live on one torch device (`device`: a GPU when the app runs on one, see `merging.device`):
+tensors are read on the CPU, their norms taken there, then moved; small per-task numbers (weights,
+norms, bounds) stay on the CPU and are moved per merge.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import math
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -40,7 +44,9 @@ def estimate_stack_bytes(base, sources) -> int:
 class TaskVectorStack:
     """Base tensors and stacked task vectors [K, ...] per tensor, float32, read once."""
 
-    def __init__(self, base, sources: Sequence[TaskVectorSource], progress: Progress | None = None):
+    def __init__(self, base, sources: Sequence[TaskVectorSource], progress: Progress | None = None,
+                 device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.plan: MergePlan = plan_from_objects(base, list(sources), "task_arithmetic")
         self.names: list[str] = self.plan.tensor_names
         self.source_names = [s.name for s in sources]
@@ -61,6 +67,8 @@ class TaskVectorStack:
             self._sq_norms[name] = d.reshape(len(sources), -1).double().pow(2).sum(1)
             self._absmax[name] = _row_abs_max(d.reshape(len(sources), -1))
             self._absmax_base[name] = float(b.abs().max()) if b.numel() else 0.0
+            if self.device.type != "cpu":
+                self.base[name], self.deltas[name] = b.to(self.device), d.to(self.device)
             sq += self._sq_norms[name]
             report(progress, j + 1, len(self.names), name)
         self.norms = sq.sqrt()
@@ -151,8 +159,9 @@ class TaskVectorStack:
     def merged_tensor(self, req: "MergeRequest", name: str, out: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, int | None]:
         """θ₀ + λ·U for one tensor (float32; into `out` if given) and its non-finite count if known."""
-        return req.agg.final_step(self._stack(req, name), req.weights, self.base[name], req.lam, req.hyper, out,
-                                  tensor=name, update_norms=req.norms)
+        weights, norms = req.on(self.device)
+        return req.agg.final_step(self._stack(req, name), weights, self.base[name], req.lam, req.hyper, out,
+                                  tensor=name, update_norms=norms)
 
     def _stack(self, req: "MergeRequest", name: str) -> torch.Tensor:
         """The stack the method's final step reads: its cached prepared stack, if it has a
@@ -199,6 +208,15 @@ class MergeRequest:
     lam: float
     hyper: dict[str, Any]
     norms: torch.Tensor | None
+    _moved: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weights and update norms on `device` (moved once per request, not per tensor)."""
+        if device.type == "cpu":
+            return self.weights, self.norms
+        if device not in self._moved:
+            self._moved[device] = (self.weights.to(device), None if self.norms is None else self.norms.to(device))
+        return self._moved[device]
 
     @property
     def prepare_key(self) -> tuple | None:
@@ -209,12 +227,12 @@ class MergeRequest:
 
 
 def _row_abs_max(t: torch.Tensor) -> torch.Tensor:
-    """max |entry| of each row of a [K, n] float32 tensor, float64 (zeros when n = 0)."""
+    """max |entry| of each row of a [K, n] float32 tensor, float64, on the CPU (zeros when n = 0)."""
     if t.shape[1] == 0:
         return torch.zeros(t.shape[0], dtype=torch.float64)
-    if kernels.enabled() and t.is_contiguous():
+    if kernels.enabled() and t.is_contiguous() and t.device.type == "cpu":
         return torch.from_numpy(kernels.row_abs_max(t.numpy()))
-    return t.abs().amax(1).double()
+    return t.abs().amax(1).double().cpu()
 
 
 def _fill_training_defaults(agg, hp: dict[str, Any], training: list[dict[str, Any]]) -> dict[str, Any]:
@@ -231,7 +249,7 @@ class LiveModel:
     """One model object whose parameters receive merges in place."""
 
     def __init__(self, model: torch.nn.Module, stack: TaskVectorStack):
-        self.model = model
+        self.model = model.to(stack.device)  # in place: merges are written where the stack is
         self.stack = stack
         own = dict(model.named_parameters())
         prefix = getattr(model, "base_model_prefix", "")
@@ -267,7 +285,7 @@ class LiveModel:
             return int((~torch.isfinite(t)).sum()) if bad is None else bad
 
         threads = torch.get_num_threads()
-        if threads > 1 and len(self.stack.names) > 1:  # the fused kernels release the GIL: one tensor per core
+        if threads > 1 and len(self.stack.names) > 1 and self.stack.device.type == "cpu":  # the fused kernels release the GIL: one tensor per core
             with ThreadPoolExecutor(threads, thread_name_prefix="live-merge") as pool:
                 bad = list(pool.map(one, self.stack.names))
         else:
@@ -285,7 +303,8 @@ class LiveModel:
     def _spare_buffers(self) -> dict[str, torch.Tensor]:
         """One float32 buffer per parameter, kept between merges (no model-sized allocation per merge)."""
         if self._spare is None:
-            self._spare = {name: torch.empty(p.shape, dtype=torch.float32) for name, p in self.targets.items()}
+            self._spare = {name: torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                           for name, p in self.targets.items()}
         return self._spare
 
     def _apply_linear(self, req: MergeRequest, key: tuple | None, coef: torch.Tensor) -> None:
@@ -304,10 +323,11 @@ class LiveModel:
                 param.data.add_(self.stack.linear_stack(req, key, name)[0][i], alpha=step)
             self._increments += 1
         else:
+            on_device = coef.to(self.stack.device)
             for name, param in self.targets.items():
                 stack = self.stack.linear_stack(req, key, name)[0]
                 flat = stack.reshape(len(coef), -1)
-                torch.addmv(self.stack.base[name].reshape(-1), flat.T, coef, out=param.data.view(-1))
+                torch.addmv(self.stack.base[name].reshape(-1), flat.T, on_device, out=param.data.view(-1))
             self._increments = 0
         self._last, self._last_key = coef.clone(), key
 

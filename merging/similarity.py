@@ -78,11 +78,11 @@ def similarity_from_stacks(stacks: Iterable[tuple[str, torch.Tensor]], names: li
         g = np.zeros((k, k))
         for start in range(0, flat.shape[1], _CHUNK):
             part = flat[:, start:start + _CHUNK]
-            g += (part.double() @ part.double().T).numpy()
+            g += (part.double() @ part.double().T).cpu().numpy()
             s = part.sign()
-            agree += (s @ s.T).double().numpy()
+            agree += (s @ s.T).double().cpu().numpy()
             nz = s.abs()
-            both += (nz @ nz.T).double().numpy()
+            both += (nz @ nz.T).double().cpu().numpy()
         gram += g
         layer = layer_of(name)
         layer_gram[layer] = layer_gram.get(layer, np.zeros((k, k))) + g

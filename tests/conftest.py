@@ -13,6 +13,7 @@ pytest_plugins = ["tests.shipped_app"]  # the app on the shipped zoo (fixture sh
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("FEDMERGE_DEVICE", "cpu")  # the suite runs on the CPU; tests/test_device.py checks device code
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ from merging.sparsify import band_mask, topk_mask
 from tests.conftest import tiny_models
 
 META = torch.device("meta")
-_READS = {"item": 0.5, "__float__": 0.5, "__int__": 1, "__bool__": False}
+_READS = {"__float__": 0.5, "__int__": 0, "__bool__": False}
 
 
 class DeviceStandIn(TorchFunctionMode):
@@ -34,14 +34,32 @@ class DeviceStandIn(TorchFunctionMode):
         t = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if t is not None and t.is_meta:
             name = getattr(func, "__name__", "")
-            if name == "tolist":
-                return [0.5] * t.numel() if t.dim() else 0.5
+            if name in ("tolist", "item"):  # placeholders of the tensor's shape and kind
+                return torch.full(t.shape, 0.5 if t.is_floating_point() else 0, dtype=t.dtype).tolist()
             if name in _READS:
                 return _READS[name]
+            if name == "isfinite":  # only ever read on the host (a merge's finiteness check): all finite
+                return torch.ones(t.shape, dtype=torch.bool)
             if name == "cpu" or (name == "to" and _to_cpu(args[1:], kwargs)):
                 dtype = next((a for a in (*args[1:], kwargs.get("dtype")) if isinstance(a, torch.dtype)), t.dtype)
                 return torch.zeros(t.shape, dtype=dtype)
+        if getattr(func, "__name__", "") not in _CROSS_DEVICE:
+            _same_device(func, args, kwargs)
         return func(*args, **kwargs)
+
+
+_CROSS_DEVICE = {"to", "copy_", "__getitem__", "__setitem__", "index_put_", "cpu", "__get__", "__set__",
+                 "_has_compatible_shallow_copy_type"}
+
+
+def _same_device(func, args, kwargs) -> None:
+    """CUDA's rule, which meta kernels do not all apply (an embedding takes CPU ids there): the tensors
+    of one op share a device, CPU scalars (0-dim) aside."""
+    flat = [a for a in (*args, *kwargs.values()) for a in (a if isinstance(a, (list, tuple)) else [a])]
+    tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+    if any(t.is_meta for t in tensors) and any(not t.is_meta and t.dim() > 0 for t in tensors):
+        raise RuntimeError(f"{getattr(func, '__name__', func)}: expected all tensors to be on the same device, "
+                           "found tensors on the CPU and the device")
 
 
 def _to_cpu(args, kwargs) -> bool:
@@ -134,3 +152,69 @@ def test_the_disk_merge_streams_through_a_device(tmp_path, method, params):
         blocks = list(iter_merged_blocks(plan, device=META))
     assert {name for name, _, _ in blocks} == set(plan.tensor_names) | set(plan.passthrough_names)
     assert all(b.device.type == "cpu" for _, _, b in blocks)
+
+
+def test_a_session_merges_decodes_and_searches_on_a_device(tmp_path_factory):
+    """The app's path (FEDMERGE_DEVICE): the shared stack and the session's models on the device, every
+    model input moved there, decoding's bookkeeping on the CPU, searches in this process (no fork)."""
+    from evaluation.distributed import fork_workers
+    from evaluation.search import search
+    from evaluation.session import Session
+    from merging.cache import StackCache
+    from tests.conftest import build_tiny_zoo
+
+    zoo = build_tiny_zoo(tmp_path_factory)
+    with DeviceStandIn():
+        session = Session(cache=StackCache(2 ** 30, device=META), zoo=zoo, allow_hub=False).load_zoo()
+        k = len(session.selected)
+        res = session.live("task_arithmetic", [1.0] * k, 0.3, {}, ["reverse: abc=", "free text"])
+        session.live("ties", [1.0] * k, 0.5, {"density": 0.5}, [])
+        sim = session.similarity_live()
+        found = search(session, "task_arithmetic", lambdas=[0.3, 0.6], n_val=4, n_test=4)
+    assert session.device == META and fork_workers(session, 8, 2) == 1
+    assert all(p.device == META for p in session.merge.model.parameters())
+    assert all(t.device == META for t in session.stack.deltas.values())
+    assert len(res.rows) == 2 and set(res.accuracy["merged"]) == set(session.tasks)
+    assert sim.names[-1] == "merged" and found.best_lambda in (0.3, 0.6)
+
+
+def test_a_device_that_is_not_there_is_one_line_at_start(monkeypatch):
+    """FEDMERGE_DEVICE naming a device that is not there stops `python app.py` before it serves, in one
+    line (the cache resolves it once: a typo, or cuda on a machine without a GPU, is a MergeError)."""
+    import os
+    import subprocess
+    import sys
+
+    from merging.cache import StackCache
+    from tests.conftest import ROOT
+
+    monkeypatch.setenv("FEDMERGE_DEVICE", "tpu")
+    with pytest.raises(MergeError, match="unknown device 'tpu'"):
+        StackCache().device
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("FEDMERGE_DEVICE", "cuda")
+        with pytest.raises(MergeError, match="no CUDA GPU"):
+            StackCache().device
+    monkeypatch.setenv("FEDMERGE_DEVICE", "auto")
+    assert StackCache().device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    r = subprocess.run([sys.executable, "app.py"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "FEDMERGE_DEVICE": "cuda:7x", "GRADIO_SERVER_PORT": "1"})
+    assert r.returncode != 0 and "FEDMERGE_DEVICE" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_the_gpu_check_runs(capsys):
+    """bench/gpu_check.py, the one script a GPU session runs, works end to end (here the CPU against itself)."""
+    import sys
+
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--quick", "--no-record"]) == 0
+    out = capsys.readouterr().out
+    for section in ("## live merges", "## scoring", "## searches", "## disk merges (CLI)"):
+        assert section in out
+    assert "FAILED" not in out and "NO" not in out.split() and "0 of 70 predictions differ" in out
+    assert out.count("max |Δ| / max|θ| 0.00e+00  ok") == 1
