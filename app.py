@@ -2,8 +2,8 @@
 
 `python app.py` serves it on 127.0.0.1 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT), offline, on
 the built-in zoo (FEDMERGE_ZOO), merging and decoding on a GPU when torch sees one
-(FEDMERGE_DEVICE=cpu|cuda|cuda:N|auto, default auto). This file only lays out and wires; the handlers below are plain
-functions over an `evaluation.playground.Playground` (unit-tested in tests/test_app_handlers.py),
+(FEDMERGE_DEVICE=cpu|cuda|cuda:N|auto, default auto). This file only lays out and wires; the
+handlers below are plain functions over an `evaluation.playground.Playground` (unit-tested in tests/test_app_handlers.py),
 and the work lives in evaluation/ and merging/.
 
 One merge per user action: every control fires on `.input` (user changes only, never the

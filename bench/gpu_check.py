@@ -68,12 +68,12 @@ def live_part(cpu, dev, quick: bool) -> list[str]:
 
     k = len(cpu.selected)
     lines = [f"{'method':18s} {'setting':26s} {'max |Δ| / max|θ|':>18s} {'cpu ms':>8s} {'dev ms':>8s}  ok"]
-    methods = [m for m in AGGREGATORS if AGGREGATORS[m].accepts(k) or AGGREGATORS[m].accepts(2)]
+    methods = list(AGGREGATORS)
     if quick:
         methods = [m for m in methods if m in ("task_arithmetic", "ties", "fednova")]
     worst = 0.0
     for m in methods:
-        n = k if AGGREGATORS[m].accepts(k) else 2
+        n = next(c for c in (k, 2, 1) if AGGREGATORS[m].accepts(c))
         hp = SPARSE.get(m, {})
         sel = list(range(n))
         weights = [1.0 - 0.05 * i for i in range(n)]

@@ -205,5 +205,9 @@ def user_message(exc: BaseException, zoo: str | os.PathLike | None = None, actio
         for i, t in enumerate(kept):
             text = text.replace(f"\x00{i}\x00", t)
         return text[:600]
+    if type(exc).__name__ == "OutOfMemoryError":  # torch's, on a GPU (FEDMERGE_DEVICE)
+        log.warning("GPU out of memory%s", f" in {action}" if action else "")
+        return (f"the GPU ran out of memory{f' in {action}' if action else ''}: select fewer or smaller models "
+                "(or run the app with FEDMERGE_DEVICE=cpu)")
     log.error("unexpected error%s", f" in {action}" if action else "", exc_info=exc)
     return f"internal error{f' in {action}' if action else ''}; it was logged. Try again or reload the page."

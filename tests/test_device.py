@@ -218,3 +218,14 @@ def test_the_gpu_check_runs(capsys):
         assert section in out
     assert "FAILED" not in out and "NO" not in out.split() and "0 of 70 predictions differ" in out
     assert out.count("max |Δ| / max|θ| 0.00e+00  ok") == 1
+
+
+def test_a_full_gpu_is_one_line_for_the_user():
+    """torch's OutOfMemoryError (what a GPU raises when a selection does not fit) reaches the user as
+    a sentence naming the GPU and what to do, never its allocator text."""
+    from evaluation.limits import user_message
+
+    exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.8 GiB total)")
+    text = user_message(exc, action="live")
+    assert text.startswith("the GPU ran out of memory in live") and "FEDMERGE_DEVICE=cpu" in text
+    assert "Tried to allocate" not in text and "\n" not in text
