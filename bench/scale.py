@@ -6,6 +6,9 @@ writable): a plain read of the five models' files (the I/O floor), `python -m me
 `mergekit-yaml` on the same YAML. Reports wall time, peak RSS (ru_maxrss of the child) and input
 throughput in GB/s, the ratios ours / mergekit and ours / plain read, and the largest difference
 between the two outputs. Generated files are deleted at the end (`--keep` keeps them).
+
+`--device cuda` merges ours on the GPU (`merge --device cuda`) and mergekit with `--cuda`;
+`--no-mergekit` measures ours against the plain read alone (a machine without mergekit).
 """
 from __future__ import annotations
 
@@ -174,11 +177,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="the YAML's compute dtype (output is bfloat16 either way)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints in bench/_work/scale")
+    ap.add_argument("--device", default="cpu", help="where both tools merge: cpu or cuda (ours: --device, mergekit: --cuda)")
+    ap.add_argument("--no-mergekit", action="store_true", help="ours against the plain read only")
     add_record_flag(ap)
     args = ap.parse_args(argv)
 
     root = work_dir("scale")
-    mk = str(mergekit_venv() / "bin" / "mergekit-yaml")
+    mk = None if args.no_mergekit else str(mergekit_venv() / "bin" / "mergekit-yaml")
+    on_gpu = args.device.startswith("cuda")
     cold = drop_caches()
     header = (f"{'size':5} {'method':16} {'read s':>7} {'GB/s':>5} {'mergekit s':>10} {'ours s':>7} {'time x':>6} "
               f"{'ours/read':>9} {'ours GB/s':>9} {'mergekit MiB':>12} {'ours MiB':>8} {'RSS x':>6}  max|Δ|")
@@ -203,10 +209,12 @@ def main(argv=None) -> int:
                 write_yaml(cfg, method, base, fts, args.dtype)
                 out_mk, out_us = root / f"{size}-{method}-mergekit", root / f"{size}-{method}-ours"
                 res = {}
-                for tool, cmd, env, out in (
-                        ("mergekit", [mk, str(cfg), str(out_mk), "--no-cuda", "--quiet"], mergekit_env(), out_mk),
-                        ("ours", [sys.executable, "-m", "merging", "merge", str(cfg), str(out_us), "--overwrite",
-                                  "--no-progress"], ours_env(), out_us)):
+                tools = [("ours", [sys.executable, "-m", "merging", "merge", str(cfg), str(out_us), "--overwrite",
+                                   "--no-progress", "--device", args.device], ours_env(), out_us)]
+                if mk:
+                    tools.insert(0, ("mergekit", [mk, str(cfg), str(out_mk), "--cuda" if on_gpu else "--no-cuda",
+                                                  "--quiet"], mergekit_env(), out_mk))
+                for tool, cmd, env, out in tools:
                     shutil.rmtree(out, ignore_errors=True)
                     drop_caches()
                     wall, rss, rc = run_measured(cmd, env, log=root / f"{size}-{method}-{tool}.log")
@@ -214,10 +222,10 @@ def main(argv=None) -> int:
                         print(f"{tool} failed on {size} {method} (exit {rc}); see {root / f'{size}-{method}-{tool}.log'}")
                         return 1
                     res[tool] = (wall, rss)
-                diff = max_diff(out_us, out_mk)
+                diff = max_diff(out_us, out_mk) if mk else float("nan")
                 shutil.rmtree(out_mk, ignore_errors=True)
                 shutil.rmtree(out_us, ignore_errors=True)
-                (w_mk, r_mk), (w_us, r_us) = res["mergekit"], res["ours"]
+                (w_mk, r_mk), (w_us, r_us) = res.get("mergekit", (float("nan"), float("nan"))), res["ours"]
                 rss_ours.setdefault(method, {})[size] = r_us
                 row = (f"{size:5} {method:16} {t_read:7.1f} {gb / t_read:5.2f} {w_mk:10.1f} {w_us:7.1f} "
                        f"{w_us / w_mk:6.2f} {w_us / t_read:9.2f} {gb / w_us:9.2f} {r_mk:12.0f} {r_us:8.0f} "
@@ -238,7 +246,8 @@ def main(argv=None) -> int:
     note = ("time x / RSS x = ours / mergekit (targets ≤ 0.3 / ≤ 0.5); ours/read = our wall time over a plain read "
             "of the same input files (throughput ≥ 50% of the read = ours/read ≤ 2 for linear methods); "
             f"page cache {'dropped before every run (cold reads)' if cold else 'NOT dropped (not writable here)'}; "
-            f"compute dtype {args.dtype}, bfloat16 checkpoints and output, 4 fine-tunes, 1 GiB shards.")
+            f"compute dtype {args.dtype}, bfloat16 checkpoints and output, 4 fine-tunes, 1 GiB shards; "
+            f"merged on {args.device}{'' if mk else ', mergekit not run (nan)'}.")
     print("\n" + note + flat)
     if not args.no_record:
         append_results("scale", ["python", "bench/scale.py", *(argv if argv is not None else sys.argv[1:])],

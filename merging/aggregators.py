@@ -420,7 +420,7 @@ def slerp_exact(base, models, weights, lam: float, t: float, weighted: bool, **_
     v0, v1 = (base, ends[0]) if len(ends) == 1 else (ends[0], ends[1])
     acc = torch.float64 if v0.dtype == torch.float64 else torch.float32
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
-    tt = torch.tensor([float(t)]).reshape(-1, 1).to(acc)
+    tt = torch.tensor([float(t)], device=a.device).reshape(-1, 1).to(acc)
     n = a.shape[1]
     if not n:
         return v0

@@ -190,9 +190,9 @@ def _tensor_done(plan: MergePlan, name: str, rows: Rows) -> bool:
     return rows is None or rows[1] == plan.base.shape(name)[0]
 
 
-def _iter_exact(plan: MergePlan, block_bytes: int) -> Iterator[Block]:
+def _iter_exact(plan: MergePlan, block_bytes: int, gpu: torch.device | None = None) -> Iterator[Block]:
     """The exact path, with the next unit's inputs read on a second thread while this one merges
-    (inputs over _PREFETCH_BYTES are read in turn: peak memory)."""
+    (inputs over _PREFETCH_BYTES are read in turn: peak memory); on `gpu` if given."""
     itemsize = plan.compute_dtype.itemsize
     units = work_units(plan, itemsize, block_bytes)
     small = [_stack_bytes(plan, n, itemsize, r) <= _PREFETCH_BYTES for n, r in units]
@@ -206,10 +206,14 @@ def _iter_exact(plan: MergePlan, block_bytes: int) -> Iterator[Block]:
         for j, (name, rows) in enumerate(units):
             inputs = ahead.result() if ahead is not None else exact_inputs(plan, name, rows)
             ahead = fetch(j + 1)
+            if gpu:
+                base, models = inputs
+                inputs = (None if base is None else base.to(gpu), [m.to(gpu) for m in models])
             merged = exact_tensor(plan, name, inputs)
             del inputs
             _check_finite_fast(name, merged, "the merge result")
-            yield name, rows, merged.to(plan.output_dtype(name))
+            out = merged.to(plan.output_dtype(name))
+            yield name, rows, out.cpu() if gpu else out
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -220,14 +224,15 @@ def iter_merged_blocks(plan: MergePlan, progress: Progress | None = None, device
     a tensor whose stack exceeds `block_bytes` comes as consecutive blocks of rows when the method
     allows it (see work_units), else whole (rows None).
 
-    With a `device` other than the CPU, each stack is read on the CPU, merged there and the result
-    copied back (the methods defined on whole models, `uses_exact`, stay on the CPU).
+    With a `device` other than the CPU, each unit's inputs are read on the CPU, moved there, merged
+    there and the result copied back (the float32 pipeline and the exact path alike).
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    gpu = dev if dev.type != "cpu" else None
     if uses_exact(plan):
-        blocks = _iter_exact(plan, block_bytes)
+        blocks = _iter_exact(plan, block_bytes, gpu)
     else:
-        blocks = _iter_float32(plan, dev if dev.type != "cpu" else None, block_bytes)
+        blocks = _iter_float32(plan, gpu, block_bytes)
     done = 0
     for name, rows, block in blocks:
         yield name, rows, block

@@ -140,18 +140,26 @@ def test_selections_find_the_same_cut_off_a_gpu_finds():
     ("fednova", {"steps": [10, 20, 30]}), ("cclip", {}), ("fedgma", {"rho": 0.5}), ("median", {}),
     ("linear", {}), ("slerp", {"t": 0.5}), ("model_stock", {}),
 ])
-def test_the_disk_merge_streams_through_a_device(tmp_path, method, params):
-    """`--device` path of the engine: each stack moved to the device, merged there, copied back."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_disk_merge_streams_through_a_device(tmp_path, method, params, dtype):
+    """`--device` path of the engine: each unit's inputs moved to the device, merged there, copied
+    back; in float32 (our pipeline) and in bfloat16 (mergekit's arithmetic, the exact path)."""
+    from merging.engine import uses_exact
+
     paths = tiny_models(tmp_path, 0, [1, 2, 3])
     k = 3 if AGGREGATORS[method].accepts(3) else 2
     cfg = MergeConfig.model_validate({
-        "merge_method": method, "base_model": str(paths["base"]), "dtype": "float32", "parameters": params,
+        "merge_method": method, "base_model": str(paths["base"]), "dtype": dtype, "parameters": params,
         "models": [{"model": str(paths[f"ft{i}"]), "parameters": {"weight": 1.0}} for i in range(k)]})
     plan = plan_from_config(cfg)
+    if dtype == "bfloat16" and method not in ("fednova", "cclip", "fedgma", "median"):  # mergekit's methods
+        assert uses_exact(plan)  # the exact path, which --device now serves too
     with DeviceStandIn():
         blocks = list(iter_merged_blocks(plan, device=META))
     assert {name for name, _, _ in blocks} == set(plan.tensor_names) | set(plan.passthrough_names)
     assert all(b.device.type == "cpu" for _, _, b in blocks)
+    merged = [b for name, _, b in blocks if name in plan.tensor_names]
+    assert all(not b.any() for b in merged)  # each came back from the device (the stand-in's copies are zeros)
 
 
 def test_a_session_merges_decodes_and_searches_on_a_device(tmp_path_factory):
