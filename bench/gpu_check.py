@@ -9,7 +9,8 @@ Four parts, each comparing the same work on `--device` (default cuda) and on the
 3. a search (task arithmetic's λ grid, scores only) and compare-all with quick grids: chosen λ and
    scores, and the time;
 4. disk merges (`python -m merging merge --device`) of the zoo for six methods: outputs compared
-   tensor by tensor, and the wall time of each CLI run.
+   and two in mergekit's bfloat16 arithmetic; outputs compared tensor by tensor, and the wall time of
+   each CLI run.
 
     python bench/gpu_check.py [--device cuda] [--quick] [--no-record]
 
@@ -30,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import ROOT, add_record_flag, append_results  # noqa: E402
 
-DISK_METHODS = ("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "fednova", "median")
+DISK = (("task_arithmetic", "float32"), ("ties", "float32"), ("dare_ties", "float32"), ("breadcrumbs", "float32"),
+        ("fednova", "float32"), ("median", "float32"), ("task_arithmetic", "bfloat16"), ("ties", "bfloat16"))
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}  # of the tensor's largest entry: one rounding of the dtype
 SPARSE = {"ties": {"density": 0.5}, "dare_ties": {"density": 0.5}, "dare_linear": {"density": 0.5},
           "breadcrumbs": {"density": 0.5, "gamma": 0.1}, "breadcrumbs_ties": {"density": 0.5, "gamma": 0.1},
           "magnitude_prune": {"density": 0.5}, "della": {"density": 0.5, "epsilon": 0.1},
@@ -143,12 +146,11 @@ def disk_part(device: str, quick: bool) -> list[str]:
     base, specs = read_zoo()
     fts = [s.ref for s in specs if not s.variant_of]
     lines = []
-    methods = DISK_METHODS[:1] if quick else DISK_METHODS
     with tempfile.TemporaryDirectory() as tmp:
-        for m in methods:
-            cfg = Path(tmp) / f"{m}.yml"
+        for m, dtype in DISK[:1] if quick else DISK:
+            cfg = Path(tmp) / f"{m}-{dtype}.yml"
             params = {"fednova": {"steps": [100.0] * len(fts)}}.get(m, SPARSE.get(m, {}))
-            body = [f"merge_method: {m}", f"base_model: {base}", "dtype: float32", "models:"]
+            body = [f"merge_method: {m}", f"base_model: {base}", f"dtype: {dtype}", "models:"]
             body += [f"  - model: {f}\n    parameters: {{weight: 1.0}}" for f in fts]
             if params:
                 body += ["parameters:"] + [f"  {a}: {v}" for a, v in params.items()]
@@ -156,17 +158,18 @@ def disk_part(device: str, quick: bool) -> list[str]:
             walls = []
             for dv, out in (("cpu", "host"), (device, "device")):
                 t0 = time.perf_counter()
-                r = subprocess.run([sys.executable, "-m", "merging", "merge", str(cfg), f"{tmp}/{m}-{out}", "--device", dv,
+                r = subprocess.run([sys.executable, "-m", "merging", "merge", str(cfg), f"{tmp}/{m}-{dtype}-{out}", "--device", dv,
                                     "--no-progress", "--offline"], cwd=ROOT, capture_output=True, text=True)
                 walls.append(time.perf_counter() - t0)
                 if r.returncode:
                     lines.append(f"{m:16s} --device {dv}: FAILED: {r.stderr.strip()[-300:]}")
-            if all((Path(tmp) / f"{m}-{out}" / "model.safetensors").exists() for out in ("host", "device")):
-                a = load_file(f"{tmp}/{m}-host/model.safetensors")
-                b = load_file(f"{tmp}/{m}-device/model.safetensors")
-                rel = max(float((a[k] - b[k]).abs().max()) / (float(a[k].abs().max()) or 1.0) for k in a)
-                lines.append(f"{m:16s} cpu {walls[0]:5.1f} s  --device {device} {walls[1]:5.1f} s  "
-                             f"max |Δ| / max|θ| {rel:.2e}  {'ok' if rel <= 1e-5 else 'DIFFERENT'}")
+            if all((Path(tmp) / f"{m}-{dtype}-{out}" / "model.safetensors").exists() for out in ("host", "device")):
+                a = load_file(f"{tmp}/{m}-{dtype}-host/model.safetensors")
+                b = load_file(f"{tmp}/{m}-{dtype}-device/model.safetensors")
+                rel = max(float((a[k].float() - b[k].float()).abs().max()) / (float(a[k].float().abs().max()) or 1.0)
+                          for k in a)
+                lines.append(f"{m:16s} {dtype:8s} cpu {walls[0]:5.1f} s  --device {device} {walls[1]:5.1f} s  "
+                             f"max |Δ| / max|θ| {rel:.2e}  {'ok' if rel <= TOLERANCE[dtype] else 'DIFFERENT'}")
     return lines
 
 

@@ -225,7 +225,7 @@ def test_the_gpu_check_runs(capsys):
     for section in ("## live merges", "## scoring", "## searches", "## disk merges (CLI)"):
         assert section in out
     assert "FAILED" not in out and "NO" not in out.split() and "0 of 70 predictions differ" in out
-    assert out.count("max |Δ| / max|θ| 0.00e+00  ok") == 1
+    assert out.count("max |Δ| / max|θ| 0.00e+00  ok") == 1 and "float32  cpu" in out
 
 
 def test_a_full_gpu_is_one_line_for_the_user():
