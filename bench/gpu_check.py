@@ -7,7 +7,8 @@ Four parts, each comparing the same work on `--device` (default cuda) and on the
 2. scoring (`evaluation.harness.evaluate`, the live view's decoding) of a task-arithmetic merge on the
    test split: accuracies and how many predictions differ, and the time;
 3. a search (task arithmetic's λ grid, scores only) and compare-all with quick grids: chosen λ and
-   scores, and the time;
+   scores, and the time; and on the device the same search with many λ per forward (batched) against
+   one λ at a time;
 4. disk merges (`python -m merging merge --device`) of the zoo for six methods: outputs compared
    and two in mergekit's bfloat16 arithmetic; outputs compared tensor by tensor, and the wall time of
    each CLI run.
@@ -135,6 +136,12 @@ def search_part(cpu, dev, quick: bool) -> list[str]:
         else:
             what = f"best λ cpu {rc.best_lambda:g}, device {rd.best_lambda:g}; score {rc.best_score:.3f} / {rd.best_score:.3f}"
         lines.append(f"{label:34s} cpu {tc:7.1f} s   device {td:7.1f} s   ratio {td / tc:.2f}   {what}")
+    # on the device: many λ per forward (evaluation.grouped) against the one-λ loop; off by default
+    # (FEDMERGE_SEARCH_BATCH=1), because on the CPU it does not pay; a GPU is where it should
+    (tl, rl), (tb, rb) = (timed(lambda b=b: search(dev, "task_arithmetic", workers=1, batched=b, **grid))
+                          for b in (False, True))
+    lines.append(f"{'same search on the device, batched':34s} loop {tl:6.1f} s   batched {tb:6.1f} s   "
+                 f"ratio {tb / tl:.2f}   same choice and scores: {rl.best_lambda == rb.best_lambda and rl.scores == rb.scores}")
     return lines
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import torch
+
 from merging.errors import MergeError
 from merging.registry import AGGREGATORS
 
@@ -205,7 +207,7 @@ def user_message(exc: BaseException, zoo: str | os.PathLike | None = None, actio
         for i, t in enumerate(kept):
             text = text.replace(f"\x00{i}\x00", t)
         return text[:600]
-    if type(exc).__name__ == "OutOfMemoryError":  # torch's, on a GPU (FEDMERGE_DEVICE)
+    if isinstance(exc, torch.OutOfMemoryError):  # on a GPU (FEDMERGE_DEVICE)
         log.warning("GPU out of memory%s", f" in {action}" if action else "")
         return (f"the GPU ran out of memory{f' in {action}' if action else ''}: select fewer or smaller models "
                 "(or run the app with FEDMERGE_DEVICE=cpu)")
