@@ -370,13 +370,14 @@ class Session:
         return _limits.scrub_paths(str(ref), _limits.display_roots(self.zoo))
 
     def write_merged(self, out_dir: str | os.PathLike, progress=None, plan=None, card: str | None = None) -> Path:
-        """The current merge as a model folder; `card` replaces the plan's model card (no server paths either way)."""
+        """The current merge as a model folder (merged on the session's device, like the CLI's --device);
+        `card` replaces the plan's model card (no server paths either way)."""
         from merging.card import model_card
         from merging.engine import merge_to_dir
 
         plan = plan or self.export_plan()
         card = _limits.scrub_paths(card or model_card(plan), _limits.display_roots(self.zoo))
-        return merge_to_dir(plan, out_dir, overwrite=True, progress=progress, card=card)
+        return merge_to_dir(plan, out_dir, overwrite=True, progress=progress, card=card, device=self.device)
 
     def export_bytes(self) -> int:
         """About what a zip export puts on disk at its peak (the folder and its zip)."""

@@ -179,6 +179,12 @@ def test_a_session_merges_decodes_and_searches_on_a_device(tmp_path_factory):
         session.live("ties", [1.0] * k, 0.5, {"density": 0.5}, [])
         sim = session.similarity_live()
         found = search(session, "task_arithmetic", lambdas=[0.3, 0.6], n_val=4, n_test=4)
+        session.apply("ties", [1.0] * k, 0.5, {"density": 0.5})
+        folder = session.write_merged(tmp_path_factory.mktemp("export") / "merged")  # the export, like --device
+    from safetensors.torch import load_file
+
+    written = load_file(str(folder / "model.safetensors"))
+    assert written and [n for n, t in written.items() if t.any()] == []  # merged on the device: zeros
     assert session.device == META and fork_workers(session, 8, 2) == 1
     assert all(p.device == META for p in session.merge.model.parameters())
     assert all(t.device == META for t in session.stack.deltas.values())
