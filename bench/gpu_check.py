@@ -193,14 +193,19 @@ def main(argv: list[str] | None = None) -> int:
     device = str(resolve_device(args.device))
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}", flush=True)
-    cpu, dev = sessions(device)
+    cpu, dev = sessions(device)  # a failure here is the first thing a GPU session must see: not caught
     sections = []
     for title, part in (("live merges", lambda: live_part(cpu, dev, args.quick)),
                         ("scoring", lambda: scoring_part(cpu, dev, args.quick)),
                         ("searches", lambda: search_part(cpu, dev, args.quick)),
                         ("disk merges (CLI)", lambda: disk_part(device, args.quick))):
         print(f"\n## {title}", flush=True)
-        lines = part()
+        try:
+            lines = part()
+        except Exception as exc:  # one part failing on a new GPU must not cost the others (device time is scarce)
+            import traceback
+
+            lines = [f"FAILED: {type(exc).__name__}: {exc}", *traceback.format_exc().splitlines()[-12:]]
         print("\n".join(lines), flush=True)
         sections.append((title, lines))
     if not args.no_record:
