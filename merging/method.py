@@ -99,6 +99,7 @@ def weighted_sum(deltas: torch.Tensor, coefficients: torch.Tensor) -> torch.Tens
 
 
 CHUNK = 1 << 17  # coordinates per slice: a [K, CHUNK] float32 temporary stays in the CPU cache
+DEVICE_CHUNK = 1 << 22  # on a GPU every slice costs a kernel launch per op: fewer, larger slices
 
 
 def apply_elementwise(fn, deltas: torch.Tensor, weights: torch.Tensor, kwargs: Mapping[str, Any],
@@ -112,8 +113,9 @@ def apply_elementwise(fn, deltas: torch.Tensor, weights: torch.Tensor, kwargs: M
     flat, b = deltas.reshape(k, -1), base.reshape(-1)
     out = torch.empty_like(b, dtype=torch.float32) if out is None else out
     o = out.view(-1)
-    for s in range(0, flat.shape[1], CHUNK):
-        torch.add(b[s:s + CHUNK], fn(flat[:, s:s + CHUNK], weights, **kwargs), alpha=lam, out=o[s:s + CHUNK])
+    step = CHUNK if flat.device.type == "cpu" else DEVICE_CHUNK
+    for s in range(0, flat.shape[1], step):
+        torch.add(b[s:s + step], fn(flat[:, s:s + step], weights, **kwargs), alpha=lam, out=o[s:s + step])
     return out.view(base.shape)
 
 
