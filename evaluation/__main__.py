@@ -40,6 +40,12 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-test", type=int, default=100, help="test examples per task for the report")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="spread each search over Ray workers: a local Ray, or the cluster at ADDRESS")
+    _add_device(p)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="where models are merged and scored: cpu, cuda[:N] or auto (default: $FEDMERGE_DEVICE, else auto)")
 
 
 def _zoo_selection(args: argparse.Namespace):
@@ -74,6 +80,7 @@ def _add_selection(p: argparse.ArgumentParser, reported: str) -> None:
     p.add_argument("--out", default="evaluation/results")
     p.add_argument("--n-val", type=int, default=12, help="validation examples per task (λ tuning)")
     p.add_argument("--n-test", type=int, default=30, help=f"test examples per task (the reported {reported})")
+    _add_device(p)
 
 
 def _progress(fraction: float, desc: str) -> None:
@@ -139,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     from merging.errors import MergeError
 
     try:
+        if getattr(args, "device", None):
+            from merging.cache import CACHE
+            from merging.device import resolve_device
+
+            CACHE.use_device(resolve_device(args.device))  # before any model is read: a missing GPU fails at once
         return COMMANDS[args.command][2](args)
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -115,6 +115,15 @@ class StackCache:
             self._device = resolve_device(os.environ.get("FEDMERGE_DEVICE") or "auto")
         return self._device
 
+    def use_device(self, device: torch.device | str) -> None:
+        """Choose where stacks live (a command line's --device) before any is loaded: loaded stacks
+        are not moved, so another device afterwards is refused."""
+        dev = torch.device(device)
+        with self._lock:
+            if self._stacks and self._device is not None and dev != self._device:
+                raise MergeError(f"models are already loaded on {self._device}; choose the device before loading")
+            self._device = dev
+
     # ------------------------------------------------------------------ stacks
     @property
     def used(self) -> int:

@@ -245,3 +245,18 @@ def test_a_full_gpu_is_one_line_for_the_user():
     text = user_message(exc, action="live")
     assert text.startswith("the GPU ran out of memory in live") and "FEDMERGE_DEVICE=cpu" in text
     assert "Tried to allocate" not in text and "\n" not in text
+
+
+def test_the_device_is_chosen_before_models_load(tiny_zoo):
+    """`python -m evaluation ... --device`: the cache takes a device while empty; once stacks are
+    loaded another device is refused (they are not moved), the same one is fine."""
+    from merging.cache import StackCache
+
+    cache = StackCache(2 ** 30)
+    cache.use_device(META)
+    assert cache.device == META
+    cache.use_device("cpu")
+    cache.get_stack(str(tiny_zoo["base"]), [str(tiny_zoo["ft0"])], allow_hub=False)
+    cache.use_device("cpu")
+    with pytest.raises(MergeError, match="already loaded on cpu"):
+        cache.use_device(META)

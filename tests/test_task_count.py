@@ -97,7 +97,7 @@ def test_command_line_writes_the_table_and_figure(tmp_path, capsys):
     from evaluation.__main__ import main
 
     code = main(["task-count", "--models", "reverse,upper,is_even", "--methods", "task_arithmetic",
-                 "--per-size", "1", "--n-val", "6", "--n-test", "6", "--out", str(tmp_path)])
+                 "--per-size", "1", "--n-val", "6", "--n-test", "6", "--out", str(tmp_path), "--device", "cpu"])
     assert code == 0
     text = (tmp_path / "task-count.md").read_text()
     assert "| 3 | 1 |" in text and "reverse + upper + is_even" in text
@@ -105,7 +105,7 @@ def test_command_line_writes_the_table_and_figure(tmp_path, capsys):
     assert text in capsys.readouterr().out
     for bad, want in ((["--sizes", "2,x"], "--sizes: comma-separated whole numbers"),
                       (["--sizes", "9"], "group sizes: whole numbers from 2 to 7"),
-                      (["--methods", "slerp"], "slerp: merge")):
+                      (["--methods", "slerp"], "slerp: merge"), (["--device", "tpu"], "unknown device 'tpu'")):
         assert main(["task-count", "--out", str(tmp_path / "no"), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and want in err and "\n" not in err, err
