@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import ROOT, add_record_flag, append_results  # noqa: E402
+from _common import ROOT, add_record_flag, append_results, best_of  # noqa: E402
 
 DISK = (("task_arithmetic", "float32"), ("ties", "float32"), ("dare_ties", "float32"), ("breadcrumbs", "float32"),
         ("fednova", "float32"), ("median", "float32"), ("task_arithmetic", "bfloat16"), ("ties", "bfloat16"))
@@ -42,18 +42,16 @@ SPARSE = {"ties": {"density": 0.5}, "dare_ties": {"density": 0.5}, "dare_linear"
 
 
 def timed(fn, repeat: int = 1):
+    """`_common.best_of`, each timed call ending when the GPU's queued work has."""
     import torch
 
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    def synced():
         out = fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+        return out
+
+    return best_of(synced, repeat)
 
 
 def sessions(device: str):
