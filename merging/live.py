@@ -285,7 +285,8 @@ class LiveModel:
             return int((~torch.isfinite(t)).sum()) if bad is None else bad
 
         threads = torch.get_num_threads()
-        if threads > 1 and len(self.stack.names) > 1 and self.stack.device.type == "cpu":  # the fused kernels release the GIL: one tensor per core
+        # the fused kernels (CPU) release the GIL: one tensor per core; a GPU queues its work in order
+        if threads > 1 and len(self.stack.names) > 1 and self.stack.device.type == "cpu":
             with ThreadPoolExecutor(threads, thread_name_prefix="live-merge") as pool:
                 bad = list(pool.map(one, self.stack.names))
         else:
