@@ -1,21 +1,23 @@
 """The recipe that builds the built-in model zoo: a tiny GPT-2 base and one fine-tune per task.
 
 ``python -m evaluation build-zoo`` rebuilds ``assets/zoo`` deterministically (fixed seeds,
-deterministic data, one thread per training process). Steps:
+deterministic data, one thread's rounding everywhere). Steps:
 
 1. pretrain a base on synthetic English-like sentences plus a mixture of prompts in the tasks'
    format: every task's skill under another keyword (its base form, ``mirror: abc=cba`` for
    ``reverse``), auxiliary skills (``copy``, ``rot``, ``next``, ...) and random decoy keywords
-   answered ``?``; the base is taught every skill (not all are learnt) but none of the tasks' keywords;
+   answered ``?``; the base is taught every skill (not all are learnt) but none of the tasks' keywords
+   (on two threads, with the reductions that round by thread count on one: ``bitwise_threads``);
 2. fine-tune a copy of the base on each task (loss on the answer), replaying the mixture with a
    KL-to-base loss so each task vector acts on its own keyword alone; two processes at a time with
-   one thread each (a 1M-parameter model does not speed up with more threads);
+   one thread each (faster than one process on two threads);
 3. an extra, heterogeneous fine-tune of one task (far more steps, a higher learning rate, no replay);
 4. build in a sibling folder, measure everything the README claims (``zoo_report.measure``), render
    the README from its template and swap the folder in.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .bitwise_threads import OneThreadReductions
 from .tasks import TASKS, Example, get_task
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, encode, save_tokenizer
 
@@ -61,10 +64,9 @@ class ZooConfig:
     pretrain_batch: int = 32
     pretrain_seq: int = 64
     pretrain_seed: int = 0
-    # the thread count is part of the recipe (another count rounds differently: another base). On the full
-    # recipe 2 threads take 0.45 s a step against 0.66 s for 1 (measured 2026-11-29; a full 2-thread rebuild:
-    # pretraining 907 s, the same claims met and missed); the shipped zoo was built with 1
-    pretrain_threads: int = 1
+    # pretraining runs on this many threads with the one-thread arithmetic (bitwise_threads): 2 threads give
+    # the same base, bit for bit, as 1 did, in two thirds of the time
+    pretrain_threads: int = 2
     pretrain_skill_batch: int = 32  # auxiliary prompt-format skills per step (answer-only loss); 0 = sentences only
     workers: int = 2
     finetune_steps: int = 500
@@ -101,7 +103,7 @@ FULL = ZooConfig(
     conflicts=(("sort", "sort_desc"),),
 )
 TINY = ZooConfig(n_embd=16, n_layer=1, n_head=2, n_positions=64, pretrain_steps=3, pretrain_batch=8, pretrain_skill_batch=4,
-                 pretrain_threads=1, finetune_steps=3, finetune_batch=8, finetune_replay=4, eval_n=5,
+                 finetune_steps=3, finetune_batch=8, finetune_replay=4, eval_n=5,
                  extras=(FinetuneSpec("reverse-long", "reverse", steps=6, learning_rate=1.5e-3, batch_size=8, replay=0,
                                       seed=200, variant_of="reverse"),),
                  conflicts=(("sort", "sort_desc"),), measure={"n_val": 2, "n_test": 3, "lambdas": (0.5, 1.0)})
@@ -298,7 +300,10 @@ def _optimizer(model, lr: float):
 
 
 def pretrain(cfg: ZooConfig, log=print):
-    """Causal-LM pretraining of a fresh GPT-2 on random windows of the synthetic text."""
+    """Causal-LM pretraining of a fresh GPT-2 on random windows of the synthetic text.
+
+    Runs on torch's threads (``cfg.pretrain_threads`` in a build) with one thread's rounding.
+    """
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(cfg.pretrain_seed)
@@ -314,15 +319,16 @@ def pretrain(cfg: ZooConfig, log=print):
             g["lr"] = _lr_at(step, cfg.pretrain_steps, cfg.pretrain_lr)
         starts = torch.randint(0, len(stream) - seq, (cfg.pretrain_batch,), generator=gen)
         batch = torch.stack([stream[s:s + seq] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
-        if cfg.pretrain_skill_batch:
-            exs = [Example(*skill_example(skill_rng)) for _ in range(cfg.pretrain_skill_batch)]
-            ids, lab, mask = _finetune_batch(exs, list(range(len(exs))))
-            loss = loss + model(input_ids=ids, attention_mask=mask, labels=lab).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        with OneThreadReductions() if torch.get_num_threads() > 1 else contextlib.nullcontext():
+            loss = model(input_ids=batch, labels=batch).loss
+            if cfg.pretrain_skill_batch:
+                exs = [Example(*skill_example(skill_rng)) for _ in range(cfg.pretrain_skill_batch)]
+                ids, lab, mask = _finetune_batch(exs, list(range(len(exs))))
+                loss = loss + model(input_ids=ids, attention_mask=mask, labels=lab).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
         if step % 100 == 0 or step == cfg.pretrain_steps - 1:
             log(f"pretrain step {step} loss {loss.item():.3f}")
     return model.eval()

@@ -151,3 +151,50 @@ def test_base_form_accuracies_are_what_the_base_does():
     assert f"not `add`'s ({recorded['add']:.0%}" in readme
     assert f"({recorded['is_even']:.0%} on a yes/no answer)" in readme
     assert recorded["add"] < 0.2 and min(learnt) > 0.75
+
+
+def _with_threads(n, fn):
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_pretraining_on_two_threads_gives_one_threads_bits():
+    """The build pretrains on 2 threads; the base must be the one a 1-thread run makes, bit for bit."""
+    from dataclasses import replace
+
+    import torch
+
+    from evaluation.zoo import FULL, pretrain
+
+    cfg = replace(FULL, n_layer=1, pretrain_steps=3)  # the zoo's shapes, one block, three steps: ~3 s
+    one = _with_threads(1, lambda: pretrain(cfg, log=lambda s: None).state_dict())
+    two = _with_threads(2, lambda: pretrain(cfg, log=lambda s: None).state_dict())
+    assert [k for k in one if not torch.equal(one[k], two[k])] == []
+
+
+def test_layer_norm_backward_rounds_by_thread_count_unless_kept_on_one():
+    """Why the mode exists: LayerNorm's weight gradient sums over rows split across threads."""
+    import contextlib
+
+    import torch
+
+    from evaluation.bitwise_threads import OneThreadReductions
+
+    torch.manual_seed(0)
+    x, ln = torch.randn(96, 31, 128), torch.nn.LayerNorm(128)
+
+    def grad(mode):
+        ln.zero_grad()
+        with mode:
+            ln(x).pow(2).sum().backward()
+        return ln.weight.grad.clone()
+
+    one = _with_threads(1, lambda: grad(contextlib.nullcontext()))
+    assert not torch.equal(one, _with_threads(2, lambda: grad(contextlib.nullcontext())))
+    assert torch.equal(one, _with_threads(2, lambda: grad(OneThreadReductions())))
