@@ -81,3 +81,13 @@ def test_work_dir_is_created_on_first_use(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_common, "WORK", tmp_path / "_work")
     assert _common.work_dir("logs").is_dir() and _common.work_dir().is_dir()
+
+
+def test_zoo_pretrain_benchmark_checks_the_bits():
+    """bench/zoo_pretrain.py end to end on two steps: it exits 0 only when 2 threads gave 1 thread's bits."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(BENCH / "zoo_pretrain.py"), "--steps", "2", "--no-record"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "bit-identical base: yes" in out.stdout and "ratio" in out.stdout
