@@ -513,6 +513,10 @@ def build_zoo(out: Path | str = DEFAULT_OUT, cfg: ZooConfig = FULL, log=print, w
     for name in KEPT:  # hand-written files that belong to the zoo but are not built
         if (out / name).exists():
             shutil.copy2(out / name, work / name)
+    same = same_weights(work, out)
+    if same:
+        log(f"weights bit-identical to the zoo being replaced: {sum(same.values())} of {len(same)} models"
+            + "".join(f"; {n} differs" for n, ok in same.items() if not ok))
     old = out.with_name(out.name + ".old")
     if out.exists():
         out.rename(old)
@@ -548,6 +552,17 @@ def accuracy_table(out: Path, names: list[str], n: int) -> tuple[dict, dict, int
         acc[name], secs[name] = r.accuracy, round(r.seconds, 3)
         n_params = sum(p.numel() for _, p in model.named_parameters())
     return acc, secs, n_params
+
+
+def same_weights(new: Path, old: Path) -> dict[str, bool]:
+    """Model folder -> whether its weight files equal, byte for byte, the same folder's in ``old``
+    (the models both zoos have): a rebuild says whether it reproduced the zoo it replaces."""
+    out = {}
+    for f in sorted(Path(new).glob("*/model.safetensors")):
+        prev = Path(old) / f.parent.name / f.name
+        if prev.is_file():
+            out[f.parent.name] = prev.stat().st_size == f.stat().st_size and prev.read_bytes() == f.read_bytes()
+    return out
 
 
 def folder_mb(folder: Path) -> float:

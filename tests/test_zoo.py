@@ -198,3 +198,22 @@ def test_layer_norm_backward_rounds_by_thread_count_unless_kept_on_one():
     one = _with_threads(1, lambda: grad(contextlib.nullcontext()))
     assert not torch.equal(one, _with_threads(2, lambda: grad(contextlib.nullcontext())))
     assert torch.equal(one, _with_threads(2, lambda: grad(OneThreadReductions())))
+
+
+def test_a_rebuild_says_which_models_it_reproduced(tmp_path):
+    """build-zoo compares each new weight file with the one it replaces (the README's bit-for-bit claim)."""
+    import shutil
+
+    from evaluation.zoo import same_weights
+
+    zoo = ROOT / "assets" / "zoo"
+    new = tmp_path / "new"
+    for name in ("base", "upper", "sort"):
+        shutil.copytree(zoo / name, new / name)
+    raw = bytearray((new / "sort" / "model.safetensors").read_bytes())
+    raw[-1] ^= 1  # one bit of the last weight
+    (new / "sort" / "model.safetensors").write_bytes(bytes(raw))
+    (new / "extra").mkdir()
+    (new / "extra" / "model.safetensors").write_bytes(b"x")  # a model the old zoo lacks: not compared
+    assert same_weights(new, zoo) == {"base": True, "sort": False, "upper": True}
+    assert same_weights(new, tmp_path / "nothing") == {}
