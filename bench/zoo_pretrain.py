@@ -22,14 +22,11 @@ from _common import add_record_flag, append_results, best_of  # noqa: E402
 
 
 def pretrain_on(threads: int, steps: int):
+    from evaluation.bitwise_threads import torch_threads
     from evaluation.zoo import FULL, pretrain
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         secs, model = best_of(lambda: pretrain(replace(FULL, pretrain_steps=steps), log=lambda s: None))
-    finally:
-        torch.set_num_threads(old)
     return secs / steps, model.state_dict()
 
 

@@ -11,6 +11,8 @@ reproduce, bit for bit, the zoo that a one-thread run built.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -26,6 +28,17 @@ ONE_THREAD_OPS = frozenset({
 })
 
 
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the context, restored after it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class OneThreadReductions(TorchDispatchMode):
     """Within this context, the ops of ``ONE_THREAD_OPS`` run on one thread, the rest on torch's threads."""
 
@@ -33,9 +46,5 @@ class OneThreadReductions(TorchDispatchMode):
         kwargs = kwargs or {}
         if func not in ONE_THREAD_OPS:
             return func(*args, **kwargs)
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             return func(*args, **kwargs)
-        finally:
-            torch.set_num_threads(n)

@@ -154,14 +154,10 @@ def test_base_form_accuracies_are_what_the_base_does():
 
 
 def _with_threads(n, fn):
-    import torch
+    from evaluation.bitwise_threads import torch_threads
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
+    with torch_threads(n):
         return fn()
-    finally:
-        torch.set_num_threads(old)
 
 
 def test_pretraining_on_two_threads_gives_one_threads_bits():
