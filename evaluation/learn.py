@@ -38,7 +38,8 @@ def learn_markdown(scenarios: Sequence[Scenario] = ()) -> str:
         "vector is about 5× `reverse`'s norm after 5.3× the steps (Heterogeneity tab, norms), so FedNova's division "
         "by the steps gives it the right size; yet FedNova wins the drop back in a few pairs only, because without "
         "replay the long client also changed the model's answers to other prompts: a change of direction, which "
-        "no rescaling undoes. All seven at once still lose most of their skill with every aggregator: the "
+        "no rescaling undoes (a long client retrained with replay points elsewhere too, and FedNova does worse "
+        "there: evaluation/RESULTS.md). All seven at once still lose most of their skill with every aggregator: the "
         "task-count curve (Heterogeneity tab) shows Task Arithmetic keeping about 0.9 of the fine-tunes' accuracy "
         "in pairs and less with every task added (about 0.2 for all seven), and centered clipping and FedNova "
         "winning back more the more fine-tunes are merged, as FL's aggregators do when clients multiply.",
