@@ -1,7 +1,7 @@
 """The recipe that builds the built-in model zoo: a tiny GPT-2 base and one fine-tune per task.
 
 ``python -m evaluation build-zoo`` rebuilds ``assets/zoo`` deterministically (fixed seeds,
-deterministic data, one thread's rounding everywhere). Steps:
+deterministic data, one thread's rounding in every training step). Steps:
 
 1. pretrain a base on synthetic English-like sentences plus a mixture of prompts in the tasks'
    format: every task's skill under another keyword (its base form, ``mirror: abc=cba`` for
