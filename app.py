@@ -356,21 +356,56 @@ def job_estimate(pg: Playground | None, kind: str, methods: list[str] | None = N
     return f"⏳ About {n} merges, ~{max(1, round(n * per))} s on this machine. **Cancel** stops it."
 
 
+JOB_NAMES = {"sweep": "λ sweep", "autotune": "auto-tune", "compare": "compare all", "landscape": "landscape",
+             "study": "heterogeneity study", "task_count": "task-count curve"}
+
+
+@_guard
+def ask_job(pg: Playground | None, kind: str, methods: list[str] | None = None, per_size: Any = None) -> str:
+    """A long job's button: the estimate, then this session's job slot is taken (a second job is refused here,
+    before it waits in the server's queue) and Cancel is armed for it."""
+    pg = ensure(pg)
+    text = job_estimate(pg, kind, methods, per_size)
+    others = pg.request_job(JOB_NAMES[kind])
+    if others:
+        text += (f" Waiting first for {others} long job(s) of other visitors: long jobs run one at a time on "
+                 "this server.")
+    return text
+
+
 def _fits(method: str, k: int) -> bool:
     agg = AGGREGATORS[method]
     return agg.accepts(k)
 
 
+def _dequeued(fn):
+    """A long job's handler: the request ask_job reserved leaves the queue as the handler starts, whatever
+    the handler does next (API calls reserve nothing; then this does nothing)."""
+    @functools.wraps(fn)
+    def wrapper(pg, *args, **kwargs):
+        if pg is not None:
+            pg.session.leave_queue()
+        return fn(pg, *args, **kwargs)
+    return wrapper
+
+
 def _job(pg: Playground, what: str, fn, progress, check: bool = True):
-    """A long job: the current request validated first, at most FEDMERGE_MAX_JOBS per session, stoppable."""
+    """A long job: the current request validated first, at most FEDMERGE_MAX_JOBS per session, stoppable
+    (also by a Cancel pressed while it waited in the queue)."""
     if check:
         pg.session.check_request(pg.method, pg.weight_list(), pg.lam, pg.hyper_values())
-    with pg.session.job(what):
-        pg.cancel.clear()
-        return fn(pg.progress_checker(lambda f, d: progress(f, desc=d)))
+    try:
+        with pg.session.job(what):
+            if pg.cancel.is_set():  # pressed while the job waited
+                raise Cancelled("cancelled")
+            return fn(pg.progress_checker(lambda f, d: progress(f, desc=d)))
+    finally:
+        if not pg.session.busy:  # Cancel is armed again by the next request
+            pg.cancel.clear()
 
 
 @_guard
+@_dequeued
 def do_sweep(pg: Playground, progress=gr.Progress()) -> list:
     try:
         r = _job(pg, "λ sweep", lambda tick: sweep(pg.session, pg.method, pg.weight_list(), pg.hyper_values(), progress=tick),
@@ -385,6 +420,7 @@ def do_sweep(pg: Playground, progress=gr.Progress()) -> list:
 
 
 @_guard
+@_dequeued
 def do_autotune(pg: Playground, progress=gr.Progress()) -> list:
     """Tune λ and the method's grid; the sliders then hold the best setting (one merge to show it)."""
     meth = pg.method
@@ -410,6 +446,7 @@ def do_autotune(pg: Playground, progress=gr.Progress()) -> list:
 
 
 @_guard
+@_dequeued
 def do_compare(pg: Playground, progress=gr.Progress()) -> list:
     k = len(pg.selected)
     skipped = []
@@ -437,6 +474,7 @@ def do_compare(pg: Playground, progress=gr.Progress()) -> list:
 
 
 @_guard
+@_dequeued
 def do_landscape(pg: Playground, progress=gr.Progress()) -> list:
     try:
         ls = _job(pg, "landscape", lambda tick: landscape.compute(pg, progress=tick), progress)
@@ -463,6 +501,7 @@ def _study_methods(methods_chosen: Any) -> list[str]:
 
 
 @_guard
+@_dequeued
 def do_task_count(pg: Playground | None, methods_chosen: list[str], per_size: Any, progress=gr.Progress()) -> list:
     """How many tasks one merge holds, on the current selection (stoppable between its searches)."""
     try:
@@ -481,6 +520,7 @@ def do_task_count(pg: Playground | None, methods_chosen: list[str], per_size: An
 
 
 @_guard
+@_dequeued
 def do_study(pg: Playground | None, methods_chosen: list[str], progress=gr.Progress()) -> list:
     """The heterogeneity study on the current selection (stoppable between its searches)."""
     try:
@@ -499,9 +539,11 @@ def do_study(pg: Playground | None, methods_chosen: list[str], progress=gr.Progr
 
 
 @_guard
-def do_cancel(pg: Playground | None) -> str:
-    if pg is not None:
-        pg.cancel.set()
+def do_cancel(pg: Playground | None) -> Any:
+    """Stop this session's running or waiting long jobs; with none, the last result stays on screen."""
+    if pg is None or not pg.cancel_jobs():
+        gr.Info("Nothing to cancel: no long job of yours is running or waiting.")
+        return gr.skip()
     return "Cancelling…"
 
 
@@ -761,26 +803,27 @@ def build_demo() -> gr.Blocks:
         add_btn.click(on_add, inputs=[state, add_ref, add_name, add_task], outputs=[*main_out, models_md])
         base_btn.click(on_base, inputs=[state, base_ref], outputs=[*main_out, models_md])
 
-        # explore: an estimate first, then the job; Cancel sets a flag the job checks between merges
+        # explore: an estimate and this session's slot first, then the job (one at a time on the server);
+        # Cancel sets a flag the job checks between merges
         jobs = []
         for btn, kind, fn, outs in ((sweep_btn, "sweep", do_sweep, [sweep_plot, explore_md]),
                                     (autotune_btn, "autotune", do_autotune, [*main_out, sweep_plot, explore_md]),
                                     (compare_btn, "compare", do_compare, [compare_table, compare_plot, explore_md]),
                                     (landscape_btn, "landscape", do_landscape, [landscape_html, explore_md])):
-            ev = btn.click(partial(job_estimate, kind=kind), inputs=[state], outputs=[explore_md],
+            ev = btn.click(partial(ask_job, kind=kind), inputs=[state], outputs=[explore_md],
                            show_progress="hidden")
-            jobs.append(ev.then(fn, inputs=[state], outputs=outs, concurrency_limit=1, concurrency_id="jobs"))
+            jobs.append(ev.success(fn, inputs=[state], outputs=outs, concurrency_limit=1, concurrency_id="jobs"))
         cancel_btn.click(do_cancel, inputs=[state], outputs=[explore_md], queue=False)
         landscape_html.click(on_landscape_click, inputs=[state], outputs=main_out, **live_opts)
 
-        study_btn.click(lambda pg, ms: job_estimate(pg, "study", ms), inputs=[state, study_methods], outputs=[study_md],
-                        show_progress="hidden", api_visibility="undocumented").then(
+        study_btn.click(lambda pg, ms: ask_job(pg, "study", ms), inputs=[state, study_methods], outputs=[study_md],
+                        show_progress="hidden", api_visibility="undocumented").success(
             do_study, inputs=[state, study_methods], outputs=[study_plot, study_md], concurrency_limit=1,
             concurrency_id="jobs", api_name="heterogeneity")
         study_cancel.click(do_cancel, inputs=[state], outputs=[study_md], queue=False)
-        count_btn.click(lambda pg, ms, per: job_estimate(pg, "task_count", ms, per),
+        count_btn.click(lambda pg, ms, per: ask_job(pg, "task_count", ms, per),
                         inputs=[state, study_methods, count_per], outputs=[count_md], show_progress="hidden",
-                        api_visibility="undocumented").then(
+                        api_visibility="undocumented").success(
             do_task_count, inputs=[state, study_methods, count_per], outputs=[count_plot, count_md],
             concurrency_limit=1, concurrency_id="jobs", api_name="task_count")
         count_cancel.click(do_cancel, inputs=[state], outputs=[count_md], queue=False)

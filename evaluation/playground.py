@@ -271,6 +271,22 @@ class Playground:
         return View(outputs_html(res), acc, hm, status, res)
 
     # ------------------------------------------------------------------ long jobs
+    def request_job(self, what: str) -> int:
+        """A long job was asked for: its slot is taken now (a second one is refused before it queues) and
+        Cancel is armed for it. Returns how many other sessions' long jobs run now (it waits for them)."""
+        mine = self.session.busy
+        others = self.session.reserve_job(what)
+        if not mine:
+            self.cancel.clear()
+        return others
+
+    def cancel_jobs(self) -> bool:
+        """Cancel pressed: stop this session's running or waiting jobs; False when there is none."""
+        if not self.session.busy:
+            return False
+        self.cancel.set()
+        return True
+
     def progress_checker(self, progress: Callable[[float, str], None] | None = None) -> Callable[[float, str], None]:
         """A progress callback that raises Cancelled once Cancel was pressed (checked between merges)."""
         def tick(frac: float, text: str) -> None:

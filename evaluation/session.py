@@ -58,12 +58,16 @@ class LiveResult:
 class Session:
     """Per-user state: the selection and the three parts (None until models are loaded)."""
 
+    _running_everywhere = 0  # long jobs running in this process, every session's (jobs_running)
+    _running_lock = threading.Lock()
+
     def __init__(self, cache: StackCache = CACHE, zoo: str | os.PathLike | None = None, allow_hub: bool = True,
                  exports: ExportStore = EXPORTS):
         self.id = uuid.uuid4().hex
         self.cache = cache
         self.exports = exports
-        self._jobs = 0
+        self._jobs = 0  # long jobs running
+        self._queued = 0  # long jobs asked for (reserve_job) that have not started yet
         self.zoo = Path(zoo).resolve() if zoo is not None else zoo_dir()
         self.allow_hub = allow_hub
         self.roots = allowed_roots(self.zoo)
@@ -185,6 +189,38 @@ class Session:
         self.exports.release(self.id)
         release_memory()
 
+    def reserve_job(self, what: str) -> int:
+        """A long job was asked for; it may wait in the server's queue behind other sessions' jobs. Its slot
+        is taken now, so that a second request of this session is refused at once, not run after the first.
+        Returns how many other sessions' long jobs run now."""
+        cap = _limits.current().max_jobs
+        with self.lock:
+            if self._jobs + self._queued >= cap:
+                raise MergeError(f"{what}: this session already has a long job running or waiting (at most {cap} at "
+                                 "a time); wait for it to finish or press Cancel")
+            self._queued += 1
+            return self.jobs_running() - self._jobs
+
+    def leave_queue(self) -> None:
+        """The job asked for with reserve_job is out of the queue: it runs now (job()) or not at all."""
+        with self.lock:
+            self._queued = max(0, self._queued - 1)
+
+    @property
+    def busy(self) -> bool:
+        """A long job of this session runs or waits in the queue."""
+        return self._jobs + self._queued > 0
+
+    @classmethod
+    def jobs_running(cls) -> int:
+        """Long jobs running now in this process, every session's."""
+        return cls._running_everywhere
+
+    @classmethod
+    def _count_running(cls, n: int) -> None:
+        with cls._running_lock:
+            cls._running_everywhere += n
+
     @contextmanager
     def job(self, what: str):
         """Hold one of this session's FEDMERGE_MAX_JOBS slots for a long job (search, study, export)."""
@@ -194,9 +230,11 @@ class Session:
                 raise MergeError(f"{what}: this session already runs {self._jobs} long job(s), at most {cap} at a "
                                  "time; wait for it to finish")
             self._jobs += 1
+        self._count_running(1)
         try:
             yield
         finally:
+            self._count_running(-1)
             with self.lock:
                 self._jobs -= 1
 

@@ -217,6 +217,39 @@ def test_long_jobs_estimate_and_cancel(pg):
     assert "Best λ" in out[-1]
 
 
+def test_a_job_asked_for_holds_its_slot_until_it_runs(pg, zoo):
+    """Long jobs wait in one server-wide queue: a session's second request is refused when asked for (not
+    run after the first), Cancel reaches a job still waiting, and Cancel with nothing running changes nothing."""
+    import gradio as gr
+
+    import app
+    from evaluation.session import Session
+
+    pg.act()
+    no_progress = {"progress": lambda *a, **k: None}
+    assert app.do_cancel(pg) == gr.skip() and not pg.cancel.is_set()  # idle: the last result stays
+    assert app.ask_job(pg, "sweep").startswith("⏳ About")
+    with pytest.raises(gr.Error, match="already has a long job running or waiting"):
+        app.ask_job(pg, "compare")
+    assert app.do_cancel(pg) == "Cancelling…"  # pressed while the sweep waits in the queue
+    assert app.do_sweep(pg, **no_progress)[-1].startswith("Cancelled")
+    assert not pg.session.busy and not pg.cancel.is_set()
+    app.ask_job(pg, "sweep")  # the next request runs
+    assert "Best λ" in app.do_sweep(pg, **no_progress)[-1]
+    # a handler that returns before its job starts (here: a refusal) gives the slot back too
+    app.ask_job(pg, "task_count", ["task_arithmetic"], 1)
+    assert app.do_task_count(pg, ["slerp"], 1, **no_progress)[-1].startswith("⚠️ choose at least one")
+    assert not pg.session.busy
+    # another visitor's running job: this request says it waits for it
+    other = Session(cache=StackCache(2 ** 30), zoo=zoo, allow_hub=False)
+    with other.job("compare all"):
+        text = app.ask_job(pg, "sweep")
+    assert "Waiting first for 1 long job(s) of other visitors" in text
+    pg.session.leave_queue()
+    assert "Waiting" not in app.ask_job(pg, "sweep")
+    pg.session.leave_queue()
+
+
 def test_learn_text():
     from evaluation import scenarios
     from evaluation.learn import learn_markdown
