@@ -161,7 +161,7 @@ def check_text(field: str, value: Any, max_chars: int = 512) -> str:
 
 # ---------------------------------------------------------------------------- messages
 
-_ABS_PATH = re.compile(r"(?<![\w.~/])(/[^\s'\"(),:;]+)")
+_ABS_PATH = re.compile(r"(?<![\w.~/\x00])(/[^\s'\"(),:;\x00]+)")  # \x00: around a path kept as typed
 
 
 def scrub_paths(text: str, roots: Iterable[tuple[str | os.PathLike, str]] = ()) -> str:

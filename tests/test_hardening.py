@@ -105,6 +105,17 @@ def test_path_checks_before_the_disk_in_the_library():
         resolve(str(ROOT / "assets" / ".." / "app.py"), allowed_roots=[ROOT / "assets"])
 
 
+def test_a_path_under_a_typed_folder_keeps_its_slash():
+    """A message about a file inside the folder the user typed shows the folder as typed, then /file."""
+    from evaluation.limits import user_message
+    from merging.errors import MergeError
+
+    typed = "/srv/models/badcfg"
+    text = user_message(MergeError(f"{typed}/config.json: not valid JSON (line 1)"), typed=[typed])
+    assert text == "/srv/models/badcfg/config.json: not valid JSON (line 1)"  # was: …badcfgconfig.json
+    assert user_message(MergeError("/srv/other/x.bin: refused")) == "x.bin: refused"  # not typed: the name only
+
+
 def test_paths_outside_the_allow_list_are_refused_lexically(app_url, tmp_path):
     c = client(app_url)
     secret = tmp_path / "secret-model"
