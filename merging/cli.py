@@ -5,12 +5,14 @@ Errors print one line (`error: ...`) and exit with status 2; `--debug` shows the
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-from .errors import MergeError
+from .errors import MergeError, os_error, shown
 
 _UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "kb": 1e3, "mb": 1e6, "gb": 1e9, "b": 1, "": 1}
 
@@ -19,9 +21,12 @@ def _size(text: str) -> int:
     t = text.strip().lower()
     num = t.rstrip("kmgb")
     try:
-        return int(float(num) * _UNITS[t[len(num):]])
+        size = float(num) * _UNITS[t[len(num):]]
+        if not math.isfinite(size) or size < 1:
+            raise ValueError
+        return int(size)
     except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 500MB)") from None
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (a positive size, e.g. 2GB, 500MB)") from None
 
 
 def _progress_bar(enabled: bool, desc: str):
@@ -49,7 +54,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from .device import resolve_device
 
+    from .writer import output_folder
+
     device = resolve_device(args.device)  # before any reading: a missing GPU fails at once
+    output_folder(args.out_dir, args.overwrite)  # and an unusable output folder
     cfg = load_config(args.config)
     plan = plan_from_config(cfg, allow_hub=not args.offline, trust_remote_code=args.trust_remote_code)
     # Once, for this process: the float32 pipeline runs single-threaded ops (reading overlaps on a
@@ -143,21 +151,43 @@ def build_parser(prog: str = "fedmerge") -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt so the same cleanup runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None, prog: str = "fedmerge") -> int:
     """Run one command; returns the exit status (the `fedmerge` console script's entry point)."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        installed = True
+    except ValueError:  # not the main thread: leave signals to whoever runs us
+        installed = False
+    try:
         return args.func(args)
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        print(f"error: {'interrupted' if isinstance(exc, KeyboardInterrupt) else 'terminated'}; "
+              "no output was written", file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
     except MemoryError:
         print("error: out of memory; nothing was written", file=sys.stderr)
     except Exception as exc:  # never a traceback to the user unless asked
         if args.debug or os.environ.get("FEDMERGE_DEBUG"):
             raise
-        print(f"error: {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        if isinstance(exc, OSError):  # a path the checks did not foresee: its words, not its errno
+            where = shown(exc.filename) if exc.filename else "a file"
+            print(f"error: {os_error(where, exc)} (run with --debug for details)", file=sys.stderr)
+        else:
+            print(f"error: internal error: {exc or 'unexpected failure'} (run with --debug for details)",
+                  file=sys.stderr)
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 2

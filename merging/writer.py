@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import MergeError
+from .errors import MergeError, os_error, shown
 
 _CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -29,17 +29,59 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 _PENDING = 2  # merged tensors queued for the writing thread (bounds the extra memory)
 
 
-def _partial_dir(parent: Path, name: str) -> Path:
+NAME_MAX = 255  # bytes in one path component on the usual file systems
+
+
+def _sibling(target: Path, tag: str) -> Path:
+    """A hidden name beside `target`, `.NAME.tag-xxxxxxxx`, NAME cut so that any legal name fits."""
+    room = NAME_MAX - len(f"..{tag}-") - 8
+    name = target.name.encode()[:room].decode(errors="ignore")
+    return target.with_name(f".{name}.{tag}-{secrets.token_hex(4)}")
+
+
+def _partial_dir(target: Path) -> Path:
     """A new hidden folder beside the target, with the mode the umask gives like any folder the user
     makes (tempfile.mkdtemp's is always 0700, and the folder is renamed into place as it is)."""
     for _ in range(100):
-        path = parent / f".{name}.partial-{secrets.token_hex(4)}"
+        path = _sibling(target, "partial")
         try:
             path.mkdir()
             return path
         except FileExistsError:
             continue
-    raise MergeError(f"{parent}: cannot create a temporary folder for {name}")
+    raise MergeError(f"output folder: cannot create a temporary folder beside {shown(target)}")
+
+
+def output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The output folder as an absolute path, checked before any work: a usable name, not an existing
+    file or (without `overwrite`) a non-empty folder, and a parent we can create a folder in.
+
+    The parent is resolved first: in `out/x/../x` the rename that replaces `x` would otherwise
+    pull the ground from under `x/..`."""
+    text = os.fspath(out_dir)
+    if not text.strip() or "\0" in text:
+        raise MergeError(f"output folder {text!r}: not a valid path")
+    if any(len(part.encode()) > NAME_MAX for part in Path(text).parts):
+        raise MergeError(f"output folder {shown(text)}: a name in the path is longer than {NAME_MAX} bytes")
+    path = Path(text)
+    path = path.resolve() if path.name in ("", ".", "..") else path.parent.resolve() / path.name
+    role = f"output folder {shown(text)}"
+    try:
+        if path.exists() and not path.is_dir():
+            raise MergeError(f"{role}: exists and is not a folder")
+        if path.is_dir() and not overwrite and any(path.iterdir()):
+            raise MergeError(f"{role}: folder exists and is not empty (pass --overwrite to replace it)")
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise MergeError(f"{role}: {shown(str(ancestor))} is a file, not a folder")
+        probe = _sibling(ancestor / path.name, "partial")  # as long as the temporary folder's name
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise os_error(f"{role}: cannot write there", exc) from None
+    return path
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -68,13 +110,13 @@ class StreamingModelWriter:
 
     def __init__(self, out_dir: str | os.PathLike, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
                  *, shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False):
-        self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise MergeError(f"{self.out_dir}: exists and is not a folder")
-        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
-            raise MergeError(f"{self.out_dir}: folder exists and is not empty (pass --overwrite to replace it)")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = _partial_dir(self.out_dir.parent, self.out_dir.name)
+        self.out_dir = output_folder(out_dir, overwrite)
+        self._role = f"output folder {shown(out_dir)}"
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = _partial_dir(self.out_dir)
+        except OSError as exc:
+            raise os_error(f"{self._role}: cannot create it", exc) from None
         self.specs = specs
         self.shards = plan_shards(specs, shard_bytes)
         n = len(self.shards)
@@ -113,7 +155,9 @@ class StreamingModelWriter:
             self._thread.join()
         if self._error is not None:
             err, self._error = self._error, None
-            raise MergeError(f"writing {self.tmp}: {err}") from err
+            if isinstance(err, OSError):
+                raise os_error(f"{self._role}: writing failed", err) from err
+            raise err
 
     def _start_shard(self, s: int) -> None:
         if self._handle is not None:
@@ -153,12 +197,17 @@ class StreamingModelWriter:
             self._rows += got[0]
 
     def add_file(self, name: str, content: str | bytes) -> None:
-        path = self.tmp / name
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        try:
+            (self.tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
+        except OSError as exc:
+            raise os_error(f"{self._role}: writing {name} failed", exc) from None
 
     def copy_files(self, files: Iterable[Path]) -> None:
         for f in files:
-            shutil.copyfile(f, self.tmp / f.name)
+            try:
+                shutil.copyfile(f, self.tmp / f.name)
+            except OSError as exc:
+                raise os_error(f"copying {f.name}", exc) from None
 
     def finish(self) -> Path:
         """Close the last shard, write the index, and move the folder into place."""
@@ -172,14 +221,26 @@ class StreamingModelWriter:
             index = {"metadata": {"total_size": self.total_bytes},
                      "weight_map": {self.specs[i][0]: self.files[s] for s, idx in enumerate(self.shards) for i in idx}}
             self.add_file("model.safetensors.index.json", json.dumps(index, indent=2))
+        self._swap()
+        return self.out_dir
+
+    def _swap(self) -> None:
+        """Rename the finished folder into place; an old folder is moved aside first and put back if
+        that fails (or is interrupted), so the target is always either the old or the new folder."""
         old = None
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            os.replace(self.out_dir, old)
-        os.replace(self.tmp, self.out_dir)
+        try:
+            if self.out_dir.exists() or self.out_dir.is_symlink():
+                old = _sibling(self.out_dir, "old")
+                os.replace(self.out_dir, old)
+            os.replace(self.tmp, self.out_dir)
+        except BaseException as exc:
+            if old is not None and not self.out_dir.exists():
+                os.replace(old, self.out_dir)
+            if isinstance(exc, OSError):
+                raise os_error(f"{self._role}: cannot move the merged model into place", exc) from None
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        return self.out_dir
 
     def abort(self) -> None:
         try:

@@ -111,6 +111,52 @@ def test_cli_refuses_to_overwrite_without_flag(run_cli, tiny_zoo, tmp_path):
     assert r.returncode == 0 and not (tmp_path / "out" / "keep.txt").exists()
 
 
+def test_cli_overwrite_through_dotdot_replaces_the_folder(run_cli, tiny_zoo, tmp_path):
+    """`out/victim/../victim`: moving `victim` aside must not pull the ground from under `victim/..`
+    (the old folder was left hidden and the merge lost); likewise an input model's own folder."""
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"]))
+    victim = tmp_path / "out" / "victim"
+    victim.mkdir(parents=True)
+    (victim / "old.txt").write_text("old")
+    r = run_cli("merge", cfg, f"{victim}/../victim", "--no-progress", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in victim.parent.iterdir()] == ["victim"]
+    assert (victim / "model.safetensors").exists() and not (victim / "old.txt").exists()
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_zoo["ft1"].iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"], model), "self.yml")
+    r = run_cli("merge", cfg, f"{model}/../model", "--no-progress", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert (model / "merge_config.yml").exists()
+
+
+@pytest.mark.parametrize("where,needles", [
+    ("file/sub", ["output folder", "is a file, not a folder"]),
+    ("file", ["output folder", "exists and is not a folder"]),
+    ("x" * 256, ["output folder", "longer than 255 bytes"]),
+    ("/proc/fedmerge-out", ["output folder", "cannot write there"]),
+])
+def test_cli_unusable_output_folder_is_refused_before_any_work(run_cli, tiny_zoo, tmp_path, where, needles):
+    (tmp_path / "file").write_text("a file")
+    # a model that does not exist: the output folder is checked first, so that is not what is reported
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tmp_path / "missing"))
+    r = run_cli("merge", cfg, tmp_path / where, "--no-progress")
+    assert_refused(r, *needles)
+    assert "errno" not in r.stderr.lower() and "Error" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "merge.yml"]
+
+
+def test_cli_any_legal_output_name_works(run_cli, tiny_zoo, tmp_path):
+    """The temporary folder's name must fit where the output's name fits (255 bytes)."""
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"]))
+    r = run_cli("merge", cfg, tmp_path / ("é" * 127), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / ("é" * 127) / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_cli_output_folder_follows_the_umask(run_cli, tiny_zoo, tmp_path, umask):
     """The folder is renamed into place from a temporary one: it must get the mode any new folder
@@ -275,6 +321,9 @@ def test_cli_usage_errors_and_sizes(run_cli):
     assert r.returncode == 2 and "usage: fedmerge" in r.stderr
     r = run_cli("merge", "x.yml", "out", "--shard-size", "lots")
     assert r.returncode == 2 and "not a size: 'lots'" in r.stderr
+    for bad in ("inf", "1e400", "nan", "0", "-5", "0.1"):  # each would write nonsense shards or overflow
+        r = run_cli("merge", "x.yml", "out", "--shard-size", bad)
+        assert r.returncode == 2 and f"not a size: '{bad}'" in r.stderr and "Traceback" not in r.stderr, r.stderr
     args = build_parser().parse_args(["merge", "x.yml", "out", "--shard-size", "500MB"])
     assert args.shard_size == 500_000_000 and args.device is None and not args.overwrite  # None: $FEDMERGE_DEVICE, else cpu
 

@@ -54,6 +54,28 @@ def test_killed_merge_leaves_nothing_complete_and_rerun_succeeds(wide_models, tm
     assert (out / "model.safetensors.index.json").exists() and (out / "config.json").exists()
 
 
+def test_sigterm_mid_merge_cleans_up_like_ctrl_c(wide_models, tmp_path):
+    """SIGTERM (what `kill`, systemd and container runtimes send) removes the temporary folder and
+    says so in one line, as Ctrl-C does; exit status 128 + 15."""
+    base, *fts = wide_models
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(base),
+                                   "models": [{"model": str(f)} for f in fts], "parameters": {"density": 0.3}}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "merging", "merge", str(cfg), str(tmp_path / "out"), "--no-progress",
+           "--shard-size", "10MB"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith(".out.partial-") and any(p.iterdir())
+                                             for p in tmp_path.iterdir() if p.is_dir()):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip() == "error: terminated; no output was written", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yml"]
+
+
 def test_zero_task_vector_and_duplicate_model_warn(tiny_zoo):
     stack = TaskVectorStack(Checkpoint(tiny_zoo["base"]),
                             [load_source(tiny_zoo["base"]), load_source(tiny_zoo["ft0"]), load_source(tiny_zoo["ft0"])])
