@@ -111,7 +111,12 @@ def scenario_markdown(pg: Playground) -> str:
     if sc is None:
         return ("**Scenarios**: each button sets up a merge that teaches one thing (link one with "
                 "`?scenario=<id>`). Or pick models, an aggregator and λ yourself.")
-    return f"### {sc.title}\n{sc.explain}\n\n**Claim** (checked by a test on the shipped zoo): {sc.claim_text()}."
+    text = f"### {sc.title}\n{sc.explain}\n\n**Claim** (checked by a test on the shipped zoo): {sc.claim_text()}."
+    changed = pg.scenario_changes()
+    if changed:
+        text += (f"\n\n✎ *You changed {', '.join(changed)} since the scenario set this merge up: the claim is about "
+                 "its own setup, which its button above restores.*")
+    return text
 
 
 def hyper_updates(pg: Playground) -> list:
@@ -155,15 +160,15 @@ def on_load(pg: Playground | None, request: gr.Request | None = None, progress=g
         return [pg, *skip_controls(), *[gr.skip()] * 3, warn(exc)]
     sid = request.query_params.get("scenario") if request is not None else None
     note = None
-    if not sid and pg.scenario is None:  # the first screen shows a merge that works: the first scenario
-        first = _first_scenario(pg)
-        if first is not None:
-            pg.apply_scenario(first)
     if sid:
         try:
             pg.apply_scenario(scenarios.by_id(sid))
         except Exception as exc:
             note = warn(exc)
+    if pg.scenario is None:  # the first screen shows a merge that works: the first scenario
+        first = _first_scenario(pg)
+        if first is not None:
+            pg.apply_scenario(first)
     try:
         view = pg.act()
     except Exception as exc:
@@ -182,6 +187,7 @@ def run(pg: Playground, change=None, render: bool = False, prompts: bool = False
     except Exception as exc:
         return [pg, *controls_out(pg, render=True, prompts=False), *[gr.skip()] * 3, warn(exc)]
     controls = controls_out(pg, render=True, prompts=prompts, models=models) if render else skip_controls()
+    controls[4] = scenario_markdown(pg)  # the claim's header says when the setup has left the scenario's
     return [pg, *controls, *view_out(view)]
 
 
@@ -253,7 +259,10 @@ def on_auto(pg: Playground, auto: bool, name: str, method: str) -> list:
 
 @_guard
 def on_prompts(pg: Playground, text: str) -> list:
-    return run(pg, partial(pg.set_prompts, text))
+    out = run(pg, partial(pg.set_prompts, text))
+    if pg.prompts is None:  # emptied: the demo prompts it now shows are back in the box
+        out[4] = "\n".join(pg.prompt_list())
+    return out
 
 
 @_guard
@@ -657,7 +666,7 @@ def build_demo() -> gr.Blocks:
         with gr.Row(elem_id="fm-scenarios"):
             sc_buttons = [(s.id, gr.Button(s.title, size="sm", elem_id=f"fm-sc-{slug(s.id)}")) for s in scenario_list]
         scenario_md = gr.Markdown(elem_id="fm-scenario")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Merge", id="merge"):
                 with gr.Row():
                     with gr.Column(scale=5, min_width=340):  # results first: above the controls on a phone
@@ -794,6 +803,10 @@ def build_demo() -> gr.Blocks:
             comp.input(partial(fn, name=p.name, method=m), inputs=[state, comp], outputs=main_out, **live_opts)
         api_btn.click(live_api, inputs=[state, api_sel, api_method, api_lam, api_weights, api_hyper, api_prompts],
                       outputs=[state, *view, api_data], api_name="live", concurrency_limit=4, concurrency_id="live")
+
+        # a plot redrawn while its tab was hidden (a scenario button, auto-tune) took a default width: plotly
+        # re-fits its responsive plots on a window resize, so the shown tab gets one
+        tabs.select(None, js="() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 50); }")
 
         hetero_out = [heat, norms, layer_heat, layer]
         gr.on([hetero_tab.select, layer.input, metric.input], hetero, inputs=[state, layer, metric],

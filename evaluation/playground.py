@@ -78,6 +78,7 @@ class Playground:
         self.hyper: dict[str, dict[str, Any]] = {}  # method -> name -> value (per-model: {model: value})
         self.prompts: list[str] | None = None  # None: one demo prompt per selected task
         self.scenario: Scenario | None = None
+        self._scenario_base: str | None = None  # the base the scenario was applied on
         self.last: LiveResult | None = None
         self.cancel = threading.Event()
         self._seq = 0
@@ -235,8 +236,30 @@ class Playground:
         self.weights.update({m: w for m, w in zip(sc.models, sc.weight_list())})
         self.hyper[sc.method] = dict(sc.hyper)
         self.prompts = None
-        self.scenario = sc
+        self.scenario, self._scenario_base = sc, self.session.base_ref
         self.session.prepare_references(self.prompt_list())
+
+    def scenario_changes(self) -> list[str]:
+        """What was changed since the scenario set up its merge: its claim is about that setup."""
+        sc = self.scenario
+        if sc is None:
+            return []
+        changed = []
+        if set(self.selected) != set(sc.models):
+            changed.append("the models")
+        elif [self.weights.get(m, 1.0) for m in sc.models] != sc.weight_list():
+            changed.append("the coefficients")
+        if self.method not in sc.claim_methods():
+            changed.append("the aggregator")
+        else:
+            lam, hyper = sc.settings_for(self.method)
+            if not math.isclose(self.lam, lam):
+                changed.append("λ")
+            if any(self.hyper.get(self.method, {}).get(k) != v for k, v in hyper.items()):
+                changed.append("the hyperparameters")
+        if self.session.base_ref != self._scenario_base:
+            changed.append("the base")
+        return changed
 
     # ------------------------------------------------------------------ one merge per action
     def act(self, change: Callable[[], Any] | None = None) -> View | None:

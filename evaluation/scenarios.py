@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -57,6 +58,13 @@ class Scenario:
         if hyper is None:
             hyper = self.hyper if method == self.method else {}
         return lam, dict(hyper)
+
+    def claim_methods(self) -> list[str]:
+        """The aggregators the claim compares (each at settings_for's λ and hyperparameters)."""
+        c = self.claim
+        if c["kind"] == "min_normalized":
+            return [self.method]
+        return [c["method"], c["over"]] if c["kind"] == "beats" else list(c["among"])
 
     def claim_text(self) -> str:
         """The claim in words, as the app shows it."""
@@ -134,10 +142,13 @@ def load(path: str | os.PathLike | None = None) -> list[Scenario]:
 
 
 def by_id(scenario_id: str, scenarios: list[Scenario] | None = None) -> Scenario:
-    for s in scenarios if scenarios is not None else load():
+    known = scenarios if scenarios is not None else load()
+    for s in known:
         if s.id == scenario_id:
             return s
-    raise MergeError(f"no scenario {scenario_id!r}")
+    plain = isinstance(scenario_id, str) and re.fullmatch(r"[\w-]{1,40}", scenario_id)  # echo no markup, no essay
+    raise MergeError(f"no scenario {repr(scenario_id) if plain else 'with that id'}; "
+                     f"known: {', '.join(s.id for s in known)}")
 
 
 # ---------------------------------------------------------------------------- claims
@@ -171,12 +182,7 @@ def check_claim(scenario: Scenario, session=None) -> ClaimResult:
     c = scenario.claim
     split, n = c.get("split", "test"), int(c.get("n", 50))
     try:
-        if c["kind"] == "min_normalized":
-            methods = [scenario.method]
-        elif c["kind"] == "beats":
-            methods = [c["method"], c["over"]]
-        else:
-            methods = list(c["among"])
+        methods = scenario.claim_methods()
         scores, per_task = {}, {}
         for m in methods:
             scores[m], per_task[m] = score(session, scenario, m, split, n)

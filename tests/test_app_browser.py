@@ -231,6 +231,30 @@ def test_race_lambda_then_checkbox_shows_no_error(open_page, shipped_url):
     assert p.page.locator("#fm-models input:checked").count() >= 1
 
 
+def test_a_bad_link_a_hidden_redraw_and_a_changed_scenario(open_page, shipped_url):
+    """A mistyped ?scenario= still opens on the first scenario; plots redrawn while their tab was hidden fit
+    their boxes once it is shown; leaving a scenario's setup says that its claim no longer applies as is."""
+    first = _scenarios()[0]
+    p = open_page(f"{shipped_url}?scenario=bogus")
+    assert "no scenario 'bogus'" in p.settle("")
+    assert first.title in p.page.locator("#fm-scenario").inner_text() and f"{len(first.models)} model(s)" in p.status()
+    p.page.get_by_role("tab", name="Learn").click()
+    before = p.status()
+    p.page.locator("#fm-sc-conflicting").click()  # redraws the Merge tab's plots while it is hidden
+    p.settle(before, expect="cclip")
+    p.page.get_by_role("tab", name="Merge").click()
+    p.page.wait_for_timeout(1000)
+    sizes = p.page.eval_on_selector_all(
+        "#fm-acc .svg-container > .main-svg, #fm-heat .svg-container > .main-svg",
+        "s => s.map(e => [Number(e.getAttribute('width')), e.closest('.block').getBoundingClientRect().width])")
+    assert sizes and all(w <= box + 1 for w, box in sizes), sizes  # was: 700 px plots in 512 px boxes
+    assert "You changed" not in p.page.locator("#fm-scenario").inner_text()
+    before = p.status()
+    p.page.locator("#fm-models label", has_text="upper").click()
+    p.settle(before, expect="3 model(s)")
+    assert "You changed the models" in p.page.locator("#fm-scenario").inner_text()
+
+
 def test_models_tab_refusals_leave_the_merge_tab_working(open_page, shipped_url):
     p = open_page(shipped_url)
     p.settle("")

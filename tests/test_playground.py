@@ -116,6 +116,35 @@ def test_scenarios_apply(pg):
         assert pg.method == sc.method and pg.lam == sc.lam and sc.method in view.status
 
 
+def test_a_scenario_says_what_was_changed_since(pg):
+    """The claim is about the scenario's setup: each change away from it is named, the button clears it."""
+    import app
+    from evaluation import scenarios
+
+    sc = scenarios.by_id("conflicting")  # cclip beats task_arithmetic, each at its own λ
+    pg.act(lambda: pg.apply_scenario(sc))
+    assert pg.scenario_changes() == [] and "You changed" not in app.scenario_markdown(pg)
+    pg.set_method("task_arithmetic")  # the other side of the claim
+    assert pg.scenario_changes() == ["λ"]  # the claim's task_arithmetic runs at λ 0.4
+    pg.set_lambda(sc.settings_for("task_arithmetic")[0])
+    assert pg.scenario_changes() == []
+    pg.set_method("median")
+    pg.set_weight(sc.models[0], 0.5)
+    assert pg.scenario_changes() == ["the coefficients", "the aggregator"]
+    out = app.on_select(pg, [*sc.models, "upper"])  # every action re-renders the header
+    assert "You changed the models, the aggregator since" in out[5]
+    out = app.on_scenario(pg, "conflicting")
+    assert "You changed" not in out[5] and pg.scenario_changes() == []
+
+
+def test_emptied_prompts_box_gets_the_demo_prompts_back(pg):
+    import app
+
+    pg.act(lambda: pg.set_prompts("upper: abc="))
+    out = app.on_prompts(pg, "   ")
+    assert pg.prompts is None and out[4] == "\n".join(pg.prompt_list()) and "upper: abc=" not in out[4]
+
+
 def test_app_handlers(pg, zoo):
     import app
 
