@@ -370,6 +370,7 @@ OUTPUTS_CSS = """
   font-size: 0.85em; table-layout: auto}
 .fm-outputs th, .fm-outputs td {border: 1px solid #d0d4dc; padding: 3px 6px; text-align: left; vertical-align: top;
   overflow-wrap: anywhere}
+.fm-outputs th {overflow-wrap: normal}  /* a header breaks between words, never inside one ("expecte d") */
 .fm-outputs th.fm-merged {background: #e0e7ff}
 .fm-outputs td.fm-ok, .fm-legend .fm-ok {background: #c9efcf; color: #0b4a17}
 .fm-outputs td.fm-bad, .fm-legend .fm-bad {background: #fbd0d0; color: #7a0d0d}

@@ -28,11 +28,13 @@ def styled(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
 
 def similarity_heatmap(report, layer: str | None = None, metric: str = "cosine") -> go.Figure:
     """Annotated K×K heatmap of cosine similarity (or sign conflicts), whole model or one layer."""
-    if metric == "sign_conflict":
-        mat, title, scale, zmin, zmax = report.sign_conflict, "Sign conflicts between task vectors", "Reds", 0, 1
+    one_layer = layer not in (None, "", "whole model")
+    if metric == "sign_conflict":  # counted over the whole model only
+        title = "Sign conflicts between task vectors" + (" — whole model (not counted per layer)" if one_layer else "")
+        mat, scale, zmin, zmax = report.sign_conflict, "Reds", 0, 1
     else:
-        mat = report.cosine if layer in (None, "", "whole model") else report.layer_cosine[layer]
-        title = "Cosine similarity of task vectors" + (f" — {layer}" if layer not in (None, "", "whole model") else "")
+        mat = report.layer_cosine[layer] if one_layer else report.cosine
+        title = "Cosine similarity of task vectors" + (f" — {layer}" if one_layer else "")
         scale, zmin, zmax = "RdBu", -1, 1
     mat = np.asarray(mat, dtype=float)
     text = [["—" if np.isnan(v) else f"{v:.2f}" for v in row] for row in mat]

@@ -35,6 +35,8 @@ def test_heatmap_has_the_matrix_and_labels():
     assert "h.0" in layer.layout.title.text
     conflicts = plots.similarity_heatmap(r, metric="sign_conflict")
     np.testing.assert_allclose(np.array(conflicts.data[0].z), r.sign_conflict)
+    assert "whole model (not counted per layer)" in plots.similarity_heatmap(r, "h.0", "sign_conflict").layout.title.text
+    assert "per layer" not in conflicts.layout.title.text
     per_layer = plots.layer_similarity_heatmap(r)
     assert list(per_layer.data[0].x) == ["h.0", "h.1"] and len(per_layer.data[0].y) == 3
 
