@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from safetensors import safe_open
 
-from .errors import MergeError
+from .errors import MergeError, os_error, shown
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
@@ -44,9 +44,14 @@ def resolve(ref: str | os.PathLike, allow_hub: bool = True, allowed_roots: Itera
     text = str(ref)
     if allowed_roots is not None:
         return _resolve_allowed(text, allow_hub, [Path(r).resolve() for r in allowed_roots])
+    if "\0" in text:
+        raise MergeError(f"{shown(text)!r}: not a valid path (it contains a NUL character)")
     path = Path(os.path.expanduser(text))
-    if path.exists():
-        return path.resolve()
+    try:
+        if path.exists():
+            return path.resolve()
+    except OSError as exc:  # a name over 255 bytes, a path too long, a folder we may not enter
+        raise os_error(shown(text), exc) from None
     looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or text.endswith((".safetensors", ".bin"))
     if looks_local or not allow_hub:
         raise MergeError(f"{ref}: no such file or folder")
@@ -99,8 +104,9 @@ def _download(repo_id: str) -> Path:
         raise MergeError(f"{repo_id}: download from the Hugging Face Hub failed: {exc}") from None
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Names, dtypes and shapes of a safetensors file from its JSON header (no tensor data read)."""
+def read_safetensors_header(path: Path, owner: str | None = None) -> dict[str, dict[str, Any]]:
+    """Names, dtypes and shapes of a safetensors file from its JSON header (no tensor data read);
+    errors name the file within `owner` (the model as typed) where given."""
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
@@ -109,7 +115,8 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:100]
-        raise MergeError(f"{path.name}: not a readable safetensors file ({why})") from None
+        where = path.name if not owner else shown(owner) if owner.endswith(path.name) else f"{shown(owner)}: {path.name}"
+        raise MergeError(f"{where}: not a readable safetensors file ({why})") from None
     header.pop("__metadata__", None)
     return header
 
@@ -146,7 +153,7 @@ class Checkpoint:
             if any(f.name.startswith("adapter_model") for f in files) and (self.folder / "adapter_config.json").exists():
                 raise MergeError(f"{self.ref}: this is a LoRA adapter, not a full model; add it as an adapter")
             for f in files:
-                for key, info in read_safetensors_header(f).items():
+                for key, info in read_safetensors_header(f, self.ref).items():
                     self._files[key] = f
                     self._meta[key] = (tuple(info["shape"]), info["dtype"])
                     self._spans[key] = tuple(info.get("data_offsets", (0, 0)))

@@ -12,7 +12,7 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import MergeError
+from .errors import MergeError, shown
 from .registry import AGGREGATORS, UNIVERSAL_PARAMS
 
 Scalar = Union[bool, int, float, str]
@@ -31,6 +31,12 @@ Setting = Union[Scalar, list[Scalar], list[Conditional], Conditional, None]
 UNIVERSAL = set(UNIVERSAL_PARAMS)
 IGNORED = {"int8_mask"}
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _has_empty_list(setting: Any) -> bool:
+    if isinstance(setting, Conditional):
+        return _has_empty_list(setting.value)
+    return isinstance(setting, list) and (not setting or any(_has_empty_list(x) for x in setting))
 
 
 def _leaves(setting: Any):
@@ -107,6 +113,15 @@ class MergeConfig(BaseModel):
     def _template(cls, v: str | None) -> str | None:
         if v is not None and v not in ("auto", "chatml") and "{" not in v:
             raise ValueError(f"{v!r} is neither a Jinja template nor one of auto, chatml")
+        if v is not None and "{" in v:  # compiled as transformers compiles it, so a broken one is not written
+            from jinja2 import TemplateError
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            try:
+                _compile_jinja_template(v)
+            except TemplateError as exc:
+                line = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+                raise ValueError(f"not a valid Jinja template: {exc.message or exc}{line}") from None
         return v
 
     @model_validator(mode="after")
@@ -121,6 +136,8 @@ class MergeConfig(BaseModel):
                 if key not in known:
                     raise ValueError(f"{where}.{key}: {self.merge_method} has no parameter {key!r}; "
                                      f"it takes: {', '.join(sorted(known - ignored))}")
+                if _has_empty_list(setting):
+                    raise ValueError(f"{where}.{key}: an empty list; give a value or a list of values")
                 spec = UNIVERSAL_PARAMS.get(key) or (None if key in ignored else agg.param(key))
                 for leaf in _leaves(setting):
                     if spec is not None:
@@ -156,16 +173,29 @@ class MergeConfig(BaseModel):
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-_TYPE_TAGS = {"bool", "int", "float", "str", "Conditional", "none"}
+_TYPE_TAGS = {"bool", "int", "float", "str", "Conditional", "none", "ModelEntry", "TokenizerSpec"}
+_PLAIN = {"missing": "required", "extra_forbidden": "unknown setting", "dict_type": "expected a mapping",
+          "model_type": "expected a mapping", "model_attributes_type": "expected a mapping",
+          "list_type": "expected a list", "string_type": "expected a string (text)",
+          "int_type": "expected an integer", "int_parsing": "expected an integer",
+          "int_from_float": "expected an integer", "float_type": "expected a number",
+          "float_parsing": "expected a number", "bool_type": "expected true or false",
+          "bool_parsing": "expected true or false", "too_short": "expected at least one entry"}
 
 
 def _pretty(err: ValidationError) -> str:
+    """pydantic's first error in our words: `models[0].model: expected a string (text)`."""
     first = err.errors()[0]
-    parts = [str(x) for x in first["loc"]]
-    union = any(p in _TYPE_TAGS or p.startswith(("list[", "union[")) for p in parts)
-    loc = ".".join(p for p in parts if p not in _TYPE_TAGS and not p.startswith(("function-", "list[", "union[")))
-    msg = first["msg"].removeprefix("Value error, ")
-    if union and "parameters" in parts:
+    parts = [x for x in first["loc"] if not (isinstance(x, str) and (
+        x in _TYPE_TAGS or x.startswith(("function-", "list[", "union[", "dict["))))]
+    union = len(parts) != len(first["loc"]) and "parameters" in parts
+    loc = ""
+    for x in parts:
+        loc += f"[{x}]" if isinstance(x, int) else f".{x}" if loc else str(x)
+    msg = _PLAIN.get(first["type"]) or first["msg"].removeprefix("Value error, ")
+    if first["type"] == "greater_than_equal":
+        msg = f"must be at least {first['ctx']['ge']}"
+    if union and first["type"] != "value_error":
         msg = "expected a value, a list of values (a gradient) or a list of {filter, value} entries"
     return f"{loc}: {msg}" if loc else msg
 
@@ -174,6 +204,9 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
     """Validate a dict (parsed YAML) into a MergeConfig; errors name the offending field."""
     if not isinstance(data, dict):
         raise MergeError(f"{source}: expected a mapping of merge settings, got {type(data).__name__}")
+    if "modules" in data:
+        raise MergeError(f"{source}: modules: not supported (mergekit's per-module merges); give `models` or "
+                         "`slices`")
     if "slices" in data:
         data = slices_to_models(data, source)
     try:
@@ -232,14 +265,34 @@ def slices_to_models(data: dict, source: str = "config") -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently, so a second `merge_method` would quietly win). `<<:` merges may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path) -> MergeConfig:
     """Read a mergekit-style YAML file."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise MergeError(f"{path}: cannot read ({exc.strerror})") from None
+        raise MergeError(f"{shown(path)}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise MergeError(f"{shown(path)}: not a YAML text file (not UTF-8 at byte {exc.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

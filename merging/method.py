@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from . import kernels
-from .errors import MergeError
+from .errors import MergeError, shown
 from .seeds import tensor_seed
 
 
@@ -52,27 +52,27 @@ class HyperParam:
             if self.optional:
                 return None
             raise MergeError(f"{label}: a value is required")
-        try:
-            if self.type is bool:
-                if isinstance(value, str):
-                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                        raise ValueError
-                    value = value.lower() in ("true", "1", "yes")
-                elif not isinstance(value, (bool, int)) or isinstance(value, float):
-                    raise ValueError
+        if self.type is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
                 return bool(value)
-            if self.type is str:
-                value = str(value).lower() if isinstance(value, bool) else str(value)  # YAML reads `true` as a bool
-                if self.choices and value not in self.choices:
-                    raise MergeError(f"{label}: {value!r} is not one of {', '.join(self.choices)}")
-                return value
+            raise MergeError(f"{label}: expected true or false, got {value!r}")
+        if self.type is str:
+            value = str(value).lower() if isinstance(value, bool) else str(value)  # YAML reads `true` as a bool
+            if self.choices and value not in self.choices:
+                raise MergeError(f"{label}: {value!r} is not one of {', '.join(self.choices)}")
+            return value
+        try:
             if isinstance(value, bool):
                 raise ValueError
             number = self.type(value)
             if self.type is int and float(value) != number:
                 raise ValueError
+        except OverflowError:
+            raise MergeError(f"{label}: {shown(str(value), 40)} is outside {self.range_text()}") from None
         except (TypeError, ValueError):
-            raise MergeError(f"{label}: expected {self.type.__name__}, got {value!r}") from None
+            raise MergeError(f"{label}: expected {self.type.__name__}, got {shown(repr(value), 60)}") from None
         if isinstance(number, float) and not math.isfinite(number):
             raise MergeError(f"{label}: must be finite, got {number}")
         if self.low is not None and (number < self.low or (self.low_open and number == self.low)):

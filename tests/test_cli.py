@@ -271,6 +271,116 @@ def test_cli_malformed_config_names_the_field(run_cli, tmp_path, text, needles):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("text,needles", [
+    (b"\xffmerge_method: ties\n", ["not a yaml text file", "utf-8"]),
+    ("merge_method: ties\nmerge_method: linear\nbase_model: x\nmodels: [{model: y}]\n",
+     ["merge_method", "given twice"]),
+    ("merge_method: ties\nbase_model: x\nmodels: [{model: y}]\nparameters: {lambda: 1" + "0" * 400 + "}\n",
+     ["parameters.lambda", "outside"]),
+    ({"merge_method": "ties", "base_model": "x", "modules": {"a": {}}}, ["modules: not supported"]),
+    ({"merge_method": "ties", "base_model": "x", "models": "y"}, ["models: expected a list"]),
+    ({"merge_method": "ties", "base_model": "x", "models": [{"model": 5}]}, ["models[0].model: expected a string"]),
+    ({"merge_method": "ties", "base_model": "x", "models": [{"model": "y"}], "tokenizer": "z"},
+     ["tokenizer: expected a mapping"]),
+    ({"merge_method": "fednova", "base_model": "x", "models": [{"model": "y"}], "parameters": {"fednova_mode": "foo"}},
+     ["parameters.fednova_mode", "'foo' is not one of steps, lr_steps"]),
+    ({"merge_method": "median", "base_model": "x", "models": [{"model": "y"}], "parameters": {"median_kind": "upper"}},
+     ["parameters.median_kind", "not one of"]),
+    ({"merge_method": "ties", "base_model": "x", "models": [{"model": "y"}], "parameters": {"normalize": 2}},
+     ["parameters.normalize", "expected true or false"]),
+    ({"merge_method": "ties", "base_model": "x", "models": [{"model": "y"}], "parameters": {"density": []}},
+     ["parameters.density", "empty list"]),
+    ({"merge_method": "ties", "base_model": "x", "models": [{"model": "y"}], "chat_template": "{% if %}"},
+     ["chat_template", "not a valid jinja template"]),
+], ids=lambda v: v[:40] if isinstance(v, (str, bytes)) else None)
+def test_cli_config_problems_in_plain_words(run_cli, tmp_path, text, needles):
+    """What pydantic, PyYAML or Python would call a UnicodeDecodeError, an OverflowError or "Input should
+    be a valid dictionary": one line naming the field, in words; nothing silently ignored."""
+    path = tmp_path / "merge.yml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        yaml_file(tmp_path, text)
+    r = run_cli("merge", path, tmp_path / "out")
+    assert_refused(r, *needles)
+    assert "Error" not in r.stderr and "Input should" not in r.stderr and "models.0" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unusable_model_paths_in_plain_words(run_cli, tiny_zoo, tmp_path):
+    for ref, needles in [(f"{tiny_zoo['ft0']}\0evil", ["not a valid path", "nul"]),
+                         (str(tmp_path / ("x" * 300)), ["file name too long"])]:
+        r = run_cli("merge", yaml_file(tmp_path, ta(tiny_zoo["base"], ref)), tmp_path / "out", "--no-progress")
+        assert_refused(r, *needles)
+        assert "Error" not in r.stderr and "errno" not in r.stderr.lower(), r.stderr
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((tiny_zoo["ft0"] / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes(b"\xff" * 64)
+    r = run_cli("merge", yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"], corrupt)), tmp_path / "out",
+                "--no-progress")
+    assert_refused(r, f"{corrupt}: model.safetensors: not a readable safetensors file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_merges_that_would_be_silently_wrong(run_cli, tiny_zoo, tmp_path):
+    """Each of these used to write a model: all zeros, θa − θb, one without config.json, the base merged
+    with itself."""
+    def refused(cfg, *needles):
+        assert_refused(run_cli("merge", yaml_file(tmp_path, cfg), tmp_path / "out", "--no-progress"), *needles)
+        assert not (tmp_path / "out").exists()
+
+    for w in ([0, 0], [1, -1]):
+        refused({"merge_method": "linear", "models": [{"model": str(tiny_zoo["ft0"]), "parameters": {"weight": w[0]}},
+                                                      {"model": str(tiny_zoo["ft1"]), "parameters": {"weight": w[1]}}]},
+                "linear: the weights sum to zero")
+    noconfig = tmp_path / "noconfig"
+    noconfig.mkdir()
+    (noconfig / "model.safetensors").write_bytes((tiny_zoo["base"] / "model.safetensors").read_bytes())
+    refused(ta(noconfig, tiny_zoo["ft0"]), f"base model {noconfig}: no config.json")
+    refused(ta(tiny_zoo["base"], f"{tiny_zoo['base']}+"), "nothing after '+'")
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory, tiny_zoo):
+    """The tiny base and a fine-tune with one tokenizer, a fine-tune whose tokenizer swaps two ids, and
+    one whose tokenizer.json is the base's written differently (indented, keys reordered)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    root = tmp_path_factory.mktemp("tok")
+    vocab = {f"w{i}": i for i in range(39)}  # transformers adds <|endoftext|> for a GPT-2 config: 40 rows
+    swapped = {**vocab, "w3": 4, "w4": 3}
+    out = {}
+    for name, src, v in [("base", "base", vocab), ("same", "ft0", vocab), ("swapped", "ft1", swapped),
+                         ("reformatted", "ft2", vocab)]:
+        folder = root / name
+        folder.mkdir()
+        for f in tiny_zoo[src].iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        Tokenizer(WordLevel(v, unk_token="w0")).save(str(folder / "tokenizer.json"))
+        if name == "reformatted":
+            data = json.loads((folder / "tokenizer.json").read_text())
+            (folder / "tokenizer.json").write_text(json.dumps(dict(reversed(list(data.items()))), indent=4))
+        out[name] = folder
+    return out
+
+
+def test_cli_refuses_a_fine_tune_with_another_tokenizer(run_cli, tokenized, tmp_path):
+    """Same vocabulary size, other ids: its embedding rows belong to other tokens. Refused unless a
+    tokenizer is chosen; a tokenizer equal but written differently still merges."""
+    cfg = ta(tokenized["base"], tokenized["same"], tokenized["swapped"])
+    assert_refused(run_cli("merge", yaml_file(tmp_path, cfg), tmp_path / "out", "--no-progress"),
+                   "swapped: its tokenizer differs from the base's", "tokenizer_source")
+    assert not (tmp_path / "out").exists()
+    r = run_cli("merge", yaml_file(tmp_path, {**cfg, "tokenizer_source": "base"}), tmp_path / "out", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    cfg = ta(tokenized["base"], tokenized["same"], tokenized["reformatted"])
+    for extra in ({}, {"tokenizer_source": "union"}):
+        r = run_cli("merge", yaml_file(tmp_path, {**cfg, **extra}), tmp_path / "out2", "--no-progress", "--overwrite")
+        assert r.returncode == 0, r.stderr
+
+
 def test_cli_out_of_range_hyperparameters(run_cli, tiny_zoo, tmp_path):
     for params, needle in [({"rho": 2.0}, "rho"), ({"rho": -1}, "rho")]:
         cfg = yaml_file(tmp_path, {**ta(tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["ft1"]), "merge_method": "fedgma",
