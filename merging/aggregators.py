@@ -142,7 +142,7 @@ def linear_exact(base, models, weights, lam: float, normalize: bool, **_) -> tor
     for m, c in zip(models, w.unbind(0)):
         out.addcmul_(m, c)
     if normalize:
-        out.div_(w.sum())
+        out.div_(_linear_total(w))
     if lam != 1 and base is not None:
         out = base.to(acc) + lam * (out - base.to(acc))
     return out.to(first.dtype)
@@ -159,7 +159,15 @@ def linear_exact(base, models, weights, lam: float, normalize: bool, **_) -> tor
 )
 def linear(weights: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Weighted average of the models; with a base it is θ₀ + Σ wᵢτᵢ / Σ wᵢ (Task Arithmetic, normalised)."""
-    return task_arithmetic(weights, normalize)
+    return weights / _linear_total(weights) if normalize else weights.clone()
+
+
+def _linear_total(weights: torch.Tensor) -> torch.Tensor:
+    """Σ wᵢ, which normalize divides by: zero would write all zeros or θa − θb, not an average."""
+    total = weights.sum()
+    if abs(float(total)) < 1e-8:
+        raise MergeError("linear: the weights sum to zero; they cannot be normalized (or set normalize: false)")
+    return total
 
 
 @aggregator(

@@ -5,6 +5,7 @@ everything that can be known before reading a single weight; execution lives in 
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -15,7 +16,7 @@ import torch
 
 from .checkpoints import Checkpoint
 from .config import MergeConfig, evaluate_setting
-from .errors import MergeError
+from .errors import MergeError, shown
 from .registry import AGGREGATORS, LAMBDA, WEIGHT, Aggregator
 from .task_vectors import LoraAdapter, TaskVectorSource, load_source
 from .validation import check_compatible
@@ -146,7 +147,7 @@ class MergePlan:
 def _same_path(a: Any, b: Any) -> bool:
     try:
         return Path(str(a)).resolve() == Path(str(b)).resolve()
-    except OSError:
+    except (OSError, ValueError):  # a NUL byte, a name too long: refused, naming the model, when it is read
         return str(a) == str(b)
 
 
@@ -164,9 +165,14 @@ def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=
             entries = [m for m in entries if not _same_path(m.model, cfg.base_model) and m.model != cfg.base_model]
     else:  # no base (linear, nuslerp, ...): the first model gives names and shapes; its task vector is zero
         base = Checkpoint(entries[0].model, trust_remote_code=trust_remote_code, **opts)
+    if not base.config:  # the output's config.json is the base's: without one it could not be loaded
+        role = "base model" if cfg.base_model else "first model (the base's role)"
+        raise MergeError(f"{role} {shown(base.ref)}: no config.json")
     sources = []
     for m in entries:
-        ref, _, adapter = m.model.partition("+")
+        ref, plus, adapter = m.model.partition("+")
+        if plus and not adapter.strip():
+            raise MergeError(f"{shown(m.model)}: nothing after '+' (expected model+path/to/lora_adapter)")
         if adapter:
             if not (_same_path(ref, base.path) or ref == cfg.base_model):
                 raise MergeError(f"{m.model}: a LoRA adapter ('model+adapter') is only supported on the base model")
@@ -213,6 +219,8 @@ def plan_stacked(cfg: MergeConfig, opts: Mapping[str, Any], trust_remote_code: b
         a, b = src.get("layer_range") or [0, layer_count(ck.config) or 0]
         parts.append((ck, a, b))
     first = parts[0][0]
+    if not first.config:
+        raise MergeError(f"slices[0].sources[0] {shown(first.ref)}: no config.json")
     warnings = check_compatible(first, [FullFinetune(ck) for ck in seen.values() if ck is not first])
     stacked = StackedLayers(parts)
     dtype = cfg.out_dtype or cfg.dtype
@@ -241,31 +249,63 @@ def check_slices(cfg: MergeConfig, plan: MergePlan) -> None:
                              "merging part of the layers is not supported")
 
 
-def _tokenizer_signature(ck) -> bytes | None:
-    """The tokenizer's defining files, for telling whether two models share one tokenizer."""
-    from .checkpoints import TOKENIZER_FILES
+def _vocabulary(ck) -> tuple | None:
+    """Which embedding row each token uses: (kind, token → id map with the added tokens, BPE merges),
+    read from tokenizer.json or vocab.json + merges.txt, else a sentencepiece model's bytes. How the
+    files are formatted (indentation, key order, merges as "a b" or [a, b]) does not count."""
+    def merges(items) -> list:
+        return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in items or []]
 
-    files = sorted(ck.side_files(TOKENIZER_FILES), key=lambda f: f.name)
-    keep = [f for f in files if f.name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model")]
-    return b"".join(f.name.encode() + f.read_bytes() for f in keep) or None
+    if getattr(ck, "folder", None) is None:
+        return None
+    files = {f.name: f for f in ck.side_files(("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model",
+                                               "added_tokens.json"))}
+    try:
+        if "tokenizer.json" in files:
+            data = json.loads(files["tokenizer.json"].read_text())
+            model = data.get("model") or {}
+            vocab = model.get("vocab") or {}
+            if isinstance(vocab, list):  # unigram: [token, score] in id order
+                vocab = {v[0] if isinstance(v, list) else v: i for i, v in enumerate(vocab)}
+            vocab = {**vocab, **{t.get("content"): t.get("id") for t in data.get("added_tokens") or []}}
+            return "map", vocab, merges(model.get("merges"))
+        if "vocab.json" in files:
+            vocab = json.loads(files["vocab.json"].read_text())
+            if "added_tokens.json" in files:
+                vocab = {**vocab, **json.loads(files["added_tokens.json"].read_text())}
+            lines = files["merges.txt"].read_text().splitlines() if "merges.txt" in files else []
+            return "map", vocab, merges(x for x in lines if x and not x.startswith("#version"))
+        if "tokenizer.model" in files:
+            return "raw", files["tokenizer.model"].read_bytes()
+    except (OSError, ValueError, AttributeError, TypeError):  # unreadable: compared as bytes
+        return "raw", b"".join(f.read_bytes() for _, f in sorted(files.items()))
+    return None
 
 
 def check_tokenizer(plan: MergePlan, opts: Mapping[str, Any]) -> None:
-    """tokenizer_source base / union / a model, as mergekit. All models here share one vocabulary (the
-    compatibility check), so union is the base's tokenizer when every model has the same one; models
-    whose tokenizers differ would need mergekit's vocabulary permutation of the embedding rows,
-    which is refused."""
+    """tokenizer_source base / union / a model, as mergekit. All models here share one vocabulary size
+    (the compatibility check), so union is the base's tokenizer when every model has the same one;
+    models whose tokenizers differ would need mergekit's vocabulary permutation of the embedding rows,
+    which is refused. Without a tokenizer chosen, a fine-tune whose tokenizer differs from the base's
+    (tokens renamed or ids swapped) is refused too: its rows would be merged with other tokens' rows."""
     src = plan.tokenizer_source
-    if src == "base":
+    cfg = plan.config
+    chosen = cfg is not None and (cfg.tokenizer_source is not None or cfg.tokenizer is not None)
+    if src == "base" and chosen:
         return
-    if src == "union":
-        mine = _tokenizer_signature(plan.base)
+    if src in ("base", "union"):
+        mine = _vocabulary(plan.base)
         for s in plan.sources:
             ck = getattr(s, "checkpoint", None)
-            other = _tokenizer_signature(ck) if ck is not None else None
-            if other is not None and mine is not None and other != mine:
+            other = _vocabulary(ck) if ck is not None else None
+            if other is None or mine is None or other[0] != mine[0] or other == mine:
+                continue
+            if src == "union":
                 raise MergeError(f"tokenizer_source union: {s.name}'s tokenizer differs from the base's; merging "
                                  "different vocabularies (embedding rows permuted and resized) is not supported")
+            raise MergeError(f"{s.name}: its tokenizer differs from the base's (other tokens or token ids), so its "
+                             "embedding rows do not line up with the base's; set tokenizer_source (e.g. base) "
+                             "to merge anyway with one tokenizer")
         plan.tokenizer_source = "base"
         return
     ck = Checkpoint(src, **opts)
