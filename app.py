@@ -54,12 +54,14 @@ class ClampedSlider(gr.Slider):
 
     is_template = True  # drawn by the ordinary slider
 
-    def preprocess(self, payload: float) -> float:
+    def preprocess(self, payload: float | None) -> float | None:
         try:
-            payload = min(max(float(payload), self.minimum), self.maximum)
+            x = float(payload)
         except (TypeError, ValueError):
-            payload = self.value if self.value is not None else self.minimum
-        return super().preprocess(payload)
+            x = math.nan
+        if not math.isfinite(x):  # a cleared box, or a number past float's range (sent as null): no value, so the
+            return None           # handler keeps λ (a hyperparameter: its default) and writes it back
+        return super().preprocess(min(max(x, self.minimum), self.maximum))
 
 
 # ---------------------------------------------------------------------------- handlers (plain functions)

@@ -137,6 +137,18 @@ def test_a_scenario_says_what_was_changed_since(pg):
     assert "You changed" not in out[5] and pg.scenario_changes() == []
 
 
+def test_a_cleared_lambda_box_keeps_lambda(pg):
+    """The slider's number box sends null when cleared or past float's range: λ stays, and is written back."""
+    import app
+
+    slider = app.ClampedSlider(0, 8, value=0.3)
+    assert slider.preprocess(None) is None and slider.preprocess("x") is None and slider.preprocess(float("inf")) is None
+    assert slider.preprocess(9) == 8 and slider.preprocess(-1) == 0 and slider.preprocess("0.7") == 0.7
+    pg.act(lambda: pg.set_lambda(1.1))
+    out = app.on_lambda(pg, slider.preprocess(None))
+    assert pg.lam == 1.1 and out[3].value == 1.1 and "λ = 1.1," in out[-1]  # was: λ = 0
+
+
 def test_emptied_prompts_box_gets_the_demo_prompts_back(pg):
     import app
 
