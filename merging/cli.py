@@ -5,6 +5,7 @@ Errors print one line (`error: ...`) and exit with status 2; `--debug` shows the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -83,6 +84,9 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     from .similarity import similarity
     from .task_vectors import load_source
 
+    for option, target in (("--html", args.html), ("--json", args.json)):
+        if target:
+            output_file(option, target)
     opts = dict(allow_hub=not args.offline)
     base = Checkpoint(args.base, **opts)
     sources = [load_source(m, **opts) for m in args.models]
@@ -92,6 +96,10 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     finally:
         close()
     print(report.to_text())
+    for name, norm in zip(report.names, report.norms):
+        if norm == 0:
+            print(f"warning: {name}: zero task vector (the same weights as the base); its cosines are undefined "
+                  "(n/a, null in JSON)", file=sys.stderr)
     if args.per_layer:
         for layer, mat in report.layer_cosine.items():
             pairs = ", ".join(f"{report.names[i]}~{report.names[j]} {mat[i, j]:.3f}" for i, j in report.pairs())
@@ -100,15 +108,45 @@ def cmd_similarity(args: argparse.Namespace) -> int:
         from .report import similarity_heatmap
 
         fig = similarity_heatmap(report)
-        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
-        fig.write_html(args.html, include_plotlyjs=True)
+        with writing_file("--html", args.html):
+            fig.write_html(args.html, include_plotlyjs=True)
         print(f"wrote {args.html}")
     if args.json:
         import json
 
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        with writing_file("--json", args.json) as path:
+            path.write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False))
         print(f"wrote {args.json}")
     return 0
+
+
+def output_file(option: str, target: str) -> Path:
+    """Check a file to be written before any work: not a folder, under folders (existing or to be made)
+    we can write in."""
+    path = Path(target)
+    role = f"{option} {shown(target)}"
+    if not path.name or any(len(p.encode()) > 255 for p in path.parts):
+        raise MergeError(f"{role}: not a usable file name")
+    if path.is_dir():
+        raise MergeError(f"{role}: is a folder; give a file name")
+    ancestor = path.parent.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MergeError(f"{role}: {shown(str(ancestor))} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MergeError(f"{role}: cannot write in {shown(str(ancestor))} (permission denied)")
+    return path
+
+
+@contextlib.contextmanager
+def writing_file(option: str, target: str):
+    """Create the file's folders, and word what can still fail (a full disk) as one line."""
+    try:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        yield Path(target)
+    except OSError as exc:
+        raise os_error(f"{option} {shown(target)}: cannot write", exc) from None
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

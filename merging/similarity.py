@@ -37,8 +37,9 @@ class SimilarityReport:
         return [(i, j) for i in range(k) for j in range(i + 1, k)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"names": self.names, "cosine": self.cosine.tolist(), "sign_conflict": self.sign_conflict.tolist(),
-                "norms": self.norms.tolist(), "layer_cosine": {k: v.tolist() for k, v in self.layer_cosine.items()},
+        """Plain JSON: a cosine with a zero task vector is undefined and written as null (not NaN)."""
+        return {"names": self.names, "cosine": _plain(self.cosine), "sign_conflict": _plain(self.sign_conflict),
+                "norms": _plain(self.norms), "layer_cosine": {k: _plain(v) for k, v in self.layer_cosine.items()},
                 "training": self.training}
 
     def to_text(self) -> str:
@@ -46,7 +47,7 @@ class SimilarityReport:
         w = max(8, *(len(n) for n in self.names)) + 1
         out = ["cosine similarity of task vectors (whole model)", " " * w + "".join(n[:w - 1].rjust(w) for n in self.names)]
         for n, row in zip(self.names, self.cosine):
-            out.append(n[:w - 1].ljust(w) + "".join(f"{x:{w}.3f}" for x in row))
+            out.append(n[:w - 1].ljust(w) + "".join(f"{x:{w}.3f}" if np.isfinite(x) else "n/a".rjust(w) for x in row))
         out += ["", "sign conflicts (share of coordinates where both are nonzero)"]
         for n, row in zip(self.names, self.sign_conflict):
             out.append(n[:w - 1].ljust(w) + "".join(f"{x:{w}.3f}" for x in row))
@@ -55,6 +56,10 @@ class SimilarityReport:
             extra = ", ".join(f"{k} {meta[k]}" for k in ("steps", "learning_rate") if k in meta)
             out.append(f"{n[:w - 1].ljust(w)} ‖τ‖ = {norm:.4g}" + (f"  ({extra})" if extra else ""))
         return "\n".join(out)
+
+
+def _plain(a: np.ndarray) -> list:
+    return np.where(np.isfinite(a), a, None).tolist()
 
 
 def _cos(gram: np.ndarray) -> np.ndarray:

@@ -183,6 +183,32 @@ def test_cli_similarity_prints_matrix_and_writes_html(run_cli, tiny_zoo, tmp_pat
     assert "plotly" in (tmp_path / "sim.html").read_text()[:100000].lower()
 
 
+def test_cli_similarity_checks_its_output_files_first(run_cli, tiny_zoo, tmp_path):
+    """A folder given for --json, or a file in the way of --html, is refused before any computing;
+    --json makes missing folders as --html does."""
+    (tmp_path / "file").write_text("x")
+    models = ["--base", tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["ft1"], "--no-progress"]
+    for option, target, needle in [("--json", tmp_path, "is a folder"),
+                                   ("--html", tmp_path / "file" / "x.html", "is a file, not a folder"),
+                                   ("--json", tmp_path / "file" / "x.json", "is a file, not a folder")]:
+        r = run_cli("similarity", *models, option, target)
+        assert_refused(r, option, needle)
+        assert r.stdout == "", r.stdout  # nothing computed
+    r = run_cli("similarity", *models, "--json", tmp_path / "new" / "dir" / "sim.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "new" / "dir" / "sim.json").read_text())["names"] == ["ft0", "ft1"]
+
+
+def test_cli_similarity_with_a_zero_task_vector_writes_valid_json(run_cli, tiny_zoo, tmp_path):
+    r = run_cli("similarity", "--base", tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["base"], "--no-progress",
+                "--json", tmp_path / "sim.json")
+    assert r.returncode == 0, r.stderr
+    assert "base: zero task vector" in r.stderr and "nan" not in r.stdout
+    text = (tmp_path / "sim.json").read_text()
+    assert "NaN" not in text
+    assert json.loads(text)["cosine"][0][1] is None
+
+
 def test_cli_methods_lists_the_registry(run_cli):
     r = run_cli("methods", "--markdown")
     assert r.returncode == 0
