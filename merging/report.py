@@ -46,13 +46,16 @@ def similarity_heatmap(report, layer: str | None = None, metric: str = "cosine")
 
 
 def layer_similarity_heatmap(report) -> go.Figure:
-    """Pairs × layers: where in depth the task vectors agree or conflict."""
+    """Layers × pairs: where in depth the task vectors agree or conflict. Layers run down (short labels,
+    a row each) and pairs across, so that a pair's column keeps its numbers legible on a phone."""
     pairs = report.pairs()
     labels = [f"{report.names[i]} ~ {report.names[j]}" for i, j in pairs]
-    z = np.array([[report.layer_cosine[l][i, j] for l in report.layers] for i, j in pairs], dtype=float)
-    fig = go.Figure(go.Heatmap(z=np.nan_to_num(z), x=report.layers, y=labels, colorscale="RdBu", zmin=-1, zmax=1,
-                               text=[[f"{v:.2f}" for v in row] for row in z], texttemplate="%{text}"))
-    return styled(fig, "Cosine similarity per layer", height=max(300, 60 + 40 * len(labels)))
+    z = np.array([[report.layer_cosine[l][i, j] for i, j in pairs] for l in report.layers], dtype=float)
+    fig = go.Figure(go.Heatmap(z=np.nan_to_num(z), x=labels, y=report.layers, colorscale="RdBu", zmin=-1, zmax=1,
+                               text=[[f"{v:.2f}" for v in row] for row in z], texttemplate="%{text}",
+                               hovertemplate="%{x}, %{y}: %{text}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")  # the first block on top, `other` last
+    return styled(fig, "Cosine similarity per layer", height=max(300, 120 + 36 * len(report.layers)))
 
 
 def norms_chart(report) -> go.Figure:
