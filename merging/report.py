@@ -70,5 +70,5 @@ def norms_chart(report) -> go.Figure:
         labels.append(", ".join(parts))
     fig = go.Figure(go.Bar(x=report.names, y=list(map(float, report.norms)), text=labels, textposition="outside",
                            marker_color="#4f46e5"))
-    fig.update_yaxes(title="‖τ‖ (L2, whole model)")
-    return styled(fig, "Task-vector norms and training")
+    fig.update_yaxes(title="‖τ‖ (L2)")  # short: a longer axis title is cut on a phone
+    return styled(fig, "Task-vector norms (whole model) and training")
