@@ -21,8 +21,10 @@ import contextlib
 import json
 import math
 import multiprocessing as mp
+import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +38,10 @@ from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, encode, save_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "assets" / "zoo"
 KEPT = ("scenarios.json",)  # carried over by a rebuild (the workshop scenarios, written by hand)
+BUILT = ("zoo.json", "report.json", "README.md")  # the files a build writes next to the model folders
+# an empty file in `<out>.building` while a build runs (removed just before the swap): a stale build
+# folder left by an interrupted build is removed by the next build only if it holds this marker
+MARKER = ".fedmerge-zoo-build"
 
 
 @dataclass(frozen=True)
@@ -451,22 +457,96 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _entries(folder: Path) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+def _zoo_names(folder: Path, cfg: ZooConfig) -> set[str] | None:
+    """What a rebuild replaces in `folder` if it holds a zoo (a zoo.json naming a base and fine-tunes):
+    the files a build writes, its own model folders and the zoo.json's; None if it holds none."""
+    try:
+        index = json.loads((folder / "zoo.json").read_text())
+        old = [index["base"]["folder"]] + [f["folder"] for f in index["finetunes"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {*BUILT, "base", *(s.name for s in cfg.finetunes()), *(x for x in old if isinstance(x, str))}
+
+
+def check_out(out: Path | str, cfg: ZooConfig = FULL, overwrite: bool = False) -> Path:
+    """The zoo folder ``out`` as an absolute path, or a MergeError naming ``--out`` in one line, before any work.
+
+    ``out`` may be missing, empty, hold only the hand-written files a rebuild keeps (``KEPT``) or hold a
+    zoo and nothing else (the documented rebuild replaces ``assets/zoo`` in place); any other folder is
+    replaced only with ``overwrite``, never a file or the root. A stale ``<out>.building`` is removed only
+    if it is an interrupted build's (it holds ``MARKER``, or nothing)."""
+    from merging.errors import MergeError
+
+    typed = str(out)
+    if not typed.strip():
+        raise MergeError("--out: empty; name the folder for the zoo")
+    path = Path(os.path.abspath(out))
+    if path.parent == path:
+        raise MergeError(f"--out: {typed} is the file system's root; name a folder under it")
+
+    def shown(p: Path) -> str:  # as typed: relative if the user typed a relative path
+        return str(p) if os.path.isabs(typed) else os.path.relpath(p)
+
+    ancestor = path.parent
+    while not ancestor.exists() and not ancestor.is_symlink():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MergeError(f"--out: {shown(ancestor)} is a file, not a folder")
+    if ancestor == path.parent and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MergeError(f"--out: no permission to write in {shown(ancestor)}")
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise MergeError(f"--out: {typed} exists and is not a folder")
+        try:
+            entries = _entries(path)
+        except OSError as exc:
+            raise MergeError(f"--out: cannot read {typed}: {exc.strerror}") from None
+        if entries and not overwrite:
+            kept = [e for e in entries if e not in KEPT or not (path / e).is_file()]
+            zoo = _zoo_names(path, cfg)
+            if zoo is None and kept:
+                raise MergeError(f"--out: {typed} is not empty and holds no zoo (no zoo.json): a build would replace "
+                                 f"it; choose another folder, or pass --overwrite to delete what it holds")
+            extra = [e for e in kept if e not in zoo] if zoo is not None else []
+            if extra:
+                raise MergeError(f"--out: {typed} holds a zoo and also {extra[0]!r}, which a rebuild would delete; "
+                                 f"move it away, or pass --overwrite")
+    work = path.with_name(path.name + ".building")
+    if work.exists() or work.is_symlink():
+        try:
+            ours = work.is_dir() and not work.is_symlink() and (
+                (work / MARKER).is_file() or not _entries(work))
+        except OSError:
+            ours = False
+        if not ours:
+            raise MergeError(f"--out: {shown(work)} is in the way and is not an interrupted build of this command "
+                             f"(no {MARKER} in it); move it away")
+    return path
+
+
 def build_zoo(out: Path | str = DEFAULT_OUT, cfg: ZooConfig = FULL, log=print, write_readme: bool = True,
-              reuse_base: bool = False) -> dict:
+              reuse_base: bool = False, overwrite: bool = False) -> dict:
     """Rebuild the whole zoo into ``out`` and measure it; returns the report.
 
     The zoo is built in a sibling folder and swapped in at the end, so a failed or interrupted
-    build leaves the previous zoo as it was. ``reuse_base`` keeps the existing base (pretraining
-    is deterministic; for development only).
+    build leaves the previous zoo as it was. ``out`` is checked first (`check_out`): a folder that is
+    neither empty nor a zoo is replaced only with ``overwrite``. ``reuse_base`` keeps the existing
+    base (pretraining is deterministic; for development only).
     """
     from .zoo_report import claims, measure, render_readme
 
-    _quiet()
-    out = Path(out)
+    typed = out
+    out = check_out(out, cfg, overwrite)
     work = out.with_name(out.name + ".building")
     if work.exists():
-        shutil.rmtree(work)
+        shutil.rmtree(work)  # check_out made sure it is a build folder of ours
     work.mkdir(parents=True)
+    (work / MARKER).touch()
+    _quiet()
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.pretrain_threads)
     if reuse_base and (out / "base" / "training.json").exists():
@@ -517,12 +597,15 @@ def build_zoo(out: Path | str = DEFAULT_OUT, cfg: ZooConfig = FULL, log=print, w
     if same:
         log(f"weights bit-identical to the zoo being replaced: {sum(same.values())} of {len(same)} models"
             + "".join(f"; {n} differs" for n, ok in same.items() if not ok))
-    old = out.with_name(out.name + ".old")
+    check_out(typed, cfg, overwrite)  # again: the folder may have changed during the build (then the new zoo
+    (work / MARKER).unlink()  # stays in <out>.building, and nothing is deleted)
     if out.exists():
-        out.rename(old)
-    work.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))  # ours alone: no name of the user's
+        out.rename(trash / out.name)
+        work.rename(out)
+        shutil.rmtree(trash)
+    else:
+        work.rename(out)
     log(f"zoo written to {out} in {report['recipe_seconds']:.0f}s")
     for c in report["claims"]:
         log(f"  {'ok  ' if c['ok'] else 'MISS'} {c['claim']}: {c['value']}")

@@ -213,3 +213,100 @@ def test_a_rebuild_says_which_models_it_reproduced(tmp_path):
     (new / "extra" / "model.safetensors").write_bytes(b"x")  # a model the old zoo lacks: not compared
     assert same_weights(new, zoo) == {"base": True, "sort": False, "upper": True}
     assert same_weights(new, tmp_path / "nothing") == {}
+
+
+def _zoo_layout(folder: Path) -> Path:
+    """A folder shaped like the shipped zoo: its zoo.json, model folders and built files (no weights needed)."""
+    folder.mkdir(parents=True)
+    (folder / "zoo.json").write_text((ROOT / "assets" / "zoo" / "zoo.json").read_text())
+    for name in ("base", *(f["folder"] for f in json.loads((folder / "zoo.json").read_text())["finetunes"])):
+        (folder / name).mkdir()
+        (folder / name / "model.safetensors").write_bytes(b"w")
+    for name in ("README.md", "report.json", "scenarios.json"):
+        (folder / name).write_text("{}")
+    return folder
+
+
+def test_an_output_folder_is_replaced_only_if_it_holds_a_zoo_or_nothing_else(tmp_path):
+    """build-zoo replaces a missing or empty folder, one holding only the files a rebuild keeps, or a zoo and
+    nothing else (the documented rebuild of assets/zoo needs no flag); anything else only with --overwrite.
+    A stale `<out>.building` is removed only if it is an interrupted build's (our marker, or empty)."""
+    from evaluation.zoo import DEFAULT_OUT, FULL, MARKER, TINY, check_out
+    from merging.errors import MergeError
+
+    assert check_out(DEFAULT_OUT, FULL) == DEFAULT_OUT  # python -m evaluation build-zoo, as documented
+    assert check_out(tmp_path / "new" / "zoo", TINY) == tmp_path / "new" / "zoo"
+    (tmp_path / "empty").mkdir()
+    assert check_out(tmp_path / "empty", TINY) == tmp_path / "empty"
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "scenarios.json").write_text("{}")
+    check_out(tmp_path / "kept", TINY)
+    zoo = _zoo_layout(tmp_path / "zoo")
+    check_out(zoo, FULL)
+    (zoo / "notes.txt").write_text("mine")
+    with pytest.raises(MergeError, match=r"^--out: .* holds a zoo and also 'notes.txt', which a rebuild would delete"):
+        check_out(zoo, FULL)
+    check_out(zoo, FULL, overwrite=True)
+    (zoo / "notes.txt").unlink()
+    (zoo / "zoo.json").write_text("not json")  # no zoo any more: its folders are someone's
+    with pytest.raises(MergeError, match=r"^--out: .* is not empty and holds no zoo \(no zoo.json\)"):
+        check_out(zoo, FULL)
+    work = tmp_path / "kept.building"
+    work.mkdir()
+    check_out(tmp_path / "kept", TINY)  # empty: removable
+    (work / "data.txt").write_text("mine")
+    with pytest.raises(MergeError, match=r"^--out: .*kept.building is in the way and is not an interrupted build"):
+        check_out(tmp_path / "kept", TINY)
+    with pytest.raises(MergeError, match="is in the way"):  # --overwrite is about --out, not its neighbours
+        check_out(tmp_path / "kept", TINY, overwrite=True)
+    (work / MARKER).touch()
+    check_out(tmp_path / "kept", TINY)
+    (tmp_path / "f").write_text("x")
+    for bad, want in ((tmp_path / "f", "exists and is not a folder"), (tmp_path / "f" / "zoo", "is a file, not a folder"),
+                      ("/", "is the file system's root"), ("", "empty")):
+        with pytest.raises(MergeError, match=f"^--out: .*{want}"):
+            check_out(bad, TINY, overwrite=True)
+
+
+def test_build_zoo_refuses_a_users_folder_in_one_line_and_keeps_it(tmp_path, capsys):
+    """The data-loss bug: `build-zoo --tiny --out DIR` with someone's files in DIR used to build, then
+    delete them. Now one line naming --out, exit 2, before any training, and DIR as it was."""
+    from evaluation.__main__ import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "mydata.txt").write_text("precious\n")
+    (tmp_path / "f").write_text("x")
+    for out, want in ((mine, f"--out: {mine} is not empty and holds no zoo"),
+                      (tmp_path / "f" / "zoo", f"--out: {tmp_path / 'f'} is a file, not a folder"),
+                      (tmp_path / "f", f"--out: {tmp_path / 'f'} exists and is not a folder"),
+                      ("/", "--out: / is the file system's root")):
+        assert main(["build-zoo", "--tiny", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and want in err and "\n" not in err and "Error" not in err, err
+    assert (mine / "mydata.txt").read_text() == "precious\n" and sorted(p.name for p in tmp_path.iterdir()) == ["f", "mine"]
+
+
+@pytest.mark.slow  # one tiny build: ~30 CPU s
+def test_rebuilding_a_zoo_in_place_needs_no_flag_and_spares_the_neighbours(tmp_path_factory, tmp_path):
+    """`build-zoo --out ZOO` on an existing zoo replaces it (as the documented rebuild of assets/zoo does),
+    removes a stale build folder of ours, and leaves alone a user's `ZOO.old`, which the swap used to
+    delete (or fail on, after the whole build)."""
+    import shutil
+
+    from tests.conftest import build_tiny_zoo
+
+    out = tmp_path / "zoo"
+    shutil.copytree(build_tiny_zoo(tmp_path_factory), out)
+    (out / "scenarios.json").write_text('{"scenarios": []}\n')
+    (tmp_path / "zoo.building").mkdir()
+    (tmp_path / "zoo.building" / ".fedmerge-zoo-build").touch()
+    (tmp_path / "zoo.building" / "base").mkdir()
+    (tmp_path / "zoo.old").mkdir()
+    (tmp_path / "zoo.old" / "mydata.txt").write_text("precious\n")
+    subprocess.run([sys.executable, "-m", "evaluation", "build-zoo", "--tiny", "--out", str(out)], cwd=ROOT,
+                   check=True, capture_output=True, text=True, timeout=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo", "zoo.old"]
+    assert (tmp_path / "zoo.old" / "mydata.txt").read_text() == "precious\n"
+    assert (out / "scenarios.json").read_text() == '{"scenarios": []}\n'
+    assert json.loads((out / "report.json").read_text())["claims"] and not (out / ".fedmerge-zoo-build").exists()
