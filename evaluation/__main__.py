@@ -2,23 +2,40 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad option reported as one line (`--help` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _build_zoo(args: argparse.Namespace) -> int:
-    from .zoo import DEFAULT_OUT, FULL, TINY, build_zoo
+    from .zoo import DEFAULT_OUT, FULL, TINY, build_zoo, check_out
 
+    cfg = TINY if args.tiny else FULL
+    if args.out is not None:
+        check_out(args.out, cfg, args.overwrite)  # before any work (build_zoo checks again)
     if args.tiny:
-        out = args.out or tempfile.mkdtemp(prefix="tinyzoo-")
-        build_zoo(out, TINY, write_readme=True)
+        out = args.out if args.out is not None else tempfile.mkdtemp(prefix="tinyzoo-")
+        build_zoo(out, TINY, write_readme=True, overwrite=args.overwrite)
     else:
-        build_zoo(args.out or DEFAULT_OUT, FULL, reuse_base=args.reuse_base)
+        build_zoo(args.out if args.out is not None else DEFAULT_OUT, FULL, reuse_base=args.reuse_base,
+                  overwrite=args.overwrite)
     return 0
 
 
 def _add_build_zoo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=None, help="output folder (default assets/zoo; a temp folder with --tiny)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default assets/zoo; a temp folder with --tiny); it may be missing, empty "
+                        "or hold a zoo, which is replaced; any other folder only with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds something other than a zoo (its contents are deleted)")
     p.add_argument("--tiny", action="store_true", help="the whole recipe, a few steps on a tiny model (smoke test)")
     p.add_argument("--reuse-base", action="store_true", help="keep an existing base (development only)")
 
@@ -26,8 +43,7 @@ def _add_build_zoo(p: argparse.ArgumentParser) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from .compare import main
 
-    main(args.zoo, args.out, args.quick, args.methods.split(",") if args.methods else None, args.n_val, args.n_test,
-         ray=args.ray)
+    main(args.zoo, args.out, args.quick, args.methods, args.n_val, args.n_test, ray=args.ray)
     return 0
 
 
@@ -36,8 +52,8 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="evaluation/results", help="folder for compare.md and compare.html")
     p.add_argument("--quick", action="store_true", help="coarser grids (λ 0.1…2.0, fewer ρ / density values)")
     p.add_argument("--methods", default=None, help="comma-separated subset of methods")
-    p.add_argument("--n-val", type=int, default=50, help="validation examples per task for tuning")
-    p.add_argument("--n-test", type=int, default=100, help="test examples per task for the report")
+    p.add_argument("--n-val", type=int, default=50, help="validation examples per task for tuning (1-300)")
+    p.add_argument("--n-test", type=int, default=100, help="test examples per task for the report (1-300)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="spread each search over Ray workers: a local Ray, or the cluster at ADDRESS")
     _add_device(p)
@@ -52,12 +68,87 @@ def _zoo_selection(args: argparse.Namespace):
     """The zoo in a session, with --models selected (default: one fine-tune per task)."""
     from .session import Session, read_zoo
 
+    specs = read_zoo(args.zoo)[1]
+    models = _names("--models", args.models, [s.name for s in specs], "in the zoo") if args.models else None
     session = Session(zoo=args.zoo, allow_hub=False).load_zoo()
-    if args.models:
-        session.select(args.models.split(","))
-    else:
-        session.select([s.name for s in read_zoo(args.zoo)[1] if not s.variant_of])
+    session.select(models or [s.name for s in specs if not s.variant_of])
     return session
+
+
+def _names(option: str, text: str, known, where: str) -> list[str]:
+    """Comma-separated names, each known and named once, or a MergeError naming `option`."""
+    from merging.errors import MergeError
+
+    names = [x.strip() for x in text.split(",")]
+    if not all(names):
+        raise MergeError(f"{option}: comma-separated names, not {text[:60]!r}")
+    for i, x in enumerate(names):
+        if x not in known:
+            raise MergeError(f"{option}: no {x[:40]!r} {where}; known: {', '.join(known)}")
+        if x in names[:i]:
+            raise MergeError(f"{option}: {x!r} named twice")
+    return names
+
+
+def _count(option: str, value: int, high: int, what: str) -> None:
+    from merging.errors import MergeError
+
+    if not 1 <= value <= high:
+        raise MergeError(f"{option}: a whole number from 1 to {high} ({what}), not {value}")
+
+
+def _check_report_folder(out: str, stems: list[str]) -> None:
+    """--out of a study, before any work: a folder that exists or can be made, writable, not the root,
+    and the report files in it not folders. Nothing is created yet."""
+    from merging.errors import MergeError
+
+    if not out.strip():
+        raise MergeError("--out: empty; name the folder for the report")
+    path = Path(os.path.abspath(out))
+    if path.parent == path:
+        raise MergeError(f"--out: {out} is the file system's root; name a folder for the report")
+    shown = (lambda p: str(p)) if os.path.isabs(out) else os.path.relpath  # noqa: E731 (paths as typed)
+    if path.exists():
+        if not path.is_dir():
+            raise MergeError(f"--out: {out} exists and is not a folder")
+        for name in (f"{stem}.{ext}" for stem in stems for ext in ("md", "html")):
+            if (path / name).is_dir():
+                raise MergeError(f"--out: {shown(path / name)} is a folder; the report is written there")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise MergeError(f"--out: no permission to write in {out}")
+        return
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MergeError(f"--out: {shown(ancestor)} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MergeError(f"--out: cannot create {out}: no permission to write in {shown(ancestor)}")
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Every option of a study checked before any work; a bad one is a MergeError naming it."""
+    from merging.errors import MergeError
+    from merging.registry import AGGREGATORS
+
+    from .scorer import LIVE_SPLIT
+    from .tasks import DEFAULT_N
+
+    if not hasattr(args, "n_val"):  # build-zoo: build_zoo checks its --out
+        return
+    _count("--n-val", args.n_val, DEFAULT_N[LIVE_SPLIT], f"the {LIVE_SPLIT} examples per task")
+    _count("--n-test", args.n_test, DEFAULT_N["test"], "the test examples per task")
+    _check_report_folder(args.out, [args.command])
+    if args.methods is not None:
+        args.methods = _names("--methods", args.methods, list(AGGREGATORS), "merge method")
+    if args.command == "task-count":
+        from .task_count import MAX_PER_SIZE
+
+        _count("--per-size", args.per_size, MAX_PER_SIZE, "groups merged per size")
+        try:
+            args.sizes = [int(k) for k in args.sizes.split(",")] if args.sizes else None
+        except ValueError:
+            raise MergeError(f"--sizes: comma-separated whole numbers, not {args.sizes[:40]!r}") from None
 
 
 def _write_report(out: str, stem: str, text: str, figure) -> None:
@@ -78,8 +169,8 @@ def _add_selection(p: argparse.ArgumentParser, reported: str) -> None:
     p.add_argument("--models", default=None, help="comma-separated fine-tunes (default: one per task)")
     p.add_argument("--methods", default="task_arithmetic,fedgma,median,fednova")
     p.add_argument("--out", default="evaluation/results")
-    p.add_argument("--n-val", type=int, default=12, help="validation examples per task (λ tuning)")
-    p.add_argument("--n-test", type=int, default=30, help=f"test examples per task (the reported {reported})")
+    p.add_argument("--n-val", type=int, default=12, help="validation examples per task (λ tuning; 1-300)")
+    p.add_argument("--n-test", type=int, default=30, help=f"test examples per task (the reported {reported}; 1-300)")
     _add_device(p)
 
 
@@ -91,7 +182,7 @@ def _heterogeneity(args: argparse.Namespace) -> int:
     from . import heterogeneity
 
     session = _zoo_selection(args)
-    methods = args.methods.split(",")
+    methods = args.methods
     study = heterogeneity.run(session, methods, n_val=args.n_val, n_test=args.n_test, progress=_progress)
     _write_report(args.out, "heterogeneity", heterogeneity.to_markdown(study, methods),
                   heterogeneity.scatter_figures(study, methods))
@@ -103,17 +194,11 @@ def _add_heterogeneity(p: argparse.ArgumentParser) -> None:
 
 
 def _task_count(args: argparse.Namespace) -> int:
-    from merging.errors import MergeError
-
     from . import task_count
 
-    try:
-        sizes = [int(k) for k in args.sizes.split(",")] if args.sizes else None
-    except ValueError:
-        raise MergeError(f"--sizes: comma-separated whole numbers, not {args.sizes[:40]!r}") from None
     session = _zoo_selection(args)
-    curve = task_count.run(session, args.methods.split(","), per_size=args.per_size, n_val=args.n_val,
-                           n_test=args.n_test, progress=_progress, sizes=sizes)
+    curve = task_count.run(session, args.methods, per_size=args.per_size, n_val=args.n_val,
+                           n_test=args.n_test, progress=_progress, sizes=args.sizes)
     _write_report(args.out, "task-count", task_count.to_markdown(curve), task_count.figure(curve))
     return 0
 
@@ -138,7 +223,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__)
+    parser = _Parser(prog="python -m evaluation", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, add, _) in COMMANDS.items():
         add(sub.add_parser(name, help=help_))
@@ -146,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     from merging.errors import MergeError
 
     try:
+        _check(args)
         if getattr(args, "device", None):
             from merging.cache import CACHE
             from merging.device import resolve_device
@@ -155,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the last resort: one line, no errno or traceback
+        what = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        print(f"error: {exc.filename}: {what}" if exc.filename else f"error: {what}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -25,3 +25,38 @@ def test_compare_writes_table_and_figure(tmp_path_factory, tmp_path):
     assert "λ=" in text
     html = (out / "compare.html").read_text()
     assert "heterogeneous fine-tune" in html and "plain zoo" in html
+
+
+def test_command_line_refuses_bad_options_in_one_line_before_any_work(tmp_path, capsys):
+    """`python -m evaluation compare`: counts within the splits, known methods, an output folder that can
+    be written; each refused before the zoo is read (`--methods nope` would only be found after loading
+    it), with one line naming the option and exit 2, and nothing created."""
+    from evaluation.__main__ import main
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "res" / "compare.md").mkdir(parents=True)
+    for bad, want in ((["--n-val", "-3"], "--n-val: a whole number from 1 to 300"),
+                      (["--n-val", "0"], "--n-val: a whole number from 1 to 300"),
+                      (["--n-val", "100000000"], "--n-val: a whole number from 1 to 300"),
+                      (["--n-test", "0"], "--n-test: a whole number from 1 to 300"),
+                      (["--methods", ""], "--methods: comma-separated names"),
+                      (["--out", str(tmp_path / "file" / "x")], f"--out: {tmp_path / 'file'} is a file, not a folder"),
+                      (["--out", str(tmp_path / "file")], "exists and is not a folder"),
+                      (["--out", str(tmp_path / "res")], "compare.md is a folder"),
+                      (["--out", "/"], "--out: / is the file system's root"),
+                      (["--out", ""], "--out: empty")):
+        assert main(["compare", "--methods", "nope", "--out", str(tmp_path / "no"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and want in err and "\n" not in err and "Error" not in err, (bad, err)
+    assert not (tmp_path / "no").exists() and (tmp_path / "file").read_text() == "x"
+
+
+def test_command_line_turns_a_file_system_error_into_one_line(tmp_path, capsys):
+    """The last resort: an OSError the checks did not foresee (here a zoo.json that is a folder) is one
+    line with the path and the system's reason, exit 2, not a traceback."""
+    from evaluation.__main__ import main
+
+    (tmp_path / "zoo" / "zoo.json").mkdir(parents=True)
+    assert main(["compare", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'zoo' / 'zoo.json'}: Is a directory", err

@@ -97,3 +97,23 @@ def test_study_in_forked_processes_equals_one_after_the_other():
         assert any(d.endswith("(6 of 6 groups)") for d in seen)  # the forked path's progress, one line per group
     finally:
         session.close()
+
+
+def test_command_line_refuses_bad_options_before_loading_the_zoo(tmp_path, capsys):
+    """`python -m evaluation heterogeneity`: bad counts (a traceback or made-up scores before), unknown or
+    repeated names and an output folder under a file are one line naming the option, exit 2, before the
+    zoo is loaded (`--models reverse` alone would stop once it is)."""
+    from evaluation.__main__ import main
+
+    (tmp_path / "file").write_text("x")
+    for bad, want in ((["--n-test", "0"], "--n-test: a whole number from 1 to 300"),
+                      (["--n-val", "-3"], "--n-val: a whole number from 1 to 300"),
+                      (["--n-val", "100000000"], "--n-val: a whole number from 1 to 300"),
+                      (["--methods", "nope"], "--methods: no 'nope' merge method"),
+                      (["--out", str(tmp_path / "file" / "x")], f"--out: {tmp_path / 'file'} is a file, not a folder")):
+        assert main(["heterogeneity", "--models", "reverse", "--out", str(tmp_path / "no"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and want in err and "\n" not in err and "Error" not in err, (bad, err)
+    assert main(["heterogeneity", "--models", "reverse,upper,upper", "--out", str(tmp_path / "no")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --models: 'upper' named twice"
+    assert not (tmp_path / "no").exists()

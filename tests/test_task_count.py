@@ -110,3 +110,41 @@ def test_command_line_writes_the_table_and_figure(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and want in err and "\n" not in err, err
     assert not (tmp_path / "no").exists()
+
+
+def test_command_line_refuses_bad_counts_names_and_folders_before_any_work(tmp_path, capsys):
+    """Every option is checked before the zoo is loaded: one line naming it, exit 2, nothing written.
+    (`--models reverse` would stop the run with another error once loaded: the check must come first.)"""
+    from evaluation.__main__ import main
+
+    (tmp_path / "file").write_text("x")
+    cases = ((["--n-val", "-3"], "--n-val: a whole number from 1 to 300"),
+             (["--n-val", "0"], "--n-val: a whole number from 1 to 300"),
+             (["--n-val", "100000000"], "--n-val: a whole number from 1 to 300"),
+             (["--n-test", "0"], "--n-test: a whole number from 1 to 300"),
+             (["--n-test", "301"], "--n-test: a whole number from 1 to 300"),
+             (["--per-size", "0"], "--per-size: a whole number from 1 to 20"),
+             (["--per-size", "21"], "--per-size: a whole number from 1 to 20"),
+             (["--methods", "nope"], "--methods: no 'nope' merge method"),
+             (["--methods", "task_arithmetic,,median"], "--methods: comma-separated names"),
+             (["--methods", "median,median"], "--methods: 'median' named twice"),
+             (["--out", str(tmp_path / "file" / "x")], f"--out: {tmp_path / 'file'} is a file, not a folder"),
+             (["--out", str(tmp_path / "file")], "--out: "),
+             (["--out", "/"], "--out: / is the file system's root"))
+    for bad, want in cases:
+        assert main(["task-count", "--models", "reverse", "--out", str(tmp_path / "no"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and want in err and "\n" not in err and "Error" not in err, (bad, err)
+    for bad, want in ((["--models", "reverse,nope"], "--models: no 'nope' in the zoo"),
+                      (["--models", "reverse,reverse"], "--models: 'reverse' named twice")):
+        assert main(["task-count", "--n-val", "0", "--out", str(tmp_path / "no"), *bad]) == 2
+        assert "--n-val" in capsys.readouterr().err  # the counts first: nothing read
+        assert main(["task-count", "--out", str(tmp_path / "no"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and want in err and "\n" not in err, (bad, err)
+    with pytest.raises(SystemExit) as stop:  # argparse's own errors: one line too, no usage block
+        main(["task-count", "--n-val", "abc"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "\n" not in err
+    assert err.startswith("error: argument --n-val: invalid int value: 'abc'")
+    assert not (tmp_path / "no").exists() and (tmp_path / "file").read_text() == "x"
