@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
+import socket
 import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -133,11 +135,25 @@ def connect(address: str | bool | None) -> Any:
     ray = require_ray()
     if not ray.is_initialized():
         addr = None if address in (True, "local", "", None) else str(address)
+        _check_reachable(addr)
         try:
             ray.init(address=addr, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise MergeError(f"cannot reach the Ray cluster at {addr}: {str(exc).splitlines()[0]}") from None
     return ray
+
+
+def _check_reachable(addr: str | None, timeout: float = 5.0) -> None:
+    """A `host:port` (or `ray://host:port`) that does not answer is refused in seconds: ray.init would
+    retry for minutes."""
+    m = re.fullmatch(r"(?:ray://)?\[?([^\s/\[\]]+?)\]?:(\d{1,5})", addr or "")
+    if m is None:  # "auto", a local Ray, or a form Ray checks itself
+        return
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else (getattr(exc, "strerror", None) or "unreachable")
+        raise MergeError(f"cannot reach the Ray cluster at {addr}: {reason.lower()}") from None
 
 
 def _worker_class(ray):

@@ -27,6 +27,25 @@ def test_compare_ray_without_ray_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_cluster_address_that_does_not_answer_is_refused_in_seconds():
+    """ray.init retries a dead address for minutes; a port nobody listens on is refused at once."""
+    import socket
+    import time
+
+    from evaluation.distributed import connect
+    from merging.errors import MergeError
+
+    ray = pytest.importorskip("ray")
+    with socket.socket() as s:  # a free port, closed again: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.time()
+    for addr in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(MergeError, match=f"cannot reach the Ray cluster at {addr}: connection refused"):
+            connect(addr)
+    assert time.time() - t0 < 10 and not ray.is_initialized()
+
+
 def test_search_on_a_local_ray_equals_the_local_search():
     ray = pytest.importorskip("ray")
     from evaluation.distributed import _ACTORS
