@@ -225,6 +225,8 @@ def on_panel(pg: Playground, evt: gr.EventData) -> list:
     """A coefficient slider or a per-model hyperparameter box of the panel: {name, value, hp}."""
     data = getattr(evt, "_data", None) or {}
     name, value, hp = data.get("name"), data.get("value"), data.get("hp")
+    if not pg.newest_input((hp, name), data.get("seq")):  # an older key press, handled after a newer one
+        return [pg, *skip_controls(), *view_out(None)]
     if hp:
         out = run(pg, partial(pg.set_hyper, hp, value, name))
         out[6] = panel_html(pg)  # the checked (clamped) value back into its box
@@ -769,7 +771,7 @@ def build_demo() -> gr.Blocks:
                 with gr.Row():
                     zip_file = gr.File(label="Merged model")
                     yaml_file = gr.File(label="YAML")
-                yaml_code = gr.Code(label="merge.yml", language="yaml")
+                yaml_code = gr.Code(label="merge.yml", language="yaml", elem_id="fm-yaml")
                 with gr.Accordion("Push to the Hugging Face Hub", open=False):
                     gr.Markdown("The token is used for this upload only; it is never logged or stored.")
                     with gr.Row():
@@ -799,7 +801,8 @@ def build_demo() -> gr.Blocks:
         method.input(on_method, inputs=[state, method], outputs=main_out, **live_opts)
         lam.input(on_lambda, inputs=[state, lam], outputs=main_out, **live_opts)
         prompts.blur(on_prompts, inputs=[state, prompts], outputs=main_out, **live_opts)
-        panel.input(on_panel, inputs=[state], outputs=main_out, **live_opts)
+        # each press its own request (stamped): always_last would re-send the first press's event data
+        panel.input(on_panel, inputs=[state], outputs=main_out, **{**live_opts, "trigger_mode": "multiple"})
         for (m, p), comp in zip(HYPER_SLOTS, hyper_comps):
             fn = on_auto if (p.per_model and p.optional) else on_hyper
             comp.input(partial(fn, name=p.name, method=m), inputs=[state, comp], outputs=main_out, **live_opts)
@@ -828,20 +831,21 @@ def build_demo() -> gr.Blocks:
             ev = btn.click(partial(ask_job, kind=kind), inputs=[state], outputs=[explore_md],
                            show_progress="hidden")
             jobs.append(ev.success(fn, inputs=[state], outputs=outs, concurrency_limit=1, concurrency_id="jobs"))
-        cancel_btn.click(do_cancel, inputs=[state], outputs=[explore_md], queue=False)
+        cancel = dict(show_progress="hidden", concurrency_limit=None)  # queued (else no toast), never waits
+        cancel_btn.click(do_cancel, inputs=[state], outputs=[explore_md], **cancel)
         landscape_html.click(on_landscape_click, inputs=[state], outputs=main_out, **live_opts)
 
         study_btn.click(lambda pg, ms: ask_job(pg, "study", ms), inputs=[state, study_methods], outputs=[study_md],
                         show_progress="hidden", api_visibility="undocumented").success(
             do_study, inputs=[state, study_methods], outputs=[study_plot, study_md], concurrency_limit=1,
             concurrency_id="jobs", api_name="heterogeneity")
-        study_cancel.click(do_cancel, inputs=[state], outputs=[study_md], queue=False)
+        study_cancel.click(do_cancel, inputs=[state], outputs=[study_md], **cancel)
         count_btn.click(lambda pg, ms, per: ask_job(pg, "task_count", ms, per),
                         inputs=[state, study_methods, count_per], outputs=[count_md], show_progress="hidden",
                         api_visibility="undocumented").success(
             do_task_count, inputs=[state, study_methods, count_per], outputs=[count_plot, count_md],
             concurrency_limit=1, concurrency_id="jobs", api_name="task_count")
-        count_cancel.click(do_cancel, inputs=[state], outputs=[count_md], queue=False)
+        count_cancel.click(do_cancel, inputs=[state], outputs=[count_md], **cancel)
 
         zip_btn.click(do_zip, inputs=[state], outputs=[zip_file], concurrency_limit=2, api_name="zip")
         yaml_btn.click(do_yaml, inputs=[state], outputs=[yaml_file, yaml_code], api_name="yaml")

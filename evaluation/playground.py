@@ -23,6 +23,7 @@ from merging.registry import AGGREGATORS
 from . import limits, plots
 from .scenarios import Scenario
 from .prompts import default_prompts
+from .pool import read_zoo
 from .session import LIVE_N, LiveResult, Session, clean_hyper
 
 log = logging.getLogger("fedmerge.playground")
@@ -78,11 +79,13 @@ class Playground:
         self.hyper: dict[str, dict[str, Any]] = {}  # method -> name -> value (per-model: {model: value})
         self.prompts: list[str] | None = None  # None: one demo prompt per selected task
         self.scenario: Scenario | None = None
-        self._scenario_base: str | None = None  # the base the scenario was applied on
+        self._scenario_base: str | None = None  # the zoo's base, on which a scenario runs
         self.last: LiveResult | None = None
         self.cancel = threading.Event()
         self._seq = 0
         self._seq_lock = threading.Lock()
+        self._inputs_seen: dict[tuple, float] = {}  # panel input -> the page's stamp of the newest one applied
+        self.panel_renders = 0
         self._work = threading.Lock()
 
     @classmethod
@@ -231,12 +234,15 @@ class Playground:
         missing = [m for m in sc.models if m not in known]
         if missing:
             raise MergeError(f"scenario {sc.title!r} needs {', '.join(missing)}, which this zoo lacks")
+        zoo_base = read_zoo(self.session.zoo)[0]  # a scenario is a setup on the zoo: its base too
+        if self.session.base_ref != zoo_base:
+            self.session.set_base(zoo_base)
         self.session.select(sc.models)
         self.method, self.lam = sc.method, sc.lam
         self.weights.update({m: w for m, w in zip(sc.models, sc.weight_list())})
         self.hyper[sc.method] = dict(sc.hyper)
         self.prompts = None
-        self.scenario, self._scenario_base = sc, self.session.base_ref
+        self.scenario, self._scenario_base = sc, zoo_base
         self.session.prepare_references(self.prompt_list())
 
     def scenario_changes(self) -> list[str]:
@@ -260,6 +266,17 @@ class Playground:
         if self.session.base_ref != self._scenario_base:
             changed.append("the base")
         return changed
+
+    def newest_input(self, key: tuple, seq: Any) -> bool:
+        """Whether a panel input stamped `seq` (the page's clock) is newer than the last one applied for
+        `key`: each key press is its own request, and requests can be handled out of order."""
+        if isinstance(seq, bool) or not isinstance(seq, (int, float)) or not math.isfinite(seq):
+            return True  # no stamp (an API caller)
+        with self._seq_lock:
+            if seq <= self._inputs_seen.get(key, -math.inf):
+                return False
+            self._inputs_seen[key] = seq
+            return True
 
     # ------------------------------------------------------------------ one merge per action
     def act(self, change: Callable[[], Any] | None = None) -> View | None:
@@ -440,10 +457,15 @@ def live_kwargs(method: str = DEFAULT_METHOD, lam: float = 1.0, weights: list[fl
 
 # ---------------------------------------------------------------------------- the per-model panel
 
+# A moved input also gets its value attribute: Gradio redraws the panel by comparing attributes, so a value
+# the server sends back (a scenario's coefficient) would otherwise not reach a slider the user has moved.
 PANEL_JS = ("element.addEventListener('input', (e) => { const t = e.target; if (t.type === 'range') { "
+            "t.setAttribute('value', t.value); "
             "const o = t.parentElement.querySelector('output'); if (o) { o.textContent = Number(t.value).toFixed(2); } } });"
             "element.addEventListener('change', (e) => { const t = e.target; if (t.dataset && t.dataset.name) { "
-            "trigger('input', {name: t.dataset.name, hp: t.dataset.hp || null, value: parseFloat(t.value)}); } });")
+            "t.setAttribute('value', t.value); "
+            "trigger('input', {name: t.dataset.name, hp: t.dataset.hp || null, value: parseFloat(t.value), "
+            "seq: performance.now()}); } });")  # seq: one request per key press; they may arrive out of order
 PANEL_CSS = """
 .fm-panel .fm-w {display: grid; grid-template-columns: 1fr 3.2em; gap: 0 6px; align-items: center; margin: 2px 0 6px}
 .fm-panel .fm-w label {grid-column: 1 / span 2; font-size: 0.85em; font-weight: 600}
@@ -482,4 +504,7 @@ def panel_html(pg: Playground) -> str:
                 rows.append(f"<div class='fm-hp'><label>{_esc(p.name)} · {_esc(name)} <input type='number' "
                             f"data-name='{_esc(name)}' data-hp='{_esc(p.name)}' value='{'' if v is None else v}' "
                             f"min='{p.low if p.low is not None else ''}'></label></div>")
-    return "<div class='fm-panel'>" + "".join(rows) + "</div>"
+    # a new stamp on every render, or Gradio skips a panel equal to the one it last got from the server (a
+    # scenario's button, after the user moved a slider, sends the coefficients the panel last showed)
+    pg.panel_renders += 1
+    return f"<div class='fm-panel' data-render='{pg.panel_renders}'>" + "".join(rows) + "</div>"

@@ -208,6 +208,57 @@ def test_requests_per_action(open_page, shipped_url):
     assert not [t for t in p.toasts() if "rror" in t]
 
 
+def test_quick_presses_on_two_coefficients_all_count(open_page, shipped_url):
+    """Every key press on the coefficient sliders reaches the merge (Gradio's always_last re-sent the first
+    press's data), and a scenario's button puts the sliders back to its own coefficients."""
+    p = open_page(f"{shipped_url}?scenario=conflicting")
+    p.settle("")
+    a, b = p.page.locator("#fm-wi-sort"), p.page.locator("#fm-wi-sort_desc")
+    before = p.status()
+    a.focus()
+    a.press("ArrowLeft")
+    b.focus()
+    for _ in range(3):
+        b.press("ArrowLeft")
+    p.settle(before)
+    assert (a.input_value(), b.input_value()) == ("0.95", "0.85")
+    p.page.get_by_role("tab", name="Take away").click()
+    p.page.get_by_role("button", name="Merge as mergekit-style YAML").click()
+    code = p.page.locator("#fm-yaml .cm-content")
+    code.wait_for(timeout=30_000)
+    t0 = time.time()
+    while "weight" not in code.inner_text() and time.time() - t0 < 30:
+        time.sleep(0.2)
+    weights = [line.split(":")[1].strip() for line in code.inner_text().splitlines() if "weight:" in line]
+    assert weights == ["0.95", "0.85"], code.inner_text()  # was: 0.95, 1.0
+    before = p.status()
+    p.page.locator("#fm-sc-conflicting").click()
+    p.settle(before)
+    t0 = time.time()
+    while (a.input_value(), b.input_value()) != ("1", "1") and time.time() - t0 < 15:  # was: kept 0.95, 0.85
+        time.sleep(0.2)
+    assert (a.input_value(), b.input_value()) == ("1", "1")
+
+
+def test_cancel_with_nothing_running_says_so_and_keeps_the_result(open_page, shipped_url):
+    p = open_page(shipped_url)
+    p.settle("")
+    p.page.get_by_role("tab", name="Explore").click()
+    p.page.get_by_role("button", name="λ sweep (current aggregator)").click()
+    md = p.page.locator("#fm-explore-md")
+    t0 = time.time()
+    while "Best λ" not in md.inner_text() and time.time() - t0 < 120:
+        time.sleep(0.3)
+    result = md.inner_text()
+    assert "Best λ" in result
+    p.page.locator("#fm-cancel").click()
+    t0 = time.time()
+    while not p.toasts() and time.time() - t0 < 15:
+        time.sleep(0.2)
+    assert any("Nothing to cancel" in t for t in p.toasts()), p.toasts()  # was: no toast (queue=False)
+    assert md.inner_text() == result  # was: "Cancelling…" over the result
+
+
 def test_race_lambda_then_checkbox_shows_no_error(open_page, shipped_url):
     p = open_page(shipped_url)
     p.settle("")

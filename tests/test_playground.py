@@ -149,6 +149,35 @@ def test_a_cleared_lambda_box_keeps_lambda(pg):
     assert pg.lam == 1.1 and out[3].value == 1.1 and "λ = 1.1," in out[-1]  # was: λ = 0
 
 
+def test_a_scenario_brings_back_the_zoos_base(pg, zoo):
+    import app
+    from evaluation import scenarios
+
+    copy = zoo / "base-copy"  # another base the fine-tunes fit (the same weights, another folder)
+    if not copy.exists():
+        shutil.copytree(zoo / "base", copy)
+    pg.act(lambda: pg.apply_scenario(scenarios.by_id("two-tasks")))
+    pg.act(lambda: pg.session.set_base(str(copy)))
+    assert pg.scenario_changes() == ["the base"]
+    out = app.on_scenario(pg, "two-tasks")
+    assert pg.session.base_ref == str(zoo / "base") and "You changed" not in out[5]  # was: kept the other base
+
+
+def test_an_older_key_press_handled_late_is_dropped(pg):
+    """One request per key press on a coefficient: one handled after a newer one must not undo it."""
+    import app
+
+    class Press:
+        def __init__(self, value, seq):
+            self._data = {"name": "upper", "hp": None, "value": value, "seq": seq}
+    pg.act(lambda: pg.select(["upper", "add"]))
+    app.on_panel(pg, Press(0.85, 20.0))
+    out = app.on_panel(pg, Press(0.95, 10.0))  # pressed first, handled last
+    assert pg.weights["upper"] == 0.85 and all(x == app.gr.skip() for x in out[1:])
+    app.on_panel(pg, Press(0.5, None))  # an API caller: no stamp, applied
+    assert pg.weights["upper"] == 0.5
+
+
 def test_emptied_prompts_box_gets_the_demo_prompts_back(pg):
     import app
 
