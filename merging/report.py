@@ -46,16 +46,21 @@ def similarity_heatmap(report, layer: str | None = None, metric: str = "cosine")
 
 
 def layer_similarity_heatmap(report) -> go.Figure:
-    """Layers × pairs: where in depth the task vectors agree or conflict. Layers run down (short labels,
-    a row each) and pairs across, so that a pair's column keeps its numbers legible on a phone."""
+    """Pairs × layers: where in depth the task vectors agree or conflict. A row per pair (any number of
+    them stacks down) and the numbers in the cells, without a colour bar: on a phone the bar and the
+    pairs' labels left the cells too narrow for their numbers."""
     pairs = report.pairs()
     labels = [f"{report.names[i]} ~ {report.names[j]}" for i, j in pairs]
-    z = np.array([[report.layer_cosine[l][i, j] for i, j in pairs] for l in report.layers], dtype=float)
-    fig = go.Figure(go.Heatmap(z=np.nan_to_num(z), x=labels, y=report.layers, colorscale="RdBu", zmin=-1, zmax=1,
-                               text=[[f"{v:.2f}" for v in row] for row in z], texttemplate="%{text}",
-                               hovertemplate="%{x}, %{y}: %{text}<extra></extra>"))
-    fig.update_yaxes(autorange="reversed")  # the first block on top, `other` last
-    return styled(fig, "Cosine similarity per layer", height=max(300, 120 + 36 * len(report.layers)))
+    z = np.array([[report.layer_cosine[l][i, j] for l in report.layers] for i, j in pairs], dtype=float)
+    fig = go.Figure(go.Heatmap(z=np.nan_to_num(z), x=report.layers, y=labels, colorscale="RdBu", zmin=-1, zmax=1,
+                               showscale=False, text=[[f"{v:.2f}" for v in row] for row in z],
+                               texttemplate="%{text}", textfont=dict(size=11),
+                               hovertemplate="%{y}, %{x}: %{text}<extra></extra>"))
+    fig.update_xaxes(side="top")
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    fig = styled(fig, "Cosine similarity per layer", height=max(260, 110 + 30 * len(labels)))
+    fig.update_layout(margin=dict(l=10, r=10, t=80, b=10))
+    return fig
 
 
 def norms_chart(report) -> go.Figure:

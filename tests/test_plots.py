@@ -38,8 +38,9 @@ def test_heatmap_has_the_matrix_and_labels():
     assert "whole model (not counted per layer)" in plots.similarity_heatmap(r, "h.0", "sign_conflict").layout.title.text
     assert "per layer" not in conflicts.layout.title.text
     per_layer = plots.layer_similarity_heatmap(r)
-    assert list(per_layer.data[0].y) == ["h.0", "h.1"] and len(per_layer.data[0].x) == 3  # a row per layer
-    np.testing.assert_allclose(np.array(per_layer.data[0].z)[1], [r.layer_cosine["h.1"][i, j] for i, j in r.pairs()])
+    assert list(per_layer.data[0].x) == ["h.0", "h.1"] and len(per_layer.data[0].y) == 3  # a row per pair
+    np.testing.assert_allclose(np.array(per_layer.data[0].z)[:, 1], [r.layer_cosine["h.1"][i, j] for i, j in r.pairs()])
+    assert per_layer.data[0].showscale is False  # the numbers are in the cells; the bar took a phone's width
 
 
 def test_norms_chart_shows_training_metadata():
