@@ -19,6 +19,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from merging.errors import MergeError
+
+REPO = Path(__file__).resolve().parent.parent
 from merging.registry import AGGREGATORS
 
 log = logging.getLogger("fedmerge")
@@ -182,7 +184,8 @@ def display_roots(zoo: str | os.PathLike | None = None) -> list[tuple[str, str]]
 
     roots: list[tuple[str, str]] = []
     if zoo is not None and not Path(zoo).resolve().is_relative_to(Path.cwd()):  # else: relative to the cwd
-        roots.append((str(Path(zoo).resolve()), "zoo"))
+        zoo = Path(zoo).resolve()  # the shipped zoo as in the repository (an exported YAML re-runs from there)
+        roots.append((str(zoo), str(zoo.relative_to(REPO)) if zoo.is_relative_to(REPO) else "zoo"))
     for p in os.environ.get("FEDMERGE_ALLOWED_DIRS", "").split(os.pathsep):
         if p.strip():
             q = Path(p).expanduser().resolve()

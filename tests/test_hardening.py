@@ -116,6 +116,21 @@ def test_a_path_under_a_typed_folder_keeps_its_slash():
     assert user_message(MergeError("/srv/other/x.bin: refused")) == "x.bin: refused"  # not typed: the name only
 
 
+def test_the_shipped_zoo_is_shown_repository_relative_from_any_directory(tmp_path, monkeypatch):
+    """An exported YAML names zoo models as `assets/zoo/…`, re-runnable from the repository, wherever the
+    server was started (it said `zoo/base` when started elsewhere)."""
+    from evaluation.session import Session
+    from merging.cache import StackCache
+
+    monkeypatch.chdir(tmp_path)
+    s = Session(cache=StackCache(2 ** 30), zoo=ROOT / "assets" / "zoo", allow_hub=False).load_zoo()
+    s.select(["upper", "add"])
+    s.apply("task_arithmetic", [1.0, 1.0], 1.0)
+    text = s.export_config().to_yaml()
+    assert "model: assets/zoo/upper" in text and "base_model: assets/zoo/base" in text, text
+    s.close()
+
+
 def test_paths_outside_the_allow_list_are_refused_lexically(app_url, tmp_path):
     c = client(app_url)
     secret = tmp_path / "secret-model"
