@@ -408,7 +408,7 @@ def _job(pg: Playground, what: str, fn, progress, check: bool = True):
     if check:
         pg.session.check_request(pg.method, pg.weight_list(), pg.lam, pg.hyper_values())
     try:
-        with pg.session.job(what):
+        with pg.session.job(what, serial=True):
             if pg.cancel.is_set():  # pressed while the job waited
                 raise Cancelled("cancelled")
             return fn(pg.progress_checker(lambda f, d: progress(f, desc=d)))

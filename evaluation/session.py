@@ -58,7 +58,7 @@ class LiveResult:
 class Session:
     """Per-user state: the selection and the three parts (None until models are loaded)."""
 
-    _running_everywhere = 0  # long jobs running in this process, every session's (jobs_running)
+    _running_everywhere = 0  # serial long jobs running in this process, every session's (jobs_running)
     _running_lock = threading.Lock()
 
     def __init__(self, cache: StackCache = CACHE, zoo: str | os.PathLike | None = None, allow_hub: bool = True,
@@ -192,7 +192,7 @@ class Session:
     def reserve_job(self, what: str) -> int:
         """A long job was asked for; it may wait in the server's queue behind other sessions' jobs. Its slot
         is taken now, so that a second request of this session is refused at once, not run after the first.
-        Returns how many other sessions' long jobs run now."""
+        Returns how many other sessions' searches run now."""
         cap = _limits.current().max_jobs
         with self.lock:
             if self._jobs + self._queued >= cap:
@@ -213,7 +213,7 @@ class Session:
 
     @classmethod
     def jobs_running(cls) -> int:
-        """Long jobs running now in this process, every session's."""
+        """Searches running now in this process (every session's), which a new one waits for."""
         return cls._running_everywhere
 
     @classmethod
@@ -222,19 +222,20 @@ class Session:
             cls._running_everywhere += n
 
     @contextmanager
-    def job(self, what: str):
-        """Hold one of this session's FEDMERGE_MAX_JOBS slots for a long job (search, study, export)."""
+    def job(self, what: str, serial: bool = False):
+        """Hold one of this session's FEDMERGE_MAX_JOBS slots for a long job (search, study, export);
+        `serial`: one of the searches the server runs one at a time (counted by jobs_running)."""
         cap = _limits.current().max_jobs
         with self.lock:
             if self._jobs >= cap:
                 raise MergeError(f"{what}: this session already runs {self._jobs} long job(s), at most {cap} at a "
                                  "time; wait for it to finish")
             self._jobs += 1
-        self._count_running(1)
+        self._count_running(int(serial))
         try:
             yield
         finally:
-            self._count_running(-1)
+            self._count_running(-int(serial))
             with self.lock:
                 self._jobs -= 1
 

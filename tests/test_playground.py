@@ -312,9 +312,12 @@ def test_a_job_asked_for_holds_its_slot_until_it_runs(pg, zoo):
     assert not pg.session.busy
     # another visitor's running job: this request says it waits for it
     other = Session(cache=StackCache(2 ** 30), zoo=zoo, allow_hub=False)
-    with other.job("compare all"):
+    with other.job("compare all", serial=True):
         text = app.ask_job(pg, "sweep")
     assert "Waiting first for 1 long job(s) of other visitors" in text
+    pg.session.leave_queue()
+    with other.job("export"):  # not a search: nothing waits for it
+        assert "Waiting" not in app.ask_job(pg, "sweep")
     pg.session.leave_queue()
     assert "Waiting" not in app.ask_job(pg, "sweep")
     pg.session.leave_queue()
