@@ -154,13 +154,15 @@ def test_a_scenario_brings_back_the_zoos_base(pg, zoo):
     from evaluation import scenarios
 
     copy = zoo / "base-copy"  # another base the fine-tunes fit (the same weights, another folder)
-    if not copy.exists():
-        shutil.copytree(zoo / "base", copy)
-    pg.act(lambda: pg.apply_scenario(scenarios.by_id("two-tasks")))
-    pg.act(lambda: pg.session.set_base(str(copy)))
-    assert pg.scenario_changes() == ["the base"]
-    out = app.on_scenario(pg, "two-tasks")
-    assert pg.session.base_ref == str(zoo / "base") and "You changed" not in out[5]  # was: kept the other base
+    shutil.copytree(zoo / "base", copy)
+    try:  # the tiny zoo is shared by the session's tests: it gets its folders back
+        pg.act(lambda: pg.apply_scenario(scenarios.by_id("two-tasks")))
+        pg.act(lambda: pg.session.set_base(str(copy)))
+        assert pg.scenario_changes() == ["the base"]
+        out = app.on_scenario(pg, "two-tasks")
+        assert pg.session.base_ref == str(zoo / "base") and "You changed" not in out[5]  # was: kept the other base
+    finally:
+        shutil.rmtree(copy)
 
 
 def test_an_older_key_press_handled_late_is_dropped(pg):
