@@ -46,6 +46,23 @@ def _progress_bar(enabled: bool, desc: str):
     return update, bar.close
 
 
+def _spares_inputs(out_dir: Path, typed: str, cfg, config_path: str) -> None:
+    """The output folder is replaced as a whole (--overwrite): refuse one that is, or holds, an input of
+    the merge (a model, a LoRA adapter, the tokenizer's source, the YAML itself)."""
+    tok = cfg.tokenizer_source or (cfg.tokenizer.source if cfg.tokenizer else None)
+    refs = [("the config", config_path), ("base_model", cfg.base_model),
+            ("tokenizer source", None if tok in ("base", "union") else tok)]
+    refs += [(f"models[{i}]", part) for i, m in enumerate(cfg.models) for part in m.model.split("+") if part]
+    for role, ref in refs:
+        path = Path(ref).expanduser() if ref else None
+        if path is None or not path.exists():  # a Hub id, or nothing
+            continue
+        path = path.resolve()
+        if path == out_dir or out_dir in path.parents:
+            raise MergeError(f"output folder {shown(typed)}: holds {role} ({ref}), which writing the merge "
+                             "there would delete; choose another folder")
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine import merge_to_dir, uses_exact
@@ -58,8 +75,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .writer import output_folder
 
     device = resolve_device(args.device)  # before any reading: a missing GPU fails at once
-    output_folder(args.out_dir, args.overwrite)  # and an unusable output folder
+    out_dir = output_folder(args.out_dir, args.overwrite)  # and an unusable output folder
     cfg = load_config(args.config)
+    _spares_inputs(out_dir, args.out_dir, cfg, args.config)
     plan = plan_from_config(cfg, allow_hub=not args.offline, trust_remote_code=args.trust_remote_code)
     # Once, for this process: the float32 pipeline runs single-threaded ops (reading overlaps on a
     # second thread); the exact path (mergekit's ops in bfloat16/float16) gains from intra-op threads
@@ -69,10 +87,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for w in plan.warnings:
         print(f"warning: {w}", file=sys.stderr)
     update, close = _progress_bar(not args.no_progress, f"{cfg.merge_method}")
+
+    def step(fraction: float, name: str) -> None:  # after each tensor: where a Ctrl-C or SIGTERM stops it
+        _raise_deferred()
+        if update is not None:
+            update(fraction, name)
     start = time.perf_counter()
     try:
-        out = merge_to_dir(plan, args.out_dir, overwrite=args.overwrite, shard_bytes=args.shard_size, progress=update,
-                           device=device)
+        with _signals_between_tensors():
+            out = merge_to_dir(plan, args.out_dir, overwrite=args.overwrite, shard_bytes=args.shard_size,
+                               progress=step, device=device)
     finally:
         close()
     print(f"wrote {out} ({cfg.merge_method}, {len(plan.sources)} model(s), {time.perf_counter() - start:.1f} s)")
@@ -193,8 +217,34 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt so the same cleanup runs."""
 
 
-def _terminate(signum, frame):
-    raise Terminated
+_deferred: list[BaseException] = []  # while merging: a signal noted here, raised between tensors
+_merging = False
+
+
+def _on_signal(signum, frame):
+    """Ctrl-C and SIGTERM stop the command. While tensors merge they are only noted and raised at the
+    next tensor: raised inside a numba kernel's call they left it half done (a segfault, or
+    "returned a result with an exception set")."""
+    exc = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+    if not _merging:
+        raise exc
+    _deferred.append(exc)
+
+
+@contextlib.contextmanager
+def _signals_between_tensors():
+    global _merging
+    _merging = True
+    try:
+        yield
+    finally:
+        _merging = False
+        _deferred.clear()  # a signal after the last tensor: the merge was written whole
+
+
+def _raise_deferred() -> None:
+    if _deferred:
+        raise _deferred[0]
 
 
 def main(argv: list[str] | None = None, prog: str = "fedmerge") -> int:
@@ -202,10 +252,9 @@ def main(argv: list[str] | None = None, prog: str = "fedmerge") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-        installed = True
+        previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave signals to whoever runs us
-        installed = False
+        previous = {}
     try:
         return args.func(args)
     except MergeError as exc:
@@ -219,6 +268,10 @@ def main(argv: list[str] | None = None, prog: str = "fedmerge") -> int:
     except Exception as exc:  # never a traceback to the user unless asked
         if args.debug or os.environ.get("FEDMERGE_DEBUG"):
             raise
+        if isinstance(exc.__context__, (KeyboardInterrupt, Terminated)):  # raised inside compiled code (numba)
+            print(f"error: {'interrupted' if isinstance(exc.__context__, KeyboardInterrupt) else 'terminated'}; "
+                  "no output was written", file=sys.stderr)
+            return 130 if isinstance(exc.__context__, KeyboardInterrupt) else 128 + signal.SIGTERM
         if isinstance(exc, OSError):  # a path the checks did not foresee: its words, not its errno
             where = shown(exc.filename) if exc.filename else "a file"
             print(f"error: {os_error(where, exc)} (run with --debug for details)", file=sys.stderr)
@@ -226,6 +279,6 @@ def main(argv: list[str] | None = None, prog: str = "fedmerge") -> int:
             print(f"error: internal error: {exc or 'unexpected failure'} (run with --debug for details)",
                   file=sys.stderr)
     finally:
-        if installed:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     return 2

@@ -283,9 +283,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+MAX_CONFIG_BYTES = 2**20
+
+
 def load_config(path: str | Path) -> MergeConfig:
     """Read a mergekit-style YAML file."""
     try:
+        if Path(path).exists() and not Path(path).is_file():  # a folder, or a device such as /dev/zero
+            raise MergeError(f"{shown(path)}: not a YAML file")
+        if Path(path).stat().st_size > MAX_CONFIG_BYTES:
+            raise MergeError(f"{shown(path)}: {Path(path).stat().st_size} bytes; a merge config is at most "
+                             f"{MAX_CONFIG_BYTES // 2**20} MiB")
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise MergeError(f"{shown(path)}: cannot read ({exc.strerror})") from None

@@ -8,6 +8,7 @@ with the largest tensor. Whole-model statistics (cclip's norms) come from a firs
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -234,11 +235,12 @@ def iter_merged_blocks(plan: MergePlan, progress: Progress | None = None, device
     else:
         blocks = _iter_float32(plan, gpu, block_bytes)
     done = 0
-    for name, rows, block in blocks:
-        yield name, rows, block
-        if _tensor_done(plan, name, rows):
-            done += 1
-            report(progress, done, len(plan.tensor_names), name)
+    with contextlib.closing(blocks):  # closed with this generator: its read-ahead thread is joined
+        for name, rows, block in blocks:
+            yield name, rows, block
+            if _tensor_done(plan, name, rows):
+                done += 1
+                report(progress, done, len(plan.tensor_names), name)
     for name in plan.passthrough_names:
         yield name, None, plan.base.get(name)
 
@@ -319,8 +321,11 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite: bool
     large tensors in blocks of rows (see work_units)."""
     specs = [(n, plan.base.shape(n), plan.output_dtype(n)) for n in plan.tensor_names]
     specs += [(n, plan.base.shape(n), plan.base.dtype(n)) for n in plan.passthrough_names]
-    with StreamingModelWriter(out_dir, specs, shard_bytes=shard_bytes, overwrite=overwrite) as writer:
-        for name, _, block in iter_merged_blocks(plan, progress, device=device, block_bytes=block_bytes):
+    # the blocks close before the writer aborts: an interrupt (Ctrl-C, SIGTERM) waits for the read-ahead
+    # thread, which would otherwise still read the inputs while the process exits
+    with StreamingModelWriter(out_dir, specs, shard_bytes=shard_bytes, overwrite=overwrite) as writer, \
+            contextlib.closing(iter_merged_blocks(plan, progress, device=device, block_bytes=block_bytes)) as blocks:
+        for name, _, block in blocks:
             writer.write(name, block)
         write_side_files(plan, writer, card)
         return writer.finish()

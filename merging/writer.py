@@ -66,6 +66,8 @@ def output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     path = Path(text)
     path = path.resolve() if path.name in ("", ".", "..") else path.parent.resolve() / path.name
     role = f"output folder {shown(text)}"
+    if path.parent == path:
+        raise MergeError(f"{role}: the file system's root; name a folder under it")
     try:
         if path.exists() and not path.is_dir():
             raise MergeError(f"{role}: exists and is not a folder")

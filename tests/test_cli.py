@@ -113,7 +113,8 @@ def test_cli_refuses_to_overwrite_without_flag(run_cli, tiny_zoo, tmp_path):
 
 def test_cli_overwrite_through_dotdot_replaces_the_folder(run_cli, tiny_zoo, tmp_path):
     """`out/victim/../victim`: moving `victim` aside must not pull the ground from under `victim/..`
-    (the old folder was left hidden and the merge lost); likewise an input model's own folder."""
+    (the old folder was left hidden and the merge lost). An output folder that is, or holds, an input
+    (a model, the YAML) is refused: --overwrite would delete it."""
     cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"]))
     victim = tmp_path / "out" / "victim"
     victim.mkdir(parents=True)
@@ -127,10 +128,21 @@ def test_cli_overwrite_through_dotdot_replaces_the_folder(run_cli, tiny_zoo, tmp
     for f in tiny_zoo["ft1"].iterdir():
         (model / f.name).write_bytes(f.read_bytes())
     cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"], model), "self.yml")
-    r = run_cli("merge", cfg, f"{model}/../model", "--no-progress", "--overwrite")
-    assert r.returncode == 0, r.stderr
+    before = sorted(p.name for p in model.iterdir())
+    for out, held in ((f"{model}/../model", "models[1]"), (str(tmp_path), "the config")):
+        r = run_cli("merge", cfg, out, "--no-progress", "--overwrite")
+        assert r.returncode == 2 and f"output folder {out}: holds {held}" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in model.iterdir()) == before and (tmp_path / "self.yml").exists()  # was: replaced
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    assert (model / "merge_config.yml").exists()
+
+
+def test_cli_root_output_and_a_device_as_config_are_one_line(run_cli, tiny_zoo, tmp_path):
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"]))
+    r = run_cli("merge", cfg, "/", "--no-progress", "--overwrite")
+    assert r.returncode == 2 and "output folder /: the file system's root" in r.stderr, r.stderr  # was: internal error
+    r = run_cli("merge", "/dev/zero", str(tmp_path / "out"), "--no-progress")
+    assert r.returncode == 2 and "/dev/zero: not a YAML file" in r.stderr, r.stderr  # was: read forever
 
 
 @pytest.mark.parametrize("where,needles", [
