@@ -52,6 +52,7 @@ class VocabView:
             if key in self.config:
                 self.config[key] = size
         self.training = getattr(inner, "training", {})
+        self._last: tuple[str, torch.Tensor] | None = None  # the vocabulary tensor whose blocks are being read
 
     def _is_vocab(self, key: str) -> bool:
         shape = self._inner.shape(key)
@@ -73,15 +74,20 @@ class VocabView:
     def is_float(self, key: str) -> bool:
         return self._inner.is_float(key)
 
-    def get(self, key: str) -> torch.Tensor:
-        t = self._inner.get(key)
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or its rows [start, stop) (a large embedding is merged in blocks of rows: the padded
+        whole is built once, for its mean row, and kept while its blocks are read)."""
         if not self._is_vocab(key):
-            return t
-        out = torch.zeros((self._size, *t.shape[1:]), dtype=self._dtype)
-        out[:self._n] = t[:self._n].to(self._dtype)
-        if self._size > self._n:
-            out[self._n:] = torch.mean(out[:self._n], dim=0)
-        return out
+            return self._inner.get(key) if rows is None else self._inner.get(key, rows)
+        if self._last is None or self._last[0] != key:
+            t = self._inner.get(key)
+            out = torch.zeros((self._size, *t.shape[1:]), dtype=self._dtype)
+            out[:self._n] = t[:self._n].to(self._dtype)
+            if self._size > self._n:
+                out[self._n:] = torch.mean(out[:self._n], dim=0)
+            self._last = (key, out)
+        out = self._last[1]
+        return out if rows is None else out[rows[0]:rows[1]]
 
     def side_files(self, names: Iterable[str]) -> list[Any]:
         return self._inner.side_files(names)
