@@ -114,16 +114,26 @@ def _check_report_folder(out: str, stems: list[str]) -> None:
         for name in (f"{stem}.{ext}" for stem in stems for ext in ("md", "html")):
             if (path / name).is_dir():
                 raise MergeError(f"--out: {shown(path / name)} is a folder; the report is written there")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise MergeError(f"--out: no permission to write in {out}")
+        _probe(path, f"--out: cannot write in {out}")
         return
     ancestor = path.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise MergeError(f"--out: {shown(ancestor)} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise MergeError(f"--out: cannot create {out}: no permission to write in {shown(ancestor)}")
+    _probe(ancestor, f"--out: cannot create {out}")
+
+
+def _probe(folder: Path, role: str) -> None:
+    """Make and remove a folder in `folder`: permissions alone do not tell (root may write nowhere in /proc)."""
+    import tempfile
+
+    from merging.errors import MergeError
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fedmerge-probe-", dir=folder))
+    except OSError as exc:
+        raise MergeError(f"{role}: {(exc.strerror or 'not writable').lower()}") from None
 
 
 def _check(args: argparse.Namespace) -> None:

@@ -44,6 +44,7 @@ def test_command_line_refuses_bad_options_in_one_line_before_any_work(tmp_path, 
                       (["--out", str(tmp_path / "file")], "exists and is not a folder"),
                       (["--out", str(tmp_path / "res")], "compare.md is a folder"),
                       (["--out", "/"], "--out: / is the file system's root"),
+                      (["--out", "/proc/fedmerge-x"], "--out: cannot create /proc/fedmerge-x"),  # was: after the work
                       (["--out", ""], "--out: empty")):
         assert main(["compare", "--methods", "nope", "--out", str(tmp_path / "no"), *bad]) == 2
         err = capsys.readouterr().err.strip()
