@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -98,42 +97,15 @@ def _count(option: str, value: int, high: int, what: str) -> None:
 
 
 def _check_report_folder(out: str, stems: list[str]) -> None:
-    """--out of a study, before any work: a folder that exists or can be made, writable, not the root,
-    and the report files in it not folders. Nothing is created yet."""
+    """--out of a study, before any work (`merging.targets`): a folder that exists or can be made and
+    takes files, and the report files in it not folders. Nothing is created yet."""
     from merging.errors import MergeError
+    from merging.targets import output_folder, role
 
-    if not out.strip():
-        raise MergeError("--out: empty; name the folder for the report")
-    path = Path(os.path.abspath(out))
-    if path.parent == path:
-        raise MergeError(f"--out: {out} is the file system's root; name a folder for the report")
-    shown = (lambda p: str(p)) if os.path.isabs(out) else os.path.relpath  # noqa: E731 (paths as typed)
-    if path.exists():
-        if not path.is_dir():
-            raise MergeError(f"--out: {out} exists and is not a folder")
-        for name in (f"{stem}.{ext}" for stem in stems for ext in ("md", "html")):
-            if (path / name).is_dir():
-                raise MergeError(f"--out: {shown(path / name)} is a folder; the report is written there")
-        _probe(path, f"--out: cannot write in {out}")
-        return
-    ancestor = path.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise MergeError(f"--out: {shown(ancestor)} is a file, not a folder")
-    _probe(ancestor, f"--out: cannot create {out}")
-
-
-def _probe(folder: Path, role: str) -> None:
-    """Make and remove a folder in `folder`: permissions alone do not tell (root may write nowhere in /proc)."""
-    import tempfile
-
-    from merging.errors import MergeError
-
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".fedmerge-probe-", dir=folder))
-    except OSError as exc:
-        raise MergeError(f"{role}: {(exc.strerror or 'not writable').lower()}") from None
+    path = output_folder("--out", out)
+    for name in (f"{stem}.{ext}" for stem in stems for ext in ("md", "html")):
+        if (path / name).is_dir():
+            raise MergeError(f"{role('--out', out)}: {name} in it is a folder; the report is written there")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -163,8 +135,6 @@ def _check(args: argparse.Namespace) -> None:
 
 def _write_report(out: str, stem: str, text: str, figure) -> None:
     """<out>/<stem>.md and <stem>.html, and the table on stdout."""
-    from pathlib import Path
-
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.md").write_text(text)

@@ -38,7 +38,10 @@ from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, encode, save_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "assets" / "zoo"
 KEPT = ("scenarios.json",)  # carried over by a rebuild (the workshop scenarios, written by hand)
-BUILT = ("zoo.json", "report.json", "README.md")  # the files a build writes next to the model folders
+BUILT = ("zoo.json", "report.json", "README.md")
+# what `save_model` writes in each model folder (tests check a build writes nothing else)
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "training.json")  # the files a build writes next to the model folders
 # an empty file in `<out>.building` while a build runs (removed just before the swap): a stale build
 # folder left by an interrupted build is removed by the next build only if it holds this marker
 MARKER = ".fedmerge-zoo-build"
@@ -472,49 +475,49 @@ def _zoo_names(folder: Path, cfg: ZooConfig) -> set[str] | None:
     return {*BUILT, "base", *(s.name for s in cfg.finetunes()), *(x for x in old if isinstance(x, str))}
 
 
+def _foreign(folder: Path, cfg: ZooConfig) -> str | None:
+    """The first entry of ``folder`` that a rebuild would delete and did not make, or None."""
+    entries = [e for e in _entries(folder) if e not in KEPT or not (folder / e).is_file()]
+    zoo = _zoo_names(folder, cfg)
+    if zoo is None:
+        return entries[0] if entries else None
+    for e in entries:
+        if e not in zoo:
+            return e
+        inner = folder / e
+        if inner.is_dir() and not inner.is_symlink():  # a model folder: only what save_model writes
+            stray = [x for x in _entries(inner) if x not in MODEL_FILES]
+            if stray:
+                return f"{e}/{stray[0]}"
+    return None
+
+
 def check_out(out: Path | str, cfg: ZooConfig = FULL, overwrite: bool = False) -> Path:
     """The zoo folder ``out`` as an absolute path, or a MergeError naming ``--out`` in one line, before any work.
 
-    ``out`` may be missing, empty, hold only the hand-written files a rebuild keeps (``KEPT``) or hold a
-    zoo and nothing else (the documented rebuild replaces ``assets/zoo`` in place); any other folder is
-    replaced only with ``overwrite``, never a file or the root. A stale ``<out>.building`` is removed only
-    if it is an interrupted build's (it holds ``MARKER``, or nothing)."""
+    The rules every output follows (`merging.targets`), then: ``out`` may be missing, empty, hold only the
+    hand-written files a rebuild keeps (``KEPT``) or hold a zoo and nothing else, down to the files in its
+    model folders (the documented rebuild replaces ``assets/zoo`` in place); any other folder is replaced
+    only with ``overwrite``. A stale ``<out>.building`` is removed only if it is an interrupted build's (it
+    holds ``MARKER``, or nothing)."""
     from merging.errors import MergeError
+    from merging.targets import as_typed, output_folder, role
 
     typed = str(out)
-    if not typed.strip():
-        raise MergeError("--out: empty; name the folder for the zoo")
-    path = Path(os.path.abspath(out))
-    if path.parent == path:
-        raise MergeError(f"--out: {typed} is the file system's root; name a folder under it")
-
-    def shown(p: Path) -> str:  # as typed: relative if the user typed a relative path
-        return str(p) if os.path.isabs(typed) else os.path.relpath(p)
-
-    ancestor = path.parent
-    while not ancestor.exists() and not ancestor.is_symlink():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise MergeError(f"--out: {shown(ancestor)} is a file, not a folder")
-    if ancestor == path.parent and not os.access(ancestor, os.W_OK | os.X_OK):
-        raise MergeError(f"--out: no permission to write in {shown(ancestor)}")
-    if path.exists() or path.is_symlink():
-        if not path.is_dir():
-            raise MergeError(f"--out: {typed} exists and is not a folder")
+    path = output_folder("--out", typed, beside=True)
+    who = role("--out", typed)
+    if path.is_dir() and not overwrite:
         try:
-            entries = _entries(path)
+            holds_zoo = _zoo_names(path, cfg) is not None
+            extra = _foreign(path, cfg)
         except OSError as exc:
-            raise MergeError(f"--out: cannot read {typed}: {exc.strerror}") from None
-        if entries and not overwrite:
-            kept = [e for e in entries if e not in KEPT or not (path / e).is_file()]
-            zoo = _zoo_names(path, cfg)
-            if zoo is None and kept:
-                raise MergeError(f"--out: {typed} is not empty and holds no zoo (no zoo.json): a build would replace "
-                                 f"it; choose another folder, or pass --overwrite to delete what it holds")
-            extra = [e for e in kept if e not in zoo] if zoo is not None else []
-            if extra:
-                raise MergeError(f"--out: {typed} holds a zoo and also {extra[0]!r}, which a rebuild would delete; "
-                                 f"move it away, or pass --overwrite")
+            raise MergeError(f"{who}: cannot read it: {(exc.strerror or 'unreadable').lower()}") from None
+        if extra is not None and not holds_zoo:
+            raise MergeError(f"{who}: not empty and holds no zoo (no zoo.json): a build would replace it; choose "
+                             f"another folder, or pass --overwrite to delete what it holds")
+        if extra is not None:
+            raise MergeError(f"{who}: holds a zoo and also {extra!r}, which a rebuild would delete; move it away, "
+                             f"or pass --overwrite")
     work = path.with_name(path.name + ".building")
     if work.exists() or work.is_symlink():
         try:
@@ -523,8 +526,8 @@ def check_out(out: Path | str, cfg: ZooConfig = FULL, overwrite: bool = False) -
         except OSError:
             ours = False
         if not ours:
-            raise MergeError(f"--out: {shown(work)} is in the way and is not an interrupted build of this command "
-                             f"(no {MARKER} in it); move it away")
+            raise MergeError(f"{who}: {as_typed(typed)(work)} is in the way and is not an interrupted build of this "
+                             f"command (no {MARKER} in it); move it away")
     return path
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import targets
 from .errors import MergeError, os_error, shown
 
 _UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "kb": 1e3, "mb": 1e6, "gb": 1e9, "b": 1, "": 1}
@@ -110,7 +111,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 
     for option, target in (("--html", args.html), ("--json", args.json)):
         if target:
-            output_file(option, target)
+            targets.output_file(option, target)
     opts = dict(allow_hub=not args.offline)
     base = Checkpoint(args.base, **opts)
     sources = [load_source(m, **opts) for m in args.models]
@@ -142,25 +143,6 @@ def cmd_similarity(args: argparse.Namespace) -> int:
             path.write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False))
         print(f"wrote {args.json}")
     return 0
-
-
-def output_file(option: str, target: str) -> Path:
-    """Check a file to be written before any work: not a folder, under folders (existing or to be made)
-    we can write in."""
-    path = Path(target)
-    role = f"{option} {shown(target)}"
-    if not path.name or any(len(p.encode()) > 255 for p in path.parts):
-        raise MergeError(f"{role}: not a usable file name")
-    if path.is_dir():
-        raise MergeError(f"{role}: is a folder; give a file name")
-    ancestor = path.parent.absolute()
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise MergeError(f"{role}: {shown(str(ancestor))} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise MergeError(f"{role}: cannot write in {shown(str(ancestor))} (permission denied)")
-    return path
 
 
 @contextlib.contextmanager

@@ -9,10 +9,10 @@ at most `_PENDING` merged tensors wait for it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
-import secrets
 import shutil
 import threading
 from pathlib import Path
@@ -20,23 +20,15 @@ from typing import Any, Iterable
 
 import torch
 
+from . import targets
 from .errors import MergeError, os_error, shown
+from .targets import sibling as _sibling
 
 _CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 _PENDING = 2  # merged tensors queued for the writing thread (bounds the extra memory)
-
-
-NAME_MAX = 255  # bytes in one path component on the usual file systems
-
-
-def _sibling(target: Path, tag: str) -> Path:
-    """A hidden name beside `target`, `.NAME.tag-xxxxxxxx`, NAME cut so that any legal name fits."""
-    room = NAME_MAX - len(f"..{tag}-") - 8
-    name = target.name.encode()[:room].decode(errors="ignore")
-    return target.with_name(f".{name}.{tag}-{secrets.token_hex(4)}")
 
 
 def _partial_dir(target: Path) -> Path:
@@ -53,36 +45,16 @@ def _partial_dir(target: Path) -> Path:
 
 
 def output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """The output folder as an absolute path, checked before any work: a usable name, not an existing
-    file or (without `overwrite`) a non-empty folder, and a parent we can create a folder in.
-
-    The parent is resolved first: in `out/x/../x` the rename that replaces `x` would otherwise
-    pull the ground from under `x/..`."""
-    text = os.fspath(out_dir)
-    if not text.strip() or "\0" in text:
-        raise MergeError(f"output folder {text!r}: not a valid path")
-    if any(len(part.encode()) > NAME_MAX for part in Path(text).parts):
-        raise MergeError(f"output folder {shown(text)}: a name in the path is longer than {NAME_MAX} bytes")
-    path = Path(text)
-    path = path.resolve() if path.name in ("", ".", "..") else path.parent.resolve() / path.name
-    role = f"output folder {shown(text)}"
-    if path.parent == path:
-        raise MergeError(f"{role}: the file system's root; name a folder under it")
+    """The output folder as an absolute path, checked before any work (`targets`): a usable name,
+    not an existing file or (without `overwrite`) a non-empty folder, in a folder that takes the
+    hidden one it is built in. The parent is resolved first (`targets.absolute`)."""
+    path = targets.output_folder("output folder", out_dir, beside=True, resolve_parent=True)
     try:
-        if path.exists() and not path.is_dir():
-            raise MergeError(f"{role}: exists and is not a folder")
         if path.is_dir() and not overwrite and any(path.iterdir()):
-            raise MergeError(f"{role}: folder exists and is not empty (pass --overwrite to replace it)")
-        ancestor = path.parent
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise MergeError(f"{role}: {shown(str(ancestor))} is a file, not a folder")
-        probe = _sibling(ancestor / path.name, "partial")  # as long as the temporary folder's name
-        probe.mkdir()
-        probe.rmdir()
+            raise MergeError(f"output folder {shown(os.fspath(out_dir))}: folder exists and is not empty "
+                             "(pass --overwrite to replace it)")
     except OSError as exc:
-        raise os_error(f"{role}: cannot write there", exc) from None
+        raise os_error(f"output folder {shown(os.fspath(out_dir))}", exc) from None
     return path
 
 
@@ -113,6 +85,7 @@ class StreamingModelWriter:
     def __init__(self, out_dir: str | os.PathLike, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
                  *, shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False):
         self.out_dir = output_folder(out_dir, overwrite)
+        self.overwrite = overwrite
         self._role = f"output folder {shown(out_dir)}"
         try:
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -227,8 +200,20 @@ class StreamingModelWriter:
         return self.out_dir
 
     def _swap(self) -> None:
-        """Rename the finished folder into place; an old folder is moved aside first and put back if
-        that fails (or is interrupted), so the target is always either the old or the new folder."""
+        """Rename the finished folder into place. Without `overwrite` one rename does it, and fails
+        if the target was filled meanwhile (another merge to the same folder): the first one to
+        finish keeps it. With `overwrite` the old folder (or link) is moved aside first and put back
+        if that fails or is interrupted: the target is always either the old or the new folder."""
+        if not self.overwrite and not self.out_dir.is_symlink():
+            try:
+                os.rename(self.tmp, self.out_dir)  # atomic; replaces only a missing or empty folder
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise MergeError(f"{self._role}: something was written there while merging (another "
+                                     "merge to the same folder?); left as it is, pass --overwrite to replace "
+                                     "it") from None
+                raise os_error(f"{self._role}: cannot move the merged model into place", exc) from None
+            return
         old = None
         try:
             if self.out_dir.exists() or self.out_dir.is_symlink():
@@ -242,7 +227,10 @@ class StreamingModelWriter:
                 raise os_error(f"{self._role}: cannot move the merged model into place", exc) from None
             raise
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink() or not old.is_dir():
+                old.unlink(missing_ok=True)  # the link only, never what it points to
+            else:
+                shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
         try:

@@ -137,6 +137,46 @@ def test_cli_overwrite_through_dotdot_replaces_the_folder(run_cli, tiny_zoo, tmp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_cli_overwrite_of_a_linked_output_replaces_the_link_only(run_cli, tiny_zoo, tmp_path):
+    """An output that is a symlink to a folder: --overwrite puts the merge in its place and removes the
+    link (it was left as a hidden `.out.old-…` link); the folder it pointed to is not touched."""
+    cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"]))
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "theirs.txt").write_text("theirs")
+    (tmp_path / "out").symlink_to(target, target_is_directory=True)
+    r = run_cli("merge", cfg, tmp_path / "out", "--no-progress", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert not out.is_symlink() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in target.iterdir()) == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "merge.yml", "out"]  # no hidden leftovers
+
+
+def test_a_folder_filled_during_a_merge_is_left_as_it_is(tmp_path):
+    """Two merges started at once into the same new folder both passed the check and the second replaced
+    the first. Now, without overwrite, the finished folder is moved in by one rename that fails on a
+    filled folder: the first to finish keeps it, the other stops with one line and leaves nothing."""
+    from merging.errors import MergeError
+    from merging.writer import StreamingModelWriter
+
+    out = tmp_path / "out"
+    spec = [("w", (2, 2), torch.float32)]
+    with pytest.raises(MergeError, match="something was written there while merging"):
+        with StreamingModelWriter(out, spec) as w:
+            w.write("w", torch.ones(2, 2))
+            out.mkdir()  # the other merge, finishing first
+            (out / "model.safetensors").write_bytes(b"first")
+            w.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+    assert (out / "model.safetensors").read_bytes() == b"first"
+    with StreamingModelWriter(tmp_path / "empty", spec) as w:  # an empty folder may still be filled
+        w.write("w", torch.ones(2, 2))
+        (tmp_path / "empty").mkdir()
+        w.finish()
+    assert load_sd(tmp_path / "empty")["w"].sum() == 4
+
+
 def test_cli_root_output_and_a_device_as_config_are_one_line(run_cli, tiny_zoo, tmp_path):
     cfg = yaml_file(tmp_path, ta(tiny_zoo["base"], tiny_zoo["ft0"]))
     r = run_cli("merge", cfg, "/", "--no-progress", "--overwrite")
@@ -206,6 +246,9 @@ def test_cli_similarity_checks_its_output_files_first(run_cli, tiny_zoo, tmp_pat
         r = run_cli("similarity", *models, option, target)
         assert_refused(r, option, needle)
         assert r.stdout == "", r.stdout  # nothing computed
+    r = run_cli("similarity", *models, "--json", "/proc/fedmerge.json")  # permissions pass /proc for root
+    assert_refused(r, "--json /proc/fedmerge.json", "cannot write there")
+    assert r.stdout == "", r.stdout  # was: refused only after computing
     r = run_cli("similarity", *models, "--json", tmp_path / "new" / "dir" / "sim.json")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "new" / "dir" / "sim.json").read_text())["names"] == ["ft0", "ft1"]

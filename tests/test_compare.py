@@ -40,11 +40,11 @@ def test_command_line_refuses_bad_options_in_one_line_before_any_work(tmp_path, 
                       (["--n-val", "100000000"], "--n-val: a whole number from 1 to 300"),
                       (["--n-test", "0"], "--n-test: a whole number from 1 to 300"),
                       (["--methods", ""], "--methods: comma-separated names"),
-                      (["--out", str(tmp_path / "file" / "x")], f"--out: {tmp_path / 'file'} is a file, not a folder"),
+                      (["--out", str(tmp_path / "file" / "x")], f"--out {tmp_path / 'file' / 'x'}: {tmp_path / 'file'} is a file, not a folder"),
                       (["--out", str(tmp_path / "file")], "exists and is not a folder"),
-                      (["--out", str(tmp_path / "res")], "compare.md is a folder"),
-                      (["--out", "/"], "--out: / is the file system's root"),
-                      (["--out", "/proc/fedmerge-x"], "--out: cannot create /proc/fedmerge-x"),  # was: after the work
+                      (["--out", str(tmp_path / "res")], "compare.md in it is a folder"),
+                      (["--out", "/"], "--out /: the file system's root"),
+                      (["--out", "/proc/fedmerge-x"], "--out /proc/fedmerge-x: cannot write there"),  # was: after the work
                       (["--out", ""], "--out: empty")):
         assert main(["compare", "--methods", "nope", "--out", str(tmp_path / "no"), *bad]) == 2
         err = capsys.readouterr().err.strip()

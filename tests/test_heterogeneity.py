@@ -110,7 +110,7 @@ def test_command_line_refuses_bad_options_before_loading_the_zoo(tmp_path, capsy
                       (["--n-val", "-3"], "--n-val: a whole number from 1 to 300"),
                       (["--n-val", "100000000"], "--n-val: a whole number from 1 to 300"),
                       (["--methods", "nope"], "--methods: no 'nope' merge method"),
-                      (["--out", str(tmp_path / "file" / "x")], f"--out: {tmp_path / 'file'} is a file, not a folder")):
+                      (["--out", str(tmp_path / "file" / "x")], f"--out {tmp_path / 'file' / 'x'}: {tmp_path / 'file'} is a file, not a folder")):
         assert main(["heterogeneity", "--models", "reverse", "--out", str(tmp_path / "no"), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and want in err and "\n" not in err and "Error" not in err, (bad, err)

@@ -128,9 +128,9 @@ def test_command_line_refuses_bad_counts_names_and_folders_before_any_work(tmp_p
              (["--methods", "nope"], "--methods: no 'nope' merge method"),
              (["--methods", "task_arithmetic,,median"], "--methods: comma-separated names"),
              (["--methods", "median,median"], "--methods: 'median' named twice"),
-             (["--out", str(tmp_path / "file" / "x")], f"--out: {tmp_path / 'file'} is a file, not a folder"),
-             (["--out", str(tmp_path / "file")], "--out: "),
-             (["--out", "/"], "--out: / is the file system's root"))
+             (["--out", str(tmp_path / "file" / "x")], f"--out {tmp_path / 'file' / 'x'}: {tmp_path / 'file'} is a file, not a folder"),
+             (["--out", str(tmp_path / "file")], "--out "),
+             (["--out", "/"], "--out /: the file system's root"))
     for bad, want in cases:
         assert main(["task-count", "--models", "reverse", "--out", str(tmp_path / "no"), *bad]) == 2
         err = capsys.readouterr().err.strip()

@@ -3,6 +3,7 @@ the measurements and claims the README is rendered from."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from evaluation.tasks import TASKS
+from evaluation.zoo import MODEL_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +34,7 @@ def test_tiny_recipe_end_to_end(tmp_path):
     assert len(zoo["finetunes"]) > len(TASKS)  # the heterogeneous extra
     assert zoo["conflicts"] and all(len(c) == 2 and set(c) <= set(TASKS) for c in zoo["conflicts"])
     for name in folders:
+        assert sorted(os.listdir(out / name)) == sorted(MODEL_FILES)  # what a rebuild may replace in it
         rec = json.loads((out / name / "training.json").read_text())
         assert {"task", "steps", "learning_rate", "batch_size", "seed", "train_seconds"} <= set(rec)
         if name != "base":
@@ -244,18 +247,23 @@ def test_an_output_folder_is_replaced_only_if_it_holds_a_zoo_or_nothing_else(tmp
     zoo = _zoo_layout(tmp_path / "zoo")
     check_out(zoo, FULL)
     (zoo / "notes.txt").write_text("mine")
-    with pytest.raises(MergeError, match=r"^--out: .* holds a zoo and also 'notes.txt', which a rebuild would delete"):
+    with pytest.raises(MergeError, match=r"^--out .*zoo: holds a zoo and also 'notes.txt', which a rebuild would delete"):
         check_out(zoo, FULL)
     check_out(zoo, FULL, overwrite=True)
     (zoo / "notes.txt").unlink()
+    (zoo / "base" / "notes.txt").write_text("mine")  # inside a model folder: deleted too (was: not looked at)
+    with pytest.raises(MergeError, match=r"^--out .*zoo: holds a zoo and also 'base/notes.txt', which a rebuild"):
+        check_out(zoo, FULL)
+    (zoo / "base" / "notes.txt").unlink()
+    check_out(zoo, FULL)
     (zoo / "zoo.json").write_text("not json")  # no zoo any more: its folders are someone's
-    with pytest.raises(MergeError, match=r"^--out: .* is not empty and holds no zoo \(no zoo.json\)"):
+    with pytest.raises(MergeError, match=r"^--out .*zoo: not empty and holds no zoo \(no zoo.json\)"):
         check_out(zoo, FULL)
     work = tmp_path / "kept.building"
     work.mkdir()
     check_out(tmp_path / "kept", TINY)  # empty: removable
     (work / "data.txt").write_text("mine")
-    with pytest.raises(MergeError, match=r"^--out: .*kept.building is in the way and is not an interrupted build"):
+    with pytest.raises(MergeError, match=r"^--out .*kept: .*kept.building is in the way and is not an interrupted build"):
         check_out(tmp_path / "kept", TINY)
     with pytest.raises(MergeError, match="is in the way"):  # --overwrite is about --out, not its neighbours
         check_out(tmp_path / "kept", TINY, overwrite=True)
@@ -264,8 +272,8 @@ def test_an_output_folder_is_replaced_only_if_it_holds_a_zoo_or_nothing_else(tmp
     (tmp_path / "f").write_text("x")
     for bad, want in ((tmp_path / "f", "exists and is not a folder"),
                       (tmp_path / "f" / "zoo", "is a file, not a folder"),
-                      ("/", "is the file system's root"), ("", "empty")):
-        with pytest.raises(MergeError, match=f"^--out: .*{want}"):
+                      ("/", "the file system's root"), ("", "empty"), ("/proc/zoo", "cannot write there")):
+        with pytest.raises(MergeError, match=f"^--out.*: .*{want}"):
             check_out(bad, TINY, overwrite=True)
 
 
@@ -278,10 +286,10 @@ def test_build_zoo_refuses_a_users_folder_in_one_line_and_keeps_it(tmp_path, cap
     mine.mkdir()
     (mine / "mydata.txt").write_text("precious\n")
     (tmp_path / "f").write_text("x")
-    for out, want in ((mine, f"--out: {mine} is not empty and holds no zoo"),
-                      (tmp_path / "f" / "zoo", f"--out: {tmp_path / 'f'} is a file, not a folder"),
-                      (tmp_path / "f", f"--out: {tmp_path / 'f'} exists and is not a folder"),
-                      ("/", "--out: / is the file system's root")):
+    for out, want in ((mine, f"--out {mine}: not empty and holds no zoo"),
+                      (tmp_path / "f" / "zoo", f"--out {tmp_path / 'f' / 'zoo'}: {tmp_path / 'f'} is a file, not a folder"),
+                      (tmp_path / "f", f"--out {tmp_path / 'f'}: exists and is not a folder"),
+                      ("/", "--out /: the file system's root")):
         assert main(["build-zoo", "--tiny", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and want in err and "\n" not in err and "Error" not in err, err
