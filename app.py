@@ -393,11 +393,12 @@ def _fits(method: str, k: int) -> bool:
 
 def _dequeued(fn):
     """A long job's handler: the request ask_job reserved leaves the queue as the handler starts, whatever
-    the handler does next (API calls reserve nothing; then this does nothing)."""
+    the handler does next (API calls reserve nothing; then this does nothing). One that Cancel dropped while it
+    waited changes nothing on the page (a newer job of this session may be showing its estimate there)."""
     @functools.wraps(fn)
     def wrapper(pg, *args, **kwargs):
-        if pg is not None:
-            pg.session.leave_queue()
+        if pg is not None and not pg.dequeue():
+            return gr.skip()
         return fn(pg, *args, **kwargs)
     return wrapper
 
@@ -554,9 +555,12 @@ def do_study(pg: Playground | None, methods_chosen: list[str], progress=gr.Progr
 @_guard
 def do_cancel(pg: Playground | None) -> Any:
     """Stop this session's running or waiting long jobs; with none, the last result stays on screen."""
-    if pg is None or not pg.cancel_jobs():
+    what = pg.cancel_jobs() if pg is not None else None
+    if what is None:
         gr.Info("Nothing to cancel: no long job of yours is running or waiting.")
         return gr.skip()
+    if what == "queued":
+        return "Cancelled before it started (it was waiting for other visitors' jobs); nothing changed."
     return "Cancelling…"
 
 

@@ -320,12 +320,19 @@ class Playground:
             self.cancel.clear()
         return others
 
-    def cancel_jobs(self) -> bool:
-        """Cancel pressed: stop this session's running or waiting jobs; False when there is none."""
-        if not self.session.busy:
-            return False
-        self.cancel.set()
-        return True
+    def cancel_jobs(self) -> str | None:
+        """Cancel pressed: stop this session's running jobs (at their next check) and drop its waiting ones (their
+        slots are free at once). "running" when one was running, "queued" when only waiting ones were dropped,
+        None when there was none."""
+        dropped, running = self.session.cancel_queued()
+        if running:
+            self.cancel.set()  # checked between merges; the job clears it as it ends
+        return "running" if running else "queued" if dropped else None
+
+    def dequeue(self) -> bool:
+        """A long job's handler starts (its request left the server's queue): False when Cancel dropped it while
+        it waited; then it does nothing."""
+        return self.session.leave_queue()
 
     def progress_checker(self, progress: Callable[[float, str], None] | None = None) -> Callable[[float, str], None]:
         """A progress callback that raises Cancelled once Cancel was pressed (checked between merges)."""

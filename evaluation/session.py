@@ -68,6 +68,8 @@ class Session:
         self.exports = exports
         self._jobs = 0  # long jobs running
         self._queued = 0  # long jobs asked for (reserve_job) that have not started yet
+        self._dropped = 0  # of those, cancelled while they waited: their handlers still leave the queue, and do nothing
+        self._slots = threading.Lock()  # the three counts above (never held during work, unlike self.lock)
         self.zoo = Path(zoo).resolve() if zoo is not None else zoo_dir()
         self.allow_hub = allow_hub
         self.roots = allowed_roots(self.zoo)
@@ -194,17 +196,31 @@ class Session:
         is taken now, so that a second request of this session is refused at once, not run after the first.
         Returns how many other sessions' searches run now."""
         cap = _limits.current().max_jobs
-        with self.lock:
+        with self._slots:
             if self._jobs + self._queued >= cap:
                 raise MergeError(f"{what}: this session already has a long job running or waiting (at most {cap} at "
                                  "a time); wait for it to finish or press Cancel")
             self._queued += 1
             return self.jobs_running() - self._jobs
 
-    def leave_queue(self) -> None:
-        """The job asked for with reserve_job is out of the queue: it runs now (job()) or not at all."""
-        with self.lock:
+    def leave_queue(self) -> bool:
+        """The job asked for with reserve_job is out of the queue: True, it runs now (job()); False, it was
+        cancelled while it waited (cancel_queued gave its slot back then) and must not run."""
+        with self._slots:
+            if self._dropped:  # requests leave the queue in the order they joined it: the cancelled ones first
+                self._dropped -= 1
+                return False
             self._queued = max(0, self._queued - 1)
+            return True
+
+    def cancel_queued(self) -> tuple[int, int]:
+        """Cancel pressed: the jobs still waiting in the server's queue give their slots back now (a new request
+        of this session is accepted at once, not after other visitors' jobs end); when the queue reaches them,
+        leave_queue says they were cancelled. Returns (how many were dropped, how many run now)."""
+        with self._slots:
+            n, self._queued = self._queued, 0
+            self._dropped += n
+            return n, self._jobs
 
     @property
     def busy(self) -> bool:
@@ -226,7 +242,7 @@ class Session:
         """Hold one of this session's FEDMERGE_MAX_JOBS slots for a long job (search, study, export);
         `serial`: one of the searches the server runs one at a time (counted by jobs_running)."""
         cap = _limits.current().max_jobs
-        with self.lock:
+        with self._slots:
             if self._jobs >= cap:
                 raise MergeError(f"{what}: this session already runs {self._jobs} long job(s), at most {cap} at a "
                                  "time; wait for it to finish")
@@ -236,7 +252,7 @@ class Session:
             yield
         finally:
             self._count_running(-int(serial))
-            with self.lock:
+            with self._slots:
                 self._jobs -= 1
 
     def check_request(self, method: Any, weights: Sequence[Any], lam: Any,

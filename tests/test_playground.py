@@ -303,8 +303,9 @@ def test_a_job_asked_for_holds_its_slot_until_it_runs(pg, zoo):
     assert app.ask_job(pg, "sweep").startswith("⏳ About")
     with pytest.raises(gr.Error, match="already has a long job running or waiting"):
         app.ask_job(pg, "compare")
-    assert app.do_cancel(pg) == "Cancelling…"  # pressed while the sweep waits in the queue
-    assert app.do_sweep(pg, **no_progress)[-1].startswith("Cancelled")
+    assert app.do_cancel(pg).startswith("Cancelled before it started")  # pressed while the sweep waits
+    assert not pg.session.busy  # its slot is free at once
+    assert app.do_sweep(pg, **no_progress) == gr.skip()  # the queue reaches it: it does nothing
     assert not pg.session.busy and not pg.cancel.is_set()
     app.ask_job(pg, "sweep")  # the next request runs
     assert "Best λ" in app.do_sweep(pg, **no_progress)[-1]
@@ -323,6 +324,37 @@ def test_a_job_asked_for_holds_its_slot_until_it_runs(pg, zoo):
     pg.session.leave_queue()
     assert "Waiting" not in app.ask_job(pg, "sweep")
     pg.session.leave_queue()
+
+
+def test_cancel_of_a_job_waiting_behind_another_visitors_frees_its_slot_at_once(pg, zoo):
+    """A job cancelled while it waits behind another visitor's search gives its slot back at once (it held it
+    until that search ended: a new request was refused meanwhile); when the queue reaches it, it does nothing
+    and the newer request runs."""
+    import gradio as gr
+
+    import app
+    from evaluation.session import Session
+
+    pg.act()
+    no_progress = {"progress": lambda *a, **k: None}
+    other = Session(cache=StackCache(2 ** 30), zoo=zoo, allow_hub=False)
+    with other.job("compare all", serial=True):  # another visitor's search runs
+        assert "Waiting first for 1" in app.ask_job(pg, "sweep")
+        said = app.do_cancel(pg)
+        assert "Waiting first for 1" in app.ask_job(pg, "sweep")  # was: "already has a long job running or waiting"
+        assert said.startswith("Cancelled before it started")
+        with pytest.raises(gr.Error, match="already has a long job"):  # the new one holds the slot
+            app.ask_job(pg, "compare")
+    # the other search ended: the queue runs the cancelled request first (nothing), then the new one
+    assert app.do_sweep(pg, **no_progress) == gr.skip()
+    assert pg.session.busy
+    assert "Best λ" in app.do_sweep(pg, **no_progress)[-1]
+    assert not pg.session.busy and not pg.cancel.is_set()
+    # Cancel of a running job still stops it at its next check
+    app.ask_job(pg, "sweep")
+    assert pg.dequeue()
+    with pg.session.job("λ sweep", serial=True):
+        assert app.do_cancel(pg) == "Cancelling…" and pg.cancel.is_set()
 
 
 def test_learn_text():
