@@ -144,6 +144,9 @@ def check_selection(selection: Any, names: Sequence[str]) -> list[str]:
         raise MergeError(f"models: unknown model {str(unknown[0])[:60]!r}")
     if not selection:
         raise MergeError("models: select at least one fine-tuned model")
+    twice = next((s for i, s in enumerate(selection) if s in selection[:i]), None)
+    if twice is not None:  # it would merge once, and the weights after it would slide onto other models
+        raise MergeError(f"models: {str(twice)[:60]!r} given twice")
     return list(selection)
 
 

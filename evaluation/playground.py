@@ -226,6 +226,10 @@ class Playground:
             hyper = {}
         if not isinstance(hyper, dict):
             raise MergeError("hyper: expected an object of hyperparameters by name")
+        for p in AGGREGATORS[method].params:  # a per-model list: one value per selected model, as the weights
+            v = hyper.get(p.name)
+            if p.per_model and isinstance(v, (list, tuple)) and len(v) != len(sel):
+                raise MergeError(f"{p.name}: {len(v)} values given for {len(sel)} selected models")
         limits.check_hyper(method, clean_hyper(method, hyper, len(sel)), len(sel))
         return sel, method, lam, weights, hyper, prompts
 

@@ -224,6 +224,15 @@ def test_live_api_named_arguments(pg):
     assert pg.session.settings.hyper == {"rho": 0.3} and pg.session.settings.weights == (0.5, 1.0)
     out = app.live_api(pg, ["upper", "add", "sort"], "slerp", 1.0, [], {}, "")
     assert out[-2].startswith("⚠️") and "slerp" in out[-2]
+    # a model named twice (was: merged once, its second weight dropped) and a per-model list that does not
+    # match the selection (was: cut to it) are refused, and nothing changes
+    out = app.live_api(pg, ["upper", "upper"], "task_arithmetic", 1.0, [1.0, 0.5], {}, "")
+    assert out[-2] == "⚠️ models: 'upper' given twice"
+    out = app.live_api(pg, ["upper", "add"], "ties", 1.0, [], {"density": [0.5] * 1000}, "")
+    assert out[-2] == "⚠️ density: 1000 values given for 2 selected models"
+    assert pg.session.settings.hyper == {"rho": 0.3} and pg.session.settings.weights == (0.5, 1.0)
+    out = app.live_api(pg, ["upper", "add"], "ties", 1.0, [], {"density": [0.5, 0.7]}, "")
+    assert not out[-2].startswith("⚠️") and pg.session.settings.hyper["density"] == [0.5, 0.7]
 
 
 def test_takeaway_reproduces(pg, tmp_path):
