@@ -575,9 +575,14 @@ def on_add(pg: Playground | None, ref: str, name: str, task: str, progress=gr.Pr
                           progress=lambda f, d: progress(f, desc=d))
     except Exception as exc:  # what the user typed is shown as typed, other paths never
         return [pg, *skip_controls(), *view_out(None), f"⚠️ {message(exc, 'on_add', [ref, name])}"]
-    for w in pg.session.stack.warnings:  # zero task vector, the same weights twice, ...
-        gr.Warning(w)
+    stack_warnings(pg)
     return [*run(pg, render=True, prompts=pg.prompts is None), f"Added **{added}** ({ref.strip()})."]
+
+
+def stack_warnings(pg: Playground) -> None:
+    """What the models just loaded hold that a merge should know of: a zero task vector, the same weights twice..."""
+    for w in pg.session.stack.warnings:
+        gr.Warning(w)
 
 
 @_guard
@@ -588,6 +593,7 @@ def on_base(pg: Playground | None, ref: str, progress=gr.Progress()) -> list:
         pg.session.prepare_references(pg.prompt_list())
     except Exception as exc:
         return [pg, *skip_controls(), *view_out(None), f"⚠️ {message(exc, 'on_base', [ref])}"]
+    stack_warnings(pg)  # e.g. a fine-tune used as the base: its own task vector is now zero
     return [*run(pg, render=True), f"Base model: **{limits.check_text('base model', ref)}**."]
 
 

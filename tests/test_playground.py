@@ -213,6 +213,10 @@ def test_app_handlers(pg, zoo):
     assert out[-1].startswith("⚠️") and all(isinstance(x, dict) for x in out[1:-1])
     out = app.on_add(pg, str(zoo / "upper"), "", "(none)")
     assert "already listed" in out[-1]
+    # a fine-tune as the base: its own task vector is zero, and the page says so (was: silently)
+    with pytest.warns(UserWarning, match="upper: identical to the base"):
+        out = app.on_base(pg, str(zoo / "upper"))
+    assert out[-1].startswith("Base model:")
 
 
 def test_live_api_named_arguments(pg):
