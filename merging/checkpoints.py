@@ -30,6 +30,7 @@ _DTYPES = {
 }
 
 
+INDEX = {".safetensors": "model.safetensors.index.json", ".bin": "pytorch_model.bin.index.json"}
 MAX_REF_CHARS = 512  # a Hub id is at most 96 characters; longer local paths are refused unread
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
 
@@ -141,28 +142,67 @@ class Checkpoint:
 
     # ---------------------------------------------------------------- discovery
     def _index_files(self) -> None:
-        if self.path.is_file():
-            files = [self.path]
-        else:
-            files = sorted(self.path.glob("*.safetensors"))
-            if not files:
-                files = sorted(p for p in self.path.glob("*.bin") if "training_args" not in p.name)
+        files, listed = self._weight_files()
         if not files:
             raise MergeError(f"{self.ref}: no weights found (expected *.safetensors or pytorch_model*.bin)")
         if files[0].suffix == ".safetensors":
             if any(f.name.startswith("adapter_model") for f in files) and (self.folder / "adapter_config.json").exists():
                 raise MergeError(f"{self.ref}: this is a LoRA adapter, not a full model; add it as an adapter")
             for f in files:
-                for key, info in read_safetensors_header(f, self.ref).items():
+                header = read_safetensors_header(f, self.ref)
+                for key in [k for k, v in (listed or {}).items() if v == f.name and k not in header][:1]:
+                    raise MergeError(f"{self.ref}: {INDEX['.safetensors']} puts tensor {key} in {f.name}, "
+                                     "which does not hold it")
+                for key, info in header.items():
+                    if listed is not None and listed.get(key) != f.name:  # the index decides (mergekit's reading)
+                        continue
                     self._files[key] = f
                     self._meta[key] = (tuple(info["shape"]), info["dtype"])
                     self._spans[key] = tuple(info.get("data_offsets", (0, 0)))
         elif files[0].suffix == ".bin":
-            self._load_bin(files)
+            self._load_bin(files, listed)
         else:
             raise MergeError(f"{self.ref}: unsupported weight file {files[0].name} (use .safetensors)")
 
-    def _load_bin(self, files: list[Path]) -> None:
+    def _weight_files(self) -> tuple[list[Path], dict[str, str] | None]:
+        """The files that hold the weights, as mergekit finds them: `model.safetensors` (or its shards,
+        as `model.safetensors.index.json` lists them), else `pytorch_model.bin` (or its index); other
+        weight files beside them (a stale shard, Mistral's consolidated.safetensors) are not the model.
+        Without those names, every *.safetensors (else *.bin) in the folder. With an index, also its
+        weight map (tensor -> file name)."""
+        if self.path.is_file():
+            return [self.path], None
+        for suffix, index_name in INDEX.items():
+            index = self.path / index_name
+            if index.is_file():
+                return self._indexed(index)
+            single = self.path / index_name.removesuffix(".index.json")
+            if single.is_file():
+                return [single], None
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            files = sorted(p for p in self.path.glob("*.bin") if "training_args" not in p.name)
+        return files, None
+
+    def _indexed(self, index: Path) -> tuple[list[Path], dict[str, str]]:
+        where = f"{shown(self.ref)}: {index.name}"
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise MergeError(f"{where}: expected a weight_map of tensor names to file names")
+        files = []
+        for name in sorted(set(weight_map.values())):
+            f = self.path / name
+            if Path(name).name != name:
+                raise MergeError(f"{where}: {name!r} is not a file name in the model's folder")
+            if not f.is_file():
+                n = sum(v == name for v in weight_map.values())
+                raise MergeError(f"{where}: lists {name} ({n} tensor(s)), which is missing; the model is incomplete")
+            files.append(f)
+        return files, weight_map
+
+    def _load_bin(self, files: list[Path], listed: dict[str, str] | None = None) -> None:
         state: dict[str, torch.Tensor] = {}
         for f in files:
             try:
@@ -172,6 +212,11 @@ class Checkpoint:
                                  f"(torch.load with weights_only=True failed: {_load_failure(exc)})") from None
             if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
                 raise MergeError(f"{f}: refused: expected a dict of tensors")
+            if listed is not None:
+                for key in [k for k, v in listed.items() if v == f.name and k not in part][:1]:
+                    raise MergeError(f"{self.ref}: {INDEX['.bin']} puts tensor {key} in {f.name}, "
+                                     "which does not hold it")
+                part = {k: v for k, v in part.items() if listed.get(k) == f.name}
             state.update(part)
         seen: dict[int, str] = {}
         for key, t in list(state.items()):  # tied weights are saved twice in .bin: keep one name

@@ -155,3 +155,88 @@ def test_half_precision_inputs_merge_in_float32_and_keep_their_dtype(models, tmp
     low = load_sd(merge(tmp_path, half["base"], [half["ft0"], half["ft1"]], "low", dtype=str(dtype)[6:]))
     assert {t.dtype for t in low.values()} == {dtype}
     assert any(not torch.equal(low[k], got[k]) for k in got)
+
+
+def _cli(*argv: str) -> tuple[int, str]:
+    """`python -m merging ...` in this process: (exit status, stderr)."""
+    import contextlib
+    import io
+
+    from merging.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(list(argv))
+    return rc, err.getvalue()
+
+
+def test_the_index_decides_which_files_hold_the_model(models, tmp_path):
+    """A sharded folder is read as its model.safetensors.index.json lists it (mergekit's reading):
+    a listed shard that is missing is refused by name (it was skipped: a passthrough wrote the
+    incomplete model, a merge blamed the other model's "unknown tensors"), and another weight file
+    beside the shards (a stale shard, Mistral's consolidated.safetensors) is not part of the model."""
+    import yaml
+    from safetensors.torch import save_file
+    from transformers import GPT2LMHeadModel
+
+    sharded = tmp_path / "ft0-sharded"
+    GPT2LMHeadModel.from_pretrained(models["ft0"]).save_pretrained(sharded, max_shard_size="10KB")
+    save_file({"layers.0.attention.wq.weight": torch.zeros(4, 4)}, sharded / "consolidated.safetensors")
+    assert sorted(Checkpoint(sharded).keys()) == sorted(Checkpoint(models["ft0"]).keys())
+    want = load_sd(merge(tmp_path, models["base"], [models["ft0"], models["ft1"]], "single"))
+    got = load_sd(merge(tmp_path, models["base"], [sharded, models["ft1"]], "with-stray"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+    # a model.safetensors beside other weight files: the single file alone is the model
+    single = tmp_path / "ft0-single"
+    shutil.copytree(models["ft0"], single)
+    save_file({"extra.weight": torch.zeros(2)}, single / "adapter_model.safetensors")
+    assert sorted(Checkpoint(single).keys()) == sorted(Checkpoint(models["ft0"]).keys())
+
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    gone = sorted(set(index.values()))[-1]
+    (sharded / gone).unlink()
+    for method, entries in (("passthrough", [sharded]), ("task_arithmetic", [sharded, models["ft1"]])):
+        cfg = tmp_path / f"{method}.yml"
+        cfg.write_text(yaml.safe_dump({"merge_method": method, "base_model": str(models["base"]),
+                                       "models": [{"model": str(m)} for m in entries]}))
+        rc, err = _cli("merge", str(cfg), str(tmp_path / f"out-{method}"), "--no-progress", "--offline")
+        assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"lists {gone}" in err and "missing" in err and "ft0-sharded" in err, err
+        assert not (tmp_path / f"out-{method}").exists()
+    with pytest.raises(MergeError, match="missing"):
+        Checkpoint(sharded)
+
+    # an index naming a file outside the folder, or a tensor its file does not hold
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../x.safetensors"}}))
+    with pytest.raises(MergeError, match="not a file name in the model's folder"):
+        Checkpoint(sharded)
+    present = sorted(set(index.values()))[0]
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"nope.weight": present}}))
+    with pytest.raises(MergeError, match=f"puts tensor nope.weight in {present}"):
+        Checkpoint(sharded)
+
+
+def test_a_sharded_bin_is_read_through_its_index(models, tmp_path):
+    """pytorch_model.bin shards with their index, each through torch.load(weights_only=True); a
+    listed shard that is missing is refused by name."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "ft0-bin-sharded"
+    folder.mkdir()
+    shutil.copy(models["ft0"] / "config.json", folder / "config.json")
+    state = load_file(models["ft0"] / "model.safetensors")
+    names = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for file, keys in halves.items():
+        torch.save({k: state[k] for k in keys}, folder / file)
+    torch.save({"stale.weight": torch.zeros(3)}, folder / "pytorch_model.bin.old.bin")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: f for f, keys in halves.items() for k in keys}}))
+    ck = Checkpoint(folder)
+    assert sorted(ck.keys()) == names
+    assert all(torch.equal(ck.get(k), state[k]) for k in names)
+    (folder / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(MergeError, match="pytorch_model-00002-of-00002.bin .* missing"):
+        Checkpoint(folder)
