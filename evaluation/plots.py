@@ -2,13 +2,40 @@
 figures live in `merging.report` (the CLI draws them too) and are re-exported here."""
 from __future__ import annotations
 
+import textwrap
 from typing import Mapping, Sequence
 
 import plotly.graph_objects as go
 
-from merging.report import layer_similarity_heatmap, legend_below, norms_chart, similarity_heatmap, styled
+from merging import report
+from merging.report import legend_below, styled
 
 __all__ = ["accuracy_bars", "lambda_sweep", "layer_similarity_heatmap", "norms_chart", "similarity_heatmap"]
+
+TITLE_CHARS = 33  # a title line that fits a 390 px phone's plot (plotly cuts a longer one: it never wraps)
+
+
+def fit_title(fig: go.Figure) -> go.Figure:
+    """A long title goes onto lines of at most TITLE_CHARS characters, the top margin grown to hold them."""
+    text = fig.layout.title.text or ""
+    if len(text) <= TITLE_CHARS or "<br>" in text:
+        return fig
+    lines = textwrap.wrap(text, TITLE_CHARS, break_long_words=False)
+    top = fig.layout.margin.t if fig.layout.margin.t is not None else 50
+    fig.update_layout(title=dict(text="<br>".join(lines)), margin=dict(t=top + 44 * (len(lines) - 1)))
+    return fig
+
+
+def similarity_heatmap(rep, layer: str | None = None, metric: str = "cosine") -> go.Figure:
+    return fit_title(report.similarity_heatmap(rep, layer, metric))
+
+
+def layer_similarity_heatmap(rep) -> go.Figure:
+    return fit_title(report.layer_similarity_heatmap(rep))
+
+
+def norms_chart(rep) -> go.Figure:
+    return fit_title(report.norms_chart(rep))
 
 
 def accuracy_bars(tasks: Sequence[str], series: Mapping[str, Mapping[str, float]]) -> go.Figure:
@@ -19,7 +46,7 @@ def accuracy_bars(tasks: Sequence[str], series: Mapping[str, Mapping[str, float]
                     text=[f"{acc.get(t, float('nan')):.0%}" for t in tasks], textposition="outside")
     fig.update_layout(barmode="group")
     fig.update_yaxes(title="exact-match accuracy", range=[0, 1.12], tickformat=".0%")
-    return styled(fig, "Per-task accuracy")
+    return fit_title(styled(fig, "Per-task accuracy"))
 
 
 def lambda_sweep(lambdas: Sequence[float], curves: Mapping[str, Sequence[float]], best: float | None = None,
@@ -32,4 +59,4 @@ def lambda_sweep(lambdas: Sequence[float], curves: Mapping[str, Sequence[float]]
         fig.add_vline(x=best, line_dash="dash", line_color="#888", annotation_text=f"λ = {best:g}")
     fig.update_xaxes(title="λ")
     fig.update_yaxes(title="accuracy", tickformat=".0%")
-    return legend_below(styled(fig, title))
+    return fit_title(legend_below(styled(fig, title)))

@@ -382,3 +382,28 @@ def test_task_count_curve_in_the_heterogeneity_tab(open_page, shipped_url):
     assert "fedgma" not in md.inner_text()
     p.page.locator("#fm-count-plot .scatterlayer .trace").first.wait_for(timeout=30_000)
     assert p.page.get_by_text("Error", exact=True).count() == 0 and not p.toasts()
+
+
+def _titles_past_their_plot(page) -> list[str]:
+    """The plot titles on the page that run past their plot's edges (plotly never wraps a title)."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).flatMap(plot => {
+        const box = plot.getBoundingClientRect();
+        return Array.from(plot.querySelectorAll('.gtitle')).filter(t => {
+            const r = t.getBoundingClientRect();
+            return r.width > 0 && (r.right > box.right + 1 || r.left < box.left - 1);
+        }).map(t => t.textContent);
+    })""")
+
+
+def test_plot_titles_fit_a_phone(open_page, shipped_url):
+    """At 390 px every heterogeneity plot's title shows whole (the norms chart's was cut after "(whole model) an",
+    the sign-conflict heatmap's after "between task")."""
+    p = open_page(f"{shipped_url}?scenario=everything", PHONE)
+    p.settle("")
+    p.page.get_by_role("tab", name="Heterogeneity").click()
+    p.page.get_by_text("and training").first.wait_for(timeout=60_000)  # the norms chart's title, second line
+    assert _titles_past_their_plot(p.page) == []
+    p.page.get_by_label("sign conflicts").check()
+    p.page.get_by_text("Sign conflicts between task").first.wait_for(timeout=60_000)
+    time.sleep(1)
+    assert _titles_past_their_plot(p.page) == []
