@@ -1,0 +1,86 @@
+"""`python -m evaluation heterogeneity|task-count|compare --zoo FOLDER` on a malformed zoo: one line
+naming what is wrong, exit 2, before any work (each of these was a traceback: a JSONDecodeError, a
+TypeError, a KeyError, a UnicodeDecodeError, or torch's reshape error deep in decoding for a base
+without a tokenizer), and a fine-tune with an unknown task is refused (it was studied as if it had none)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, tiny_models
+
+ZOO = ROOT / "assets" / "zoo"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny GPT-2 (40-token vocabulary, no tokenizer files) and one fine-tune."""
+    return tiny_models(tmp_path_factory.mktemp("zoo-checks"), 0, [1])
+
+
+def zoo(root: Path, index, folders: dict[str, Path]) -> Path:
+    root.mkdir()
+    for name, src in folders.items():
+        shutil.copytree(src, root / name)
+    (root / "zoo.json").write_bytes(index if isinstance(index, bytes) else json.dumps(index).encode())
+    return root
+
+
+def entry(name, folder=None, task="upper", **extra):
+    return {"name": name, "folder": folder or name, "task": task, **extra}
+
+
+def cases(tiny):
+    shipped = {"base": ZOO / "base", "upper": ZOO / "upper"}
+    ok_base = {"name": "base", "folder": "base"}
+    return [
+        (b"{not json", {}, "zoo.json is not valid JSON"),
+        (b"\xff\xfe{}", {}, "zoo.json is not UTF-8 text"),
+        ([], {}, 'expected a mapping with "base" and "finetunes"'),
+        ({"base": {"folder": "base"}}, shipped, "finetunes: expected a non-empty list"),
+        ({"base": ok_base, "finetunes": [entry("upper")]}, {"upper": ZOO / "upper"}, "base: no folder 'base'"),
+        ({"base": "base", "finetunes": [entry("upper")]}, shipped, 'base: expected a mapping with a "folder"'),
+        ({"base": ok_base, "finetunes": [entry("upper"), entry("rev", task="reverse")]}, shipped,
+         "finetunes[1]: no folder 'rev' in the zoo"),
+        ({"base": ok_base, "finetunes": [entry("upper"), entry("x", "upper", task="nosuch")]}, shipped,
+         "finetunes[1] (x): task 'nosuch' is not one of the evaluation tasks"),
+        ({"base": ok_base, "finetunes": [entry("upper"), entry("upper")]}, shipped, "the name 'upper' is given twice"),
+        ({"base": ok_base, "finetunes": [entry("upper", variant_of="nobody")]}, shipped,
+         "variant_of 'nobody' is not a fine-tune"),
+        ({"base": ok_base, "finetunes": [entry("ft0")]}, {"base": tiny["base"], "ft0": tiny["ft0"]},
+         "the base (base) has no tokenizer"),
+    ]
+
+
+@pytest.mark.parametrize("command", ["heterogeneity", "task-count", "compare"])
+def test_a_malformed_zoo_is_one_line_before_any_work(tiny, tmp_path, capsys, command):
+    from evaluation.__main__ import main
+
+    for i, (index, folders, want) in enumerate(cases(tiny)):
+        root = zoo(tmp_path / f"zoo{i}", index, folders)
+        args = [command, "--zoo", str(root), "--out", str(tmp_path / "out"), "--n-val", "2", "--n-test", "2",
+                "--methods", "task_arithmetic"]
+        assert main(args) == 2, want
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --zoo {root}: ") and want in err, (want, err)
+        assert "\n" not in err and "Traceback" not in err, err
+    assert main([command, "--zoo", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --zoo {tmp_path / 'none'}: not a folder"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_of_another_model_is_refused(tiny, tmp_path, capsys):
+    """The shipped zoo's tokenizer (78 tokens) on a model of 40 embedding rows: refused, not an index
+    error in the middle of scoring."""
+    from evaluation.__main__ import main
+
+    root = zoo(tmp_path / "zoo", {"base": {"name": "base", "folder": "base"}, "finetunes": [entry("ft0")]},
+               {"base": tiny["base"], "ft0": tiny["ft0"]})
+    for f in ZOO.joinpath("base").glob("tokenizer*"):
+        shutil.copy(f, root / "base" / f.name)
+    assert main(["heterogeneity", "--zoo", str(root), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the base's tokenizer has 78 tokens, its embedding 40 rows" in err and "\n" not in err, err
