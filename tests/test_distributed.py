@@ -46,6 +46,7 @@ def test_a_cluster_address_that_does_not_answer_is_refused_in_seconds():
     assert time.time() - t0 < 10 and not ray.is_initialized()
 
 
+@pytest.mark.slow  # starts a local Ray: ~20 s
 def test_search_on_a_local_ray_equals_the_local_search():
     ray = pytest.importorskip("ray")
     from evaluation.distributed import _ACTORS
