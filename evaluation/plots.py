@@ -20,7 +20,9 @@ def fit_title(fig: go.Figure) -> go.Figure:
     text = fig.layout.title.text or ""
     if len(text) <= TITLE_CHARS or "<br>" in text:
         return fig
-    lines = textwrap.wrap(text, TITLE_CHARS, break_long_words=False)
+    parts = text.split(" — ")  # a dash's clause (a layer, a caveat) is a smaller line of its own
+    lines = textwrap.wrap(parts[0], TITLE_CHARS, break_long_words=False)
+    lines += [f'<span style="font-size:12px">{part}</span>' for part in parts[1:]]
     top = fig.layout.margin.t if fig.layout.margin.t is not None else 50
     fig.update_layout(title=dict(text="<br>".join(lines)), margin=dict(t=top + 44 * (len(lines) - 1)))
     return fig

@@ -407,3 +407,8 @@ def test_plot_titles_fit_a_phone(open_page, shipped_url):
     p.page.get_by_text("Sign conflicts between task").first.wait_for(timeout=60_000)
     time.sleep(1)
     assert _titles_past_their_plot(p.page) == []
+    p.page.get_by_label("Layer").click()  # one layer: the title says sign conflicts are whole-model only
+    p.page.get_by_role("option", name="h.0").click()
+    p.page.get_by_text("whole model (not counted per layer)").first.wait_for(timeout=60_000)
+    time.sleep(1)
+    assert _titles_past_their_plot(p.page) == []
