@@ -18,7 +18,7 @@ from .checkpoints import Checkpoint
 from .config import MergeConfig, evaluate_setting
 from .errors import MergeError, shown
 from .registry import AGGREGATORS, LAMBDA, WEIGHT, Aggregator
-from .task_vectors import LoraAdapter, TaskVectorSource, load_source
+from .task_vectors import FullFinetune, LoraAdapter, LoraApplied, TaskVectorSource, load_source
 from .validation import check_compatible
 
 _LAYER = re.compile(r"(.*?)\.(\d+)\.")
@@ -151,6 +151,13 @@ def _same_path(a: Any, b: Any) -> bool:
         return str(a) == str(b)
 
 
+def _exists(ref: str) -> bool:
+    try:
+        return Path(ref).expanduser().exists()
+    except (OSError, ValueError):
+        return False
+
+
 def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=None,
                      trust_remote_code: bool = False) -> MergePlan:
     """Resolve the config's models, drop the base from the task list, validate compatibility."""
@@ -159,12 +166,23 @@ def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=
     if cfg.slices and len(cfg.slices) > 1:
         return plan_stacked(cfg, opts, trust_remote_code)
     entries = list(cfg.models)
+
+    def model(ref: str):
+        """A checkpoint, or `model+adapter`: the model with a LoRA adapter merged in (as mergekit)."""
+        path, plus, adapter = ref.partition("+")
+        if plus and _exists(ref):  # a folder whose name has a '+'
+            path, plus, adapter = ref, "", ""
+        if plus and not adapter.strip():
+            raise MergeError(f"{shown(ref)}: nothing after '+' (expected model+path/to/lora_adapter)")
+        ck = Checkpoint(path, trust_remote_code=trust_remote_code, **opts)
+        return LoraApplied(ck, LoraAdapter(adapter, Path(adapter).name, **opts), adapter) if plus else ck
+
     if cfg.base_model:
-        base = Checkpoint(cfg.base_model, trust_remote_code=trust_remote_code, **opts)
+        base = model(cfg.base_model)
         if cfg.merge_method != "linear":  # mergekit: the base is not one of the task vectors
             entries = [m for m in entries if not _same_path(m.model, cfg.base_model) and m.model != cfg.base_model]
     else:  # no base (linear, nuslerp, ...): the first model gives names and shapes; its task vector is zero
-        base = Checkpoint(entries[0].model, trust_remote_code=trust_remote_code, **opts)
+        base = model(entries[0].model)
     if not base.config:  # the output's config.json is the base's: without one it could not be loaded
         role = "base model" if cfg.base_model else "first model (the base's role)"
         raise MergeError(f"{role} {shown(base.ref)}: no config.json")
@@ -173,10 +191,10 @@ def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=
         ref, plus, adapter = m.model.partition("+")
         if plus and not adapter.strip():
             raise MergeError(f"{shown(m.model)}: nothing after '+' (expected model+path/to/lora_adapter)")
-        if adapter:
-            if not (_same_path(ref, base.path) or ref == cfg.base_model):
-                raise MergeError(f"{m.model}: a LoRA adapter ('model+adapter') is only supported on the base model")
-            sources.append(LoraAdapter(adapter, Path(adapter).name, **opts))
+        if adapter and isinstance(base, Checkpoint) and (_same_path(ref, base.path) or ref == cfg.base_model):
+            sources.append(LoraAdapter(adapter, Path(adapter).name, **opts))  # τ = ΔW exactly
+        elif adapter:  # on another model: that model with the adapter merged in
+            sources.append(FullFinetune(model(m.model)))
         else:
             sources.append(load_source(ref, trust_remote_code=trust_remote_code, **opts))
     method.check_model_count(len(sources))

@@ -106,6 +106,19 @@ class LoraAdapter:
         r = rank
         return alpha / (r ** 0.5) if self.config.get("use_rslora") else alpha / r
 
+    def applied(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` with this adapter merged in, as peft's merge_and_unload: W + ΔW in W's dtype (ΔW
+        computed in float32), or the adapter's full weight where it saves one."""
+        group = self._by_target.get(key)
+        if group is None or not weight.is_floating_point():
+            return weight
+        if "full" in group:
+            if tuple(group["full"].shape) != tuple(weight.shape):
+                raise MergeError(f"{self.name}: adapter weight for {key} has shape {tuple(group['full'].shape)}, "
+                                 f"the model's {tuple(weight.shape)}")
+            return group["full"].to(weight.dtype)
+        return weight + self.delta(key, weight.float()).to(weight.dtype)
+
     def delta(self, key: str, base: torch.Tensor) -> torch.Tensor:
         group = self._by_target.get(key)
         if group is None:
@@ -127,6 +140,52 @@ class LoraAdapter:
             raise MergeError(f"{self.name}: adapter update for {key} has shape {tuple(dw.shape)}, "
                              f"the base tensor {tuple(base.shape)}")
         return dw
+
+
+class LoraApplied:
+    """A model with a LoRA adapter merged into it, read tensor by tensor: mergekit's `model+adapter` for
+    a model other than the base (which peft's merge_and_unload writes before merging): θ + ΔW in the
+    model's dtype, the adapter's full weights (modules_to_save) in place of the model's."""
+
+    def __init__(self, checkpoint: Checkpoint, adapter: LoraAdapter, adapter_ref: str):
+        from .validation import _names
+
+        self.checkpoint, self.adapter = checkpoint, adapter
+        self.ref = f"{checkpoint.ref}+{adapter_ref}"
+        self.name = f"{checkpoint.name}+{adapter.name}"
+        self.identity = f"{checkpoint.path}+{adapter.path}"  # not the same model as the checkpoint alone
+        self.path, self.folder, self.config = checkpoint.path, checkpoint.folder, checkpoint.config
+        unknown = [k for k in adapter.targets() if k not in checkpoint]
+        if unknown:
+            raise MergeError(f"{self.ref}: the adapter targets tensors {checkpoint.name} does not have: "
+                             f"{_names(unknown)}")
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return self.adapter.training or self.checkpoint.training
+
+    def keys(self) -> list[str]:
+        return self.checkpoint.keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.checkpoint
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.checkpoint.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.checkpoint.dtype(key)
+
+    def is_float(self, key: str) -> bool:
+        return self.checkpoint.is_float(key)
+
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        weight = self.checkpoint.get(key)
+        merged = self.adapter.applied(key, weight)
+        return merged if rows is None else merged[rows[0]:rows[1]]
+
+    def side_files(self, names):
+        return self.checkpoint.side_files(names)
 
 
 def load_source(ref: str | os.PathLike, name: str | None = None, *, allow_hub: bool = True,

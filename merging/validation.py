@@ -39,7 +39,7 @@ def check_compatible(base, sources) -> list[str]:
     for src in sources:
         if isinstance(src, FullFinetune):
             ck = src.checkpoint
-            where = str(ck.path)
+            where = getattr(ck, "identity", None) or str(ck.path)  # a model+adapter is not the model
             if where in seen:
                 warnings.append(f"{src.name}: the same model as {seen[where]} (it counts twice)")
             seen[where] = src.name

@@ -89,3 +89,64 @@ def test_dora_adapter_is_refused_by_name(tiny_zoo, tmp_path):
         plan_from_config(cfg)
     assert "DoRA" in str(err.value) and "dora" in str(err.value)  # names the method and the adapter
     assert len(str(err.value).splitlines()) == 1
+
+
+def merged_into(model_dir, adapter_dir, folder):
+    """PEFT's merge_and_unload of the adapter into another model, saved (what mergekit does for `model+adapter`)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
+    model.merge_and_unload().save_pretrained(folder)
+    return folder
+
+
+def test_an_adapter_on_any_model_merges_as_peft_merged_it(tiny_zoo, tmp_path):
+    """mergekit's `model+adapter` on a model other than the base, as the base, or as the first model of
+    a merge without a base (linear): the model with PEFT's merge_and_unload of the adapter. Before: "a
+    LoRA adapter is only supported on the base model", and as base_model or a linear's first model
+    "no such file or folder"."""
+    from shutil import copytree
+
+    adapter, _ = peft_adapter(tiny_zoo["base"], tmp_path / "ad", seed=3, r=4, lora_alpha=8,
+                              target_modules=["c_attn", "c_fc"])
+    ft1_ad = merged_into(tiny_zoo["ft1"], adapter, tmp_path / "ft1-merged")
+    base_ad = merged_into(tiny_zoo["base"], adapter, tmp_path / "base-merged")
+    plus = copytree(tiny_zoo["ft1"], tmp_path / "ft1+copy")  # a folder whose name has a '+' is that folder
+
+    def run(name, method, models, base=None, params=None):
+        cfg = {"merge_method": method, "models": [{"model": str(m), "parameters": {"weight": w, **(params or {})}}
+                                                   for m, w in zip(models, (0.7, 0.5))]}
+        if base is not None:
+            cfg["base_model"] = str(base)
+        return load_sd(merge_to_dir(plan_from_config(parse_config(cfg)), tmp_path / name))
+
+    cases = [  # (ours with model+adapter, the same merge on PEFT's merged folders)
+        (("linear", [f"{tiny_zoo['ft1']}+{adapter}", tiny_zoo["ft0"]]), ("linear", [ft1_ad, tiny_zoo["ft0"]])),
+        (("linear", [f"{tiny_zoo['base']}+{adapter}", tiny_zoo["ft0"]]), ("linear", [base_ad, tiny_zoo["ft0"]])),
+        (("ties", [f"{tiny_zoo['ft1']}+{adapter}", tiny_zoo["ft0"]], tiny_zoo["base"], {"density": 0.6}),
+         ("ties", [ft1_ad, tiny_zoo["ft0"]], tiny_zoo["base"], {"density": 0.6})),
+        (("task_arithmetic", [tiny_zoo["ft1"], tiny_zoo["ft0"]], f"{tiny_zoo['base']}+{adapter}"),
+         ("task_arithmetic", [tiny_zoo["ft1"], tiny_zoo["ft0"]], base_ad)),
+        (("task_arithmetic", [plus, tiny_zoo["ft0"]], tiny_zoo["base"]),
+         ("task_arithmetic", [tiny_zoo["ft1"], tiny_zoo["ft0"]], tiny_zoo["base"])),
+    ]
+    for i, (ours, theirs) in enumerate(cases):
+        got, want = run(f"ours{i}", *ours), run(f"peft{i}", *theirs)
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), (i, k)
+    # the adapter changed what it targets (the cases above would pass on a no-op adapter otherwise)
+    assert not torch.equal(load_sd(ft1_ad)["transformer.h.0.attn.c_attn.weight"],
+                           load_sd(tiny_zoo["ft1"])["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_an_adapter_on_a_model_without_its_targets_is_refused(tiny_zoo, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    adapter, _ = peft_adapter(tiny_zoo["base"], tmp_path / "ad", r=2, target_modules=["c_attn"])
+    cfg = GPT2Config(vocab_size=40, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "one-layer")
+    with pytest.raises(MergeError, match=r"one-layer\+.*targets tensors one-layer does not have: transformer.h.1"):
+        plan_from_config(parse_config({"merge_method": "linear", "models": [
+            {"model": f"{tmp_path / 'one-layer'}+{adapter}"}, {"model": str(tmp_path / "one-layer")}]}))
