@@ -114,7 +114,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
             targets.output_file(option, target)
     opts = dict(allow_hub=not args.offline)
     base = Checkpoint(args.base, **opts)
-    sources = [load_source(m, **opts) for m in args.models]
+    sources = [load_source(m, name, **opts) for m, name in zip(args.models, distinct_names(args.models))]
     update, close = _progress_bar(not args.no_progress, "similarity")
     try:
         report = similarity(base, sources, progress=update)
@@ -143,6 +143,21 @@ def cmd_similarity(args: argparse.Namespace) -> int:
             path.write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False))
         print(f"wrote {args.json}")
     return 0
+
+
+def distinct_names(refs: list[str]) -> list[str]:
+    """Each model's folder name, with as many parent folders as it takes to tell apart two models
+    whose folders share a name (a/ft and b/ft: the report's rows and pairs were both "ft")."""
+    parts = [Path(r).parts or (r,) for r in refs]
+    names = []
+    for i, p in enumerate(parts):
+        name = p[-1]  # the same path twice: one name
+        for n in range(1, len(p) + 1):
+            if not any(q != p and q[-n:] == p[-n:] for q in parts):
+                name = str(Path(*p[-n:]))
+                break
+        names.append(name)
+    return names
 
 
 @contextlib.contextmanager

@@ -264,6 +264,20 @@ def test_cli_similarity_with_a_zero_task_vector_writes_valid_json(run_cli, tiny_
     assert json.loads(text)["cosine"][0][1] is None
 
 
+def test_cli_similarity_tells_apart_models_whose_folders_share_a_name(run_cli, tiny_zoo, tmp_path):
+    """Two fine-tunes in folders of one name (runs/a/final, runs/b/final) were both "final" in every row,
+    pair and the JSON; each now gets as many parent folders as it takes (the same path twice: one name)."""
+    import shutil
+
+    a = shutil.copytree(tiny_zoo["ft0"], tmp_path / "runs" / "a" / "final")
+    b = shutil.copytree(tiny_zoo["ft1"], tmp_path / "runs" / "b" / "final")
+    r = run_cli("similarity", "--base", tiny_zoo["base"], a, b, tiny_zoo["ft2"], a, "--no-progress", "--per-layer",
+                "--json", tmp_path / "sim.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "sim.json").read_text())["names"] == ["a/final", "b/final", "ft2", "a/final"]
+    assert "a/final~b/final" in r.stdout and "final~final" not in r.stdout
+
+
 def test_cli_methods_lists_the_registry(run_cli):
     r = run_cli("methods", "--markdown")
     assert r.returncode == 0
