@@ -56,17 +56,24 @@ class ExportStore:
         return folder_bytes(self.root) if self.root.exists() else 0
 
     @contextmanager
-    def export(self, owner: str, need_bytes: int = 0) -> Iterator[Path]:
-        """A fresh folder for one export of `owner`; removed again if the body raises."""
+    def export(self, owner: str, need_bytes: int = 0, kind: str | None = None) -> Iterator[Path]:
+        """A fresh folder for one export of `owner`; removed again if the body raises. With `kind` (e.g. "zip"),
+        the owner's earlier finished exports of that kind are deleted first: the page offers only the newest,
+        and each old one held its share of the space until its TTL (a few presses filled it for everyone)."""
         lim = _limits.current()
         self.sweep(lim.export_ttl)
         self._start_sweeper()
         with self._lock:
+            owner_dir = self.root / _safe(owner)
+            if kind is not None:
+                for old in owner_dir.glob(f"export-{_safe(kind)}-*"):
+                    if old not in self._active:
+                        shutil.rmtree(old, ignore_errors=True)
             if self.used() + need_bytes > lim.export_bytes:
                 raise MergeError("exports: the server's space for downloads is full; try again in a few minutes")
-            owner_dir = self.root / _safe(owner)
             owner_dir.mkdir(parents=True, exist_ok=True)
-            folder = Path(tempfile.mkdtemp(prefix="export-", dir=owner_dir))
+            prefix = f"export-{_safe(kind)}-" if kind is not None else "export-"
+            folder = Path(tempfile.mkdtemp(prefix=prefix, dir=owner_dir))
             self._active.add(folder)
         try:
             yield folder

@@ -445,7 +445,7 @@ class Session:
         import shutil
 
         plan = self.export_plan()
-        with self.job("export"), self.exports.export(self.id, self.export_bytes()) as folder:
+        with self.job("export"), self.exports.export(self.id, self.export_bytes(), kind="zip") as folder:
             merged = self.write_merged(folder / "merged-model", progress, plan, card=card)
             archive = shutil.make_archive(str(folder / ".merged-model"), "zip", merged)
             shutil.rmtree(merged)
@@ -454,7 +454,7 @@ class Session:
     def export_yaml(self) -> tuple[Path, str]:
         """The current merge as mergekit YAML, written to this session's export folder."""
         text = self.export_config().to_yaml()
-        with self.exports.export(self.id, len(text)) as folder:
+        with self.exports.export(self.id, len(text), kind="yaml") as folder:
             path = folder / "merge.yml"
             path.write_text(text)
         return path, text

@@ -226,6 +226,25 @@ def test_export_yaml_and_merged_folder_match_the_live_model(session, tmp_path):
     assert generate(model, session.tokenizer, prompts, 8) == generate(session.live_model.model, session.tokenizer, prompts, 8)
 
 
+def test_a_new_export_replaces_the_sessions_previous_one(session, tmp_path, monkeypatch):
+    """A session's zip (or YAML) replaces its previous one: the page offers only the newest, and the old ones
+    held the server's export space until their TTL (here room for one zip at a time: the second press was
+    refused, "the server's space for downloads is full")."""
+    from evaluation.exports import ExportStore
+
+    session.exports = ExportStore(tmp_path / "exports")
+    session.apply("task_arithmetic", [1.0] * len(session.selected), 1.0)
+    zips = [session.export_zip()]
+    room = session.export_bytes() + zips[0].stat().st_size // 2  # one export's peak, not one more zip besides
+    monkeypatch.setenv("FEDMERGE_EXPORT_GB", str(room / 2 ** 30))
+    zips += [session.export_zip() for _ in range(3)]
+    assert [z.exists() for z in zips] == [False, False, False, True]
+    yamls = [session.export_yaml()[0] for _ in range(3)]
+    assert [y.exists() for y in yamls] == [False, False, True] and zips[-1].exists()
+    session.close()
+    assert not zips[-1].exists() and not yamls[-1].exists()
+
+
 def test_push_offline_says_the_hub_cannot_be_reached(session, monkeypatch):
     from evaluation.session import push_to_hub
 
