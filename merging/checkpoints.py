@@ -308,12 +308,19 @@ def _code(dtype: torch.dtype) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a model's side file (config.json, training.json, ...), None if there is none;
+    anything else (broken JSON, a list, a number) is a MergeError naming the file."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError as exc:
+        raise MergeError(f"{path}: not a JSON text file (not UTF-8 at byte {exc.start})") from None
     except (OSError, ValueError) as exc:
         raise MergeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"{path}: expected a JSON object ({{...}}), not a {type(data).__name__}")
+    return data
 
 
 def read_training_metadata(folder: Path) -> dict[str, Any]:

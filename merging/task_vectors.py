@@ -5,7 +5,6 @@ a LoRA adapter gives the exact ΔW = scale·B·A (rsLoRA: α/√r), zero for ten
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any, Protocol
 import torch
 from safetensors import safe_open
 
-from .checkpoints import Checkpoint, read_training_metadata, resolve
+from .checkpoints import Checkpoint, _read_json, read_training_metadata, resolve
 from .errors import MergeError
 
 
@@ -54,10 +53,12 @@ class LoraAdapter:
         cfg_path = folder / "adapter_config.json"
         if not cfg_path.exists():
             raise MergeError(f"{ref}: not a PEFT adapter (no adapter_config.json)")
-        try:
-            self.config = json.loads(cfg_path.read_text())
-        except ValueError as exc:
-            raise MergeError(f"{cfg_path}: not valid JSON ({exc})") from None
+        self.config = _read_json(cfg_path)
+        alpha, patterns = self.config.get("lora_alpha", 8), self.config.get("alpha_pattern") or {}
+        if not isinstance(patterns, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in [alpha, *patterns.values()]):
+            raise MergeError(f"{cfg_path}: lora_alpha and alpha_pattern must be numbers "
+                             f"(got lora_alpha={alpha!r}, alpha_pattern={patterns!r})"[:300])
         if self.config.get("peft_type", "LORA") != "LORA":
             raise MergeError(f"{ref}: only LoRA adapters are supported, not {self.config.get('peft_type')}")
         if self.config.get("use_dora"):

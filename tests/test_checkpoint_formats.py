@@ -240,3 +240,42 @@ def test_a_sharded_bin_is_read_through_its_index(models, tmp_path):
     (folder / "pytorch_model-00002-of-00002.bin").unlink()
     with pytest.raises(MergeError, match="pytorch_model-00002-of-00002.bin .* missing"):
         Checkpoint(folder)
+
+
+def test_side_files_that_are_not_json_objects_are_refused_by_name(models, tmp_path):
+    """config.json, training.json and adapter_config.json must be JSON objects: a list was read as no
+    config (a fine-tune merged with no architecture check; the base's was "no config.json"), and as an
+    internal error for training.json (fednova) and adapter_config.json; a string lora_alpha likewise."""
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(models["base"]),
+                   LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(adapter)
+    good = json.loads((adapter / "adapter_config.json").read_text())
+
+    def broken(name: str, file: str, text: str, src=models["ft0"]) -> Path:
+        folder = shutil.copytree(src, tmp_path / name)
+        (folder / file).write_text(text)
+        return folder
+
+    cases = [
+        ("task_arithmetic", broken("cfg-list", "config.json", "[]"), "config.json: expected a JSON object", False),
+        ("task_arithmetic", broken("cfg-list-base", "config.json", "[1]", models["base"]),
+         "config.json: expected a JSON object", True),
+        ("fednova", broken("train-list", "training.json", "[1, 2]"), "training.json: expected a JSON object", False),
+        ("task_arithmetic", broken("ad-list", "adapter_config.json", "[]", adapter),
+         "adapter_config.json: expected a JSON object", False),
+        ("task_arithmetic", broken("ad-alpha", "adapter_config.json", json.dumps({**good, "lora_alpha": "16"}), adapter),
+         "lora_alpha and alpha_pattern must be numbers", False),
+    ]
+    for method, folder, want, as_base in cases:
+        base, model = (folder, models["ft1"]) if as_base else (models["base"], folder)
+        entries = [{"model": str(model), "parameters": {"steps": 10}} if method == "fednova" and not as_base
+                   else {"model": str(model)}, {"model": str(models["ft1"])}]
+        cfg = tmp_path / f"{folder.name}.yml"
+        cfg.write_text(yaml.safe_dump({"merge_method": method, "base_model": str(base), "models": entries}))
+        rc, err = _cli("merge", str(cfg), str(tmp_path / "out"), "--no-progress", "--offline")
+        assert rc == 2 and want in err and str(folder) in err and err.count("\n") == 1, (want, err)
+        assert "internal error" not in err and not (tmp_path / "out").exists()
