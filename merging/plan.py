@@ -19,7 +19,7 @@ from .config import MergeConfig, evaluate_setting
 from .errors import MergeError, shown
 from .registry import AGGREGATORS, LAMBDA, WEIGHT, Aggregator
 from .task_vectors import FullFinetune, LoraAdapter, LoraApplied, TaskVectorSource, load_source
-from .validation import check_compatible
+from .validation import _vocab, check_compatible
 
 _LAYER = re.compile(r"(.*?)\.(\d+)\.")
 
@@ -239,7 +239,14 @@ def plan_stacked(cfg: MergeConfig, opts: Mapping[str, Any], trust_remote_code: b
     first = parts[0][0]
     if not first.config:
         raise MergeError(f"slices[0].sources[0] {shown(first.ref)}: no config.json")
-    warnings = check_compatible(first, [FullFinetune(ck) for ck in seen.values() if ck is not first])
+    for ck in seen.values():  # same kind of model; the depths may differ (StackedLayers checks each layer)
+        if ck.config.get("model_type") != first.config.get("model_type"):
+            raise MergeError(f"{ck.ref}: architecture {ck.config.get('model_type')} does not match "
+                             f"{first.ref}'s {first.config.get('model_type')}")
+        if _vocab(ck.config) != _vocab(first.config):
+            raise MergeError(f"{ck.ref}: vocabulary size {_vocab(ck.config)} differs from {first.ref}'s "
+                             f"{_vocab(first.config)}")
+    warnings: list[str] = []
     stacked = StackedLayers(parts)
     dtype = cfg.out_dtype or cfg.dtype
     plan = MergePlan(

@@ -39,6 +39,8 @@ class StackedLayers:
         self._map: dict[str, tuple[Checkpoint, str]] = {}
         pre, post, layers = [], [], []
         out = 0
+        template: dict | None = None  # the first stacked layer's tensors (name within the layer -> shape)
+        where = ""
         for i, (ck, a, b) in enumerate(parts):
             n = layer_count(ck.config)
             if n is None or not 0 <= a < b <= n:
@@ -49,6 +51,14 @@ class StackedLayers:
                 if m:
                     by_layer.setdefault(int(m.group(2)), []).append((m.group(1), name[m.end():], name))
             for j in range(a, b):
+                signature = {(prefix, rest): ck.shape(name) for prefix, rest, name in by_layer.get(j, [])}
+                if template is None:
+                    template, where = signature, f"{ck.ref} layer {j}"
+                elif signature != template:  # layers of another width or kind cannot sit in one model
+                    diff = sorted(set(signature.items()) ^ set(template.items()), key=str)[0]
+                    raise MergeError(f"slices[{i}]: layer {j} of {ck.ref} does not match {where}: "
+                                     f"{diff[0][0]}.*.{diff[0][1]} {tuple(signature.get(diff[0], ()))} vs "
+                                     f"{tuple(template.get(diff[0], ()))}")
                 for prefix, rest, name in by_layer.get(j, []):
                     key = f"{prefix}.{out}.{rest}"
                     self._map[key] = (ck, name)
@@ -57,6 +67,9 @@ class StackedLayers:
         for ck, bucket, want_pre in ((first, pre, True), (last, post, False)):
             for name in ck.keys():
                 if not _LAYER.match(name) and any(p in name for p in _PRE) == want_pre:
+                    if not want_pre and name in first and first.shape(name) != ck.shape(name):
+                        raise MergeError(f"slices: {name} of {ck.ref} has shape {tuple(ck.shape(name))}, "
+                                         f"{first.ref}'s {tuple(first.shape(name))}")
                     self._map[name] = (ck, name)
                     bucket.append(name)
         self._keys = pre + layers + post

@@ -173,3 +173,39 @@ def test_tokenizer_cuts_a_padded_vocabulary_to_its_tokens(tmp_path):
     import json
 
     assert json.loads((outs["union"] / "config.json").read_text())["vocab_size"] == 96
+
+
+def test_passthrough_stacks_layers_of_models_of_different_depths(tmp_path):
+    """Slices from a 2-layer and a 3-layer model of one width (mergekit stacks them: 4 layers here). The
+    whole-model check refused it ("unknown tensors transformer.h.2...") though every stacked layer
+    fits; layers of another width are refused, naming the layer."""
+    import yaml
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    from merging import MergeError
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(tiny_config(n_layer=2)).save_pretrained(tmp_path / "two")
+    torch.manual_seed(1)
+    GPT2LMHeadModel(tiny_config(n_layer=3)).save_pretrained(tmp_path / "three")
+    GPT2LMHeadModel(tiny_config(n_layer=3, n_embd=32)).save_pretrained(tmp_path / "wide")
+
+    def stack(second: str):
+        cfg = tmp_path / f"{second}.yml"
+        cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32", "slices": [
+            {"sources": [{"model": str(tmp_path / "two"), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(tmp_path / second), "layer_range": [1, 3]}]}]}))
+        return merge_to_dir(plan_from_config(load_config(cfg), allow_hub=False), tmp_path / f"out-{second}")
+
+    out = stack("three")
+    merged = load_file(out / "model.safetensors")
+    two, three = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "three" / "model.safetensors")
+    for k in ("attn.c_attn.weight", "mlp.c_proj.bias", "ln_1.weight"):
+        for i, (src, j) in enumerate([(two, 0), (two, 1), (three, 1), (three, 2)]):
+            assert torch.equal(merged[f"transformer.h.{i}.{k}"], src[f"transformer.h.{j}.{k}"]), (i, k)
+    assert torch.equal(merged["transformer.wte.weight"], two["transformer.wte.weight"])
+    assert torch.equal(merged["transformer.ln_f.weight"], three["transformer.ln_f.weight"])
+    assert AutoModelForCausalLM.from_pretrained(out).config.n_layer == 4
+    with pytest.raises(MergeError, match=r"slices\[1\]: layer 1 of .*wide does not match .*two layer 0"):
+        stack("wide")
