@@ -37,7 +37,7 @@ from evaluation.learn import learn_markdown  # noqa: E402
 from evaluation.playground import (DEFAULT_LAMBDA, DEFAULT_METHOD, LAMBDA_RANGE, OUTPUTS_CSS,  # noqa: E402
                                    PANEL_CSS, PANEL_JS, Cancelled, Playground, View, add_model, method_label,
                                    model_card, panel_html)
-from evaluation.search import (LAMBDAS, QUICK_LAMBDAS, SEARCH_N, compare_all, comparison_chart,  # noqa: E402
+from evaluation.search import (QUICK_LAMBDAS, SEARCH_N, compare_all, comparison_chart,  # noqa: E402
                                comparison_table, eval_cost_ratio, hyper_grid, search, sweep)
 from evaluation.session import default_threads, push_to_hub, read_zoo  # noqa: E402
 from evaluation.tasks import TASKS  # noqa: E402
@@ -347,7 +347,7 @@ def job_estimate(pg: Playground | None, kind: str, methods: list[str] | None = N
     if kind == "sweep":
         n, n_val = len(QUICK_LAMBDAS) + 1, SEARCH_N
     elif kind == "autotune":
-        n, n_val = len(hyper_grid(pg.method)) * len(LAMBDAS) + 1, SEARCH_N
+        n, n_val = len(hyper_grid(pg.method)) * len(pg.tune_lambdas()) + 1, SEARCH_N
     elif kind == "landscape":
         n, n_val = len(landscape.GRID) ** 2, None
     elif kind in ("study", "task_count"):
@@ -440,7 +440,8 @@ def do_autotune(pg: Playground, progress=gr.Progress()) -> list:
     meth = pg.method
     try:
         fixed = {k: v for k, v in pg.hyper_values().items() if isinstance(v, list)}
-        r = _job(pg, "auto-tune", lambda tick: search(pg.session, meth, pg.weight_list(), fixed=fixed, progress=tick), progress)
+        r = _job(pg, "auto-tune", lambda tick: search(pg.session, meth, pg.weight_list(), fixed=fixed,
+                                                      lambdas=pg.tune_lambdas(meth), progress=tick), progress)
     except Cancelled:
         return [pg, *skip_controls(), *view_out(None), gr.skip(), "Cancelled: auto-tune stopped; nothing changed."]
     except Exception as exc:
@@ -741,7 +742,8 @@ def build_demo() -> gr.Blocks:
                 count_plot = gr.Plot(label="Normalized accuracy vs tasks merged", elem_id="fm-count-plot")
                 count_md = gr.Markdown(elem_id="fm-count-md")
             with gr.Tab("Explore", id="explore"):
-                gr.Markdown("λ is searched over 0.05…2.00 (plus ρ for fedgma/cclip, density for ties/dare) by the best "
+                gr.Markdown("λ is searched over 0.05…2.00 (for fednova and median, which average the K updates, K "
+                            "times that, up to the λ slider's top), with ρ for fedgma/cclip and density for ties/dare, by the best "
                             "mean **normalized** validation accuracy; the chosen setting is reported on test. Each "
                             "button first says how long it will take; **Cancel** stops it on the server.")
                 with gr.Row():

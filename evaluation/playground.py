@@ -347,6 +347,16 @@ class Playground:
                 progress(frac, text)
         return tick
 
+    def tune_lambdas(self, method: str | None = None) -> list[float]:
+        """Auto-tune's λ grid: the paper's, cut where the search's λ would pass the λ slider's top. The search
+        stretches the grid by K for the averaging aggregators (FedNova, median): from K = 5 on it reached past
+        the slider, and the tuned λ was then clamped onto it, so the Merge tab showed another merge than the one
+        reported (seven fine-tunes at weight 0.4: median tuned to λ = 11.2, shown at 8)."""
+        from .search import LAMBDAS, method_lambdas
+
+        method, k = method or self.method, max(len(self.selected), 1)
+        return [l for l, stretched in zip(LAMBDAS, method_lambdas(method, k, LAMBDAS)) if stretched <= LAMBDA_RANGE[1]]
+
     def seconds_per_eval(self, n_val: int) -> float:
         """One merge + scoring at n_val examples per task, from the last live update's timing."""
         if self.last is None:

@@ -426,3 +426,28 @@ def test_study_estimate_and_cancel(pg, monkeypatch):
     out = app.do_study(pg, ["task_arithmetic"], progress=lambda *a, **k: None)
     assert out[-1].startswith("Cancelled")
     assert set(pg.selected) == {"upper", "add", "sort"}
+
+
+@pytest.mark.slow  # the shipped zoo's seven fine-tunes and one search: about 30 s
+def test_auto_tune_keeps_lambda_within_the_slider():
+    """Auto-tune's λ is one the λ slider holds, so the Merge tab shows the merge it reports: the search stretches
+    the averaging aggregators' grid by K (to 14 for seven fine-tunes), and median at weights 0.4 was tuned to
+    λ = 11.2 and then shown clamped at 8."""
+    import re
+
+    import app
+    from evaluation.limits import LAMBDA_RANGE
+    from evaluation.playground import Playground
+    from evaluation.session import Session
+    from tests.shipped_app import ZOO
+
+    pg = Playground.open(Session(cache=StackCache(2 ** 30), zoo=ZOO, allow_hub=False))
+    pg.select(["reverse", "upper", "sort", "sort_desc", "add", "is_even", "is_odd"])
+    pg.set_method("median")
+    for name in pg.selected:
+        pg.set_weight(name, 0.4)
+    assert max(pg.tune_lambdas()) * 7 <= LAMBDA_RANGE[1] and max(pg.tune_lambdas("task_arithmetic")) == 2.0
+    out = app.do_autotune(pg, progress=lambda *a, **k: None)
+    tuned = float(re.search(r"λ=([0-9.]+)", out[-1]).group(1))
+    assert tuned <= LAMBDA_RANGE[1] and pg.lam == tuned == pg.session.settings.lam, out[-1]
+    pg.close()
