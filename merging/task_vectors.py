@@ -75,6 +75,7 @@ class LoraAdapter:
         else:
             raise MergeError(f"{ref}: no adapter_model.safetensors")
         self._by_target = self._group()
+        self._conv1d: dict[str, bool] | None = None  # module -> stored (in, out) (bind)
 
     @property
     def training(self) -> dict[str, Any]:
@@ -89,7 +90,10 @@ class LoraAdapter:
                 re.match(r"(.*)\.lora_(embedding_A|embedding_B)(?:\.[^.]+)?$", k)
             if m:
                 module, part = m.group(1), m.group(2)
-                groups.setdefault(module + ".weight", {"module": module})[part] = t
+                group = groups.setdefault(module + ".weight", {})
+                group["module"], group[part] = module, t
+            elif ".base_layer." in k:  # the module's own weight, saved beside its A and B (embedding layers)
+                groups.setdefault(k.replace(".base_layer.", "."), {})["base_layer"] = t
             elif ".modules_to_save." in k or not re.search(r"lora_", k):
                 target = re.sub(r"\.modules_to_save\.[^.]+", "", k)
                 groups.setdefault(target, {})["full"] = t
@@ -97,6 +101,32 @@ class LoraAdapter:
 
     def targets(self) -> list[str]:
         return list(self._by_target)
+
+    def bind(self, base) -> None:
+        """Read the adapter against the model it applies to: a tied head's update goes to the embedding
+        (follow_ties), and each layer's orientation is PEFT's (a GPT-2 Conv1D stores its weight (in, out):
+        fan_in_fan_out; an nn.Linear not), which the saved config's single flag does not say for an
+        adapter over both kinds (PEFT overwrites it per layer, and saves the last value)."""
+        self.follow_ties(base)
+        if self._conv1d is None and any("A" in g for g in self._by_target.values()):
+            self._conv1d = _conv1d_modules(getattr(base, "config", None) or {})
+
+    def follow_ties(self, base) -> None:
+        """An adapter of a tied output head (lm_head.weight, which the base's files do not hold: it is the
+        input embedding): its update goes to the embedding, which PEFT's merge_and_unload changes through
+        the shared tensor. Refused where the adapter changes the embedding itself too."""
+        for key in [k for k in self._by_target if k not in base and k.endswith("lm_head.weight")]:
+            group = self._by_target[key]
+            own = group.get("full", group.get("base_layer"))
+            rows = own.shape[0] if own is not None else group["B"].shape[0] if "B" in group else None
+            tied = [k for k in base.keys() if ("embed" in k or "wte" in k) and k.endswith(".weight")
+                    and base.is_float(k) and len(base.shape(k)) == 2 and base.shape(k)[0] == rows]
+            if len(tied) != 1:
+                continue  # no single embedding it can be tied to: refused as an unknown target
+            if tied[0] in self._by_target:
+                raise MergeError(f"{self.name}: adapts both {key} and {tied[0]}, which the base ties into one "
+                                 "tensor; merging both updates into it is not supported")
+            self._by_target[tied[0]] = self._by_target.pop(key)
 
     def _scale(self, module: str, rank: int) -> float:
         alpha = self.config.get("lora_alpha", 8)
@@ -113,23 +143,38 @@ class LoraAdapter:
         group = self._by_target.get(key)
         if group is None or not weight.is_floating_point():
             return weight
+        self._check_shape(key, group, weight.shape)
         if "full" in group:
-            if tuple(group["full"].shape) != tuple(weight.shape):
-                raise MergeError(f"{self.name}: adapter weight for {key} has shape {tuple(group['full'].shape)}, "
-                                 f"the model's {tuple(weight.shape)}")
             return group["full"].to(weight.dtype)
-        return weight + self.delta(key, weight.float()).to(weight.dtype)
+        if "base_layer" in group:
+            weight = group["base_layer"].to(weight.dtype)
+        return weight + self._update(key, group, weight.shape).to(weight.dtype)
 
     def delta(self, key: str, base: torch.Tensor) -> torch.Tensor:
         group = self._by_target.get(key)
         if group is None:
             return torch.zeros_like(base, dtype=torch.float32)
+        self._check_shape(key, group, base.shape)
         if "full" in group:
             return group["full"].float() - base
+        dw = self._update(key, group, base.shape)
+        if "base_layer" in group:  # the weight PEFT merges into: a zero difference where it is the base's own
+            dw = dw + (group["base_layer"].float() - base)
+        return dw
+
+    def _check_shape(self, key: str, group: dict, shape) -> None:
+        own = group.get("full", group.get("base_layer"))
+        if own is not None and tuple(own.shape) != tuple(shape):
+            raise MergeError(f"{self.name}: adapter weight for {key} has shape {tuple(own.shape)}, "
+                             f"the model's {tuple(shape)}")
+
+    def _update(self, key: str, group: dict, shape) -> torch.Tensor:
+        """ΔW = scale·B·A of one adapted weight, in float32."""
         if "A" in group and "B" in group:
             a, b = group["A"].float(), group["B"].float()
             dw = b @ a
-            if self.config.get("fan_in_fan_out"):
+            conv1d = self._conv1d.get(group["module"]) if self._conv1d else None
+            if conv1d if conv1d is not None else self.config.get("fan_in_fan_out"):
                 dw = dw.T
         elif "embedding_A" in group and "embedding_B" in group:
             a, b = group["embedding_A"].float(), group["embedding_B"].float()
@@ -137,10 +182,27 @@ class LoraAdapter:
         else:
             raise MergeError(f"{self.name}: adapter is missing lora_A or lora_B for {key}")
         dw = dw * self._scale(group["module"], a.shape[0])
-        if dw.shape != base.shape:
+        if tuple(dw.shape) != tuple(shape) and tuple(dw.T.shape) == tuple(shape):  # not bound: the shape tells
+            dw = dw.T
+        if tuple(dw.shape) != tuple(shape):
             raise MergeError(f"{self.name}: adapter update for {key} has shape {tuple(dw.shape)}, "
-                             f"the base tensor {tuple(base.shape)}")
+                             f"the base tensor {tuple(shape)}")
         return dw
+
+def _conv1d_modules(config: dict) -> dict[str, bool] | None:
+    """Which modules of the model `config` describes store their weight transposed (transformers' Conv1D,
+    GPT-2's): module name -> True for Conv1D, False for other modules; None where the architecture is
+    not one transformers builds (then the adapter's fan_in_fan_out flag is used)."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.pytorch_utils import Conv1D
+
+        cfg = AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception:  # an unknown or custom architecture
+        return None
+    return {name: isinstance(m, Conv1D) for name, m in model.named_modules() if hasattr(m, "weight")}
 
 
 class LoraApplied:
@@ -156,6 +218,7 @@ class LoraApplied:
         self.name = f"{checkpoint.name}+{adapter.name}"
         self.identity = f"{checkpoint.path}+{adapter.path}"  # not the same model as the checkpoint alone
         self.path, self.folder, self.config = checkpoint.path, checkpoint.folder, checkpoint.config
+        adapter.bind(checkpoint)
         unknown = [k for k in adapter.targets() if k not in checkpoint]
         if unknown:
             raise MergeError(f"{self.ref}: the adapter targets tensors {checkpoint.name} does not have: "

@@ -66,6 +66,7 @@ def check_compatible(base, sources) -> list[str]:
                 raise MergeError(f"{src.name}: shape mismatch in {len(bad)} tensor(s), first {k}: "
                                  f"{tuple(ck.shape(k))} vs the base's {tuple(base.shape(k))}")
         elif isinstance(src, LoraAdapter):
+            src.bind(base)  # a tied head's update goes to the embedding the base holds; PEFT's layer orientation
             targets = src.targets()
             unknown = [k for k in targets if k not in base]
             if unknown:

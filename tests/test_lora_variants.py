@@ -150,3 +150,66 @@ def test_an_adapter_on_a_model_without_its_targets_is_refused(tiny_zoo, tmp_path
     with pytest.raises(MergeError, match=r"one-layer\+.*targets tensors one-layer does not have: transformer.h.1"):
         plan_from_config(parse_config({"merge_method": "linear", "models": [
             {"model": f"{tmp_path / 'one-layer'}+{adapter}"}, {"model": str(tmp_path / "one-layer")}]}))
+
+
+def test_an_adapter_of_a_tied_output_head_updates_the_embedding_as_peft_does(tiny_zoo, tmp_path):
+    """LoRA on lm_head of a tied GPT-2: PEFT saves lm_head's A, B and its base_layer weight, and its
+    merge_and_unload changes the shared embedding. It was refused ("the adapter targets tensors the
+    base does not have: lm_head.base_layer.weight, lm_head.weight"); now it merges to PEFT's tensors,
+    as an adapter folder and as model+adapter."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's advice about tied layers
+        adapter, merged = peft_adapter(tiny_zoo["base"], tmp_path / "ad", seed=4, r=4, lora_alpha=8,
+                                       target_modules=["lm_head", "c_fc"])
+        ft0_ad = merged_into(tiny_zoo["ft0"], adapter, tmp_path / "ft0-merged")
+    from safetensors import safe_open
+
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        assert any("lm_head.base_layer" in k for k in f.keys())
+    base, src = Checkpoint(tiny_zoo["base"]), load_source(adapter)
+    assert "lm_head.weight" not in base  # tied: the head is the embedding
+    src.bind(base)  # what every plan does (check_compatible)
+    wte = base.get("transformer.wte.weight")
+    torch.testing.assert_close(wte + src.delta("transformer.wte.weight", wte), merged["transformer.wte.weight"],
+                               atol=1e-6, rtol=1e-5)
+    assert not torch.equal(merged["transformer.wte.weight"], wte)
+    for i, model in enumerate([adapter, f"{tiny_zoo['ft0']}+{adapter}"]):
+        cfg = {"merge_method": "task_arithmetic", "base_model": str(tiny_zoo["base"]), "models": [{"model": str(model)}]}
+        got = load_sd(merge_to_dir(plan_from_config(parse_config(cfg)), tmp_path / f"out{i}"))
+        want = merged if i == 0 else load_sd(ft0_ad)
+        for k, v in got.items():
+            torch.testing.assert_close(v, want[k], atol=1e-6 if i == 0 else 0, rtol=1e-5 if i == 0 else 0, msg=k)
+
+
+def test_an_adapter_over_conv1d_and_linear_layers_keeps_each_layers_orientation(tiny_zoo, tmp_path):
+    """PEFT decides fan_in_fan_out per layer (GPT-2's Conv1D: true, nn.Linear: false) and saves one flag,
+    the last it set: here false, though attn.c_proj is a Conv1D. Its square weight was merged untransposed
+    (wrong, silently: the shape fits); the layer's kind now comes from the architecture."""
+    import warnings
+
+    from transformers import GPT2LMHeadModel
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    config.tie_word_embeddings = False  # a head of its own: only the orientation is at stake here
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "untied")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter, merged = peft_adapter(tmp_path / "untied", tmp_path / "ad", seed=5, r=4, lora_alpha=8,
+                                       target_modules=["attn.c_proj", "lm_head"])
+    assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(adapter / "adapter_model.safetensors")  # without lm_head's saved base weight (the
+    save_file({k: v for k, v in tensors.items() if "base_layer" not in k},  # base's own): A and B alone
+              adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "untied"), "models": [{"model": str(adapter)}]}
+    got = load_sd(merge_to_dir(plan_from_config(parse_config(cfg)), tmp_path / "out"))
+    square = "transformer.h.0.attn.c_proj.weight"
+    assert got[square].shape[0] == got[square].shape[1]
+    for k, v in got.items():
+        torch.testing.assert_close(v, merged[k], atol=1e-6, rtol=1e-5, msg=k)
