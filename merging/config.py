@@ -27,9 +27,10 @@ class Conditional(BaseModel):
 Setting = Union[Scalar, list[Scalar], list[Conditional], Conditional, None]
 
 # Keys that every method accepts: the per-task coefficient and the global scale. mergekit's
-# `int8_mask` only changes its mask's storage type; it is accepted and has no effect here.
+# `int8_mask` only changes its mask's storage type; it is accepted and has no effect here. `embed_slerp`
+# (in many published configs) is read by no code of mergekit 0.1.5, which ignores it: so do we.
 UNIVERSAL = set(UNIVERSAL_PARAMS)
-IGNORED = {"int8_mask"}
+IGNORED = {"int8_mask", "embed_slerp"}
 DTYPES = ("float32", "float16", "bfloat16")
 
 

@@ -209,3 +209,16 @@ def test_passthrough_stacks_layers_of_models_of_different_depths(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out).config.n_layer == 4
     with pytest.raises(MergeError, match=r"slices\[1\]: layer 1 of .*wide does not match .*two layer 0"):
         stack("wide")
+
+
+def test_embed_slerp_of_published_configs_is_accepted_and_changes_nothing(models, tmp_path):
+    """`embed_slerp: true` (in many published slerp configs) was refused ("slerp has no parameter
+    'embed_slerp'"); mergekit 0.1.5 reads it nowhere and merges as without it: so do we."""
+    text = render(FIXTURES / "gradient_slerp.yml", models, "bfloat16", SHAPES["llama-tiny"]["num_hidden_layers"])
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(text.replace("parameters:\n", "parameters:\n  embed_slerp: true\n", 1))
+    assert "embed_slerp" in cfg.read_text()
+    out = load_file(merge_to_dir(plan_from_config(load_config(cfg), allow_hub=False), tmp_path / "out")
+                    / "model.safetensors")
+    expected = load_file(EXPECTED / "gradient_slerp-bfloat16.safetensors")
+    assert expected and all(torch.equal(out[k], v) for k, v in expected.items())
