@@ -51,9 +51,10 @@ def _spares_inputs(out_dir: Path, typed: str, cfg, config_path: str) -> None:
     """The output folder is replaced as a whole (--overwrite): refuse one that is, or holds, an input of
     the merge (a model, a LoRA adapter, the tokenizer's source, the YAML itself)."""
     tok = cfg.tokenizer_source or (cfg.tokenizer.source if cfg.tokenizer else None)
-    refs = [("the config", config_path), ("base_model", cfg.base_model),
-            ("tokenizer source", None if tok in ("base", "union") else tok)]
-    refs += [(f"models[{i}]", part) for i, m in enumerate(cfg.models) for part in m.model.split("+") if part]
+    refs = [("the config", config_path), ("tokenizer source", None if tok in ("base", "union") else tok)]
+    refs += [(role, part) for role, ref in [("base_model", cfg.base_model or "")]
+             + [(f"models[{i}]", m.model) for i, m in enumerate(cfg.models)]
+             for part in [ref, *ref.split("+")] if part]  # model+adapter: both folders
     for role, ref in refs:
         path = Path(ref).expanduser() if ref else None
         if path is None or not path.exists():  # a Hub id, or nothing

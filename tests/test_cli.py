@@ -137,6 +137,29 @@ def test_cli_overwrite_through_dotdot_replaces_the_folder(run_cli, tiny_zoo, tmp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_cli_overwrite_spares_both_folders_of_a_base_model_with_an_adapter(run_cli, tiny_zoo, tmp_path):
+    """base_model: model+adapter (mergekit's syntax, merged since it is supported there): an output
+    folder that is the adapter's or the model's is refused like any input's (the adapter was deleted)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import shutil
+
+    base = shutil.copytree(tiny_zoo["base"], tmp_path / "base")
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                   LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(adapter)
+    cfg = yaml_file(tmp_path, {"merge_method": "task_arithmetic", "base_model": f"{base}+{adapter}",
+                               "models": [{"model": str(tiny_zoo["ft0"])}]})
+    for out in (adapter, base):
+        before = sorted(p.name for p in out.iterdir())
+        r = run_cli("merge", cfg, out, "--no-progress", "--overwrite")
+        assert r.returncode == 2 and f"output folder {out}: holds base_model ({out})" in r.stderr, r.stderr
+        assert sorted(p.name for p in out.iterdir()) == before
+    r = run_cli("merge", cfg, tmp_path / "out", "--no-progress")
+    assert r.returncode == 0, r.stderr
+
+
 def test_cli_overwrite_of_a_linked_output_replaces_the_link_only(run_cli, tiny_zoo, tmp_path):
     """An output that is a symlink to a folder: --overwrite puts the merge in its place and removes the
     link (it was left as a hidden `.out.old-…` link); the folder it pointed to is not touched."""
