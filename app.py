@@ -273,17 +273,9 @@ def on_prompts(pg: Playground, text: str) -> list:
 def on_landscape_click(pg: Playground, evt: gr.EventData) -> list:
     data = getattr(evt, "_data", None) or {}
     a, b = data.get("a"), data.get("b")
-    if a is None or b is None or len(pg.selected) != 2:
+    if a is None or b is None:
         return [pg, *skip_controls(), *view_out(None)]
-    names = pg.selected
-
-    def change():
-        pg.method = "task_arithmetic"
-        pg.set_lambda(1.0)
-        pg.set_weight(names[0], a)
-        pg.set_weight(names[1], b)
-        pg.scenario = None
-    return run(pg, change, render=True)
+    return run(pg, partial(pg.click_landscape, a, b), render=True, prompts=pg.prompts is None)
 
 
 @_guard
@@ -492,7 +484,7 @@ def do_compare(pg: Playground, progress=gr.Progress()) -> list:
 @_dequeued
 def do_landscape(pg: Playground, progress=gr.Progress()) -> list:
     try:
-        ls = _job(pg, "landscape", lambda tick: landscape.compute(pg, progress=tick), progress)
+        ls = _job(pg, "landscape", lambda tick: pg.compute_landscape(progress=tick), progress)
     except Cancelled:
         return [gr.skip(), "Cancelled: the landscape stopped."]
     except Exception as exc:

@@ -86,6 +86,7 @@ class Playground:
         self._seq_lock = threading.Lock()
         self._inputs_seen: dict[tuple, float] = {}  # panel input -> the page's stamp of the newest one applied
         self.panel_renders = 0
+        self.landscape_of: tuple[tuple[str, ...], str | None] | None = None  # the landscape on screen: models, base
         self._work = threading.Lock()
 
     @classmethod
@@ -201,6 +202,33 @@ class Playground:
         self.session.select(names)
         self.session.prepare_references(self.prompt_list())
         return self.selected
+
+    def compute_landscape(self, **kwargs):
+        """evaluation.landscape.compute on this playground, remembered as the landscape on screen (its clicks)."""
+        from . import landscape
+
+        ls = landscape.compute(self, **kwargs)
+        self.landscape_of = (tuple(ls.names), self.session.base_ref)
+        return ls
+
+    def click_landscape(self, a: Any, b: Any) -> None:
+        """A cell of the landscape on screen was clicked: Task Arithmetic at λ = 1 of *its* two fine-tunes (selected
+        again if the selection changed since; it merged the new selection at the cell's coefficients) with the
+        cell's coefficients. Refused when the landscape was computed on another base."""
+        if self.landscape_of is None:
+            raise MergeError("landscape: none computed in this session yet; run it first")
+        names, base = self.landscape_of
+        known = [s.name for s in self.session.specs]
+        if base != self.session.base_ref or any(n not in known for n in names):
+            raise MergeError(f"landscape: it was computed for {' × '.join(names)} on another base model or model "
+                             "list; run it again")
+        a, b = (clamp(v, *WEIGHT_RANGE, default=1.0) for v in (a, b))
+        self.method = "task_arithmetic"
+        self.select(list(names))
+        self.set_lambda(1.0)
+        self.set_weight(names[0], a)
+        self.set_weight(names[1], b)
+        self.scenario = None
 
     def set_prompts(self, text: str) -> None:
         """The prompt lines (empty: the demo prompts), refused past the count/length limits."""

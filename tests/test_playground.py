@@ -261,14 +261,14 @@ def test_takeaway_reproduces(pg, tmp_path):
     shutil.rmtree(Path(path).parent, ignore_errors=True)
 
 
-def test_landscape_and_click(pg):
+def test_landscape_and_click(pg, zoo):
     import app
     from evaluation import landscape
 
     pg.act(lambda: pg.select(["upper", "add"]))
     settings = pg.session.settings
     before = {n: p.detach().clone() for n, p in pg.session.live_model.targets.items()}
-    ls = landscape.compute(pg, grid=[0.0, 0.5, 1.0], n=4)
+    ls = pg.compute_landscape(grid=[0.0, 0.5, 1.0], n=4)
     assert ls.accuracy["upper"].shape == (3, 3) and ls.current == (pg.lam, pg.lam)
     html = landscape.to_html(ls)
     assert html.count("data-a=") == 3 * 3 * 3  # upper, add and the mean
@@ -281,6 +281,14 @@ def test_landscape_and_click(pg):
     out = app.on_landscape_click(pg, Evt())
     assert pg.method == "task_arithmetic" and pg.lam == 1.0 and pg.weight_list() == [0.5, 1.0]
     assert "λ = 1," in out[-1]
+    # the selection changed since: a click merges the landscape's own two models (it merged the new pair)
+    pg.act(lambda: pg.select(["add", "sort"]))
+    out = app.on_landscape_click(pg, Evt())
+    assert pg.selected == ["upper", "add"] and pg.weight_list() == [0.5, 1.0], pg.selected
+    assert out[1].value == ["upper", "add"] and "2 model(s)" in out[-1]
+    pg.session.set_base(str(zoo / "sort"))  # another base: its task vectors are others, the landscape stale
+    out = app.on_landscape_click(pg, Evt())
+    assert out[-1] == "⚠️ landscape: it was computed for upper × add on another base model or model list; run it again"
     pg.select(["upper", "add", "sort"])
     with pytest.raises(MergeError, match="exactly two"):
         landscape.compute(pg)
