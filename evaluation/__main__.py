@@ -108,7 +108,7 @@ def _check_report_folder(out: str, stems: list[str]) -> None:
             raise MergeError(f"{role('--out', out)}: {name} in it is a folder; the report is written there")
 
 
-def _check_zoo(zoo: str | None) -> None:
+def _check_zoo(zoo: str | None) -> list[dict]:
     """--zoo (default the shipped zoo) before any work: a readable zoo.json naming a base and fine-tunes
     (each a folder of the zoo, with a known task: the studies score it on that task), and a base with a
     tokenizer that fits its embedding (the studies decode with it). A MergeError naming what is wrong."""
@@ -179,6 +179,7 @@ def _check_zoo(zoo: str | None) -> None:
     if isinstance(rows, int) and tokens > rows:
         raise MergeError(f"{where}: the base's tokenizer has {tokens} tokens, its embedding {rows} rows: "
                          "not a tokenizer of this model")
+    return finetunes
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -194,7 +195,6 @@ def _check(args: argparse.Namespace) -> None:
     _count("--n-val", args.n_val, DEFAULT_N[LIVE_SPLIT], f"the {LIVE_SPLIT} examples per task")
     _count("--n-test", args.n_test, DEFAULT_N["test"], "the test examples per task")
     _check_report_folder(args.out, [args.command])
-    _check_zoo(args.zoo)
     if args.methods is not None:
         args.methods = _names("--methods", args.methods, list(AGGREGATORS), "merge method")
     if args.command == "task-count":
@@ -205,6 +205,14 @@ def _check(args: argparse.Namespace) -> None:
             args.sizes = [int(k) for k in args.sizes.split(",")] if args.sizes else None
         except ValueError:
             raise MergeError(f"--sizes: comma-separated whole numbers, not {args.sizes[:40]!r}") from None
+    finetunes = _check_zoo(args.zoo)
+    if args.command in ("heterogeneity", "task-count"):  # the studies compare fine-tunes: two at least
+        names = [e["name"] for e in finetunes]
+        chosen = _names("--models", args.models, names, "in the zoo") if args.models else \
+            [e["name"] for e in finetunes if not e.get("variant_of")]
+        if len(chosen) < 2:
+            what = "--models names" if args.models else "the zoo has"
+            raise MergeError(f"{args.command}: needs at least two fine-tunes; {what} {len(chosen)}")
 
 
 def _write_report(out: str, stem: str, text: str, figure) -> None:

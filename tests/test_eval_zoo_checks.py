@@ -84,3 +84,17 @@ def test_a_tokenizer_of_another_model_is_refused(tiny, tmp_path, capsys):
     assert main(["heterogeneity", "--zoo", str(root), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "the base's tokenizer has 78 tokens, its embedding 40 rows" in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("command", ["heterogeneity", "task-count"])
+def test_a_study_of_fewer_than_two_fine_tunes_is_refused_before_loading(tmp_path, capsys, command):
+    """One fine-tune (a zoo of one, or --models naming one) was refused only after the models loaded."""
+    from evaluation.__main__ import main
+
+    root = zoo(tmp_path / "zoo", {"base": {"name": "base", "folder": "base"}, "finetunes": [entry("upper")]},
+               {"base": ZOO / "base", "upper": ZOO / "upper"})
+    for args, want in ((["--zoo", str(root)], "the zoo has 1"), (["--models", "upper"], "--models names 1")):
+        assert main([command, *args, "--out", str(tmp_path / "out")]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.strip() == f"error: {command}: needs at least two fine-tunes; {want}", captured.err
+        assert "Loading" not in captured.err + captured.out  # nothing was loaded
