@@ -429,10 +429,10 @@ def do_sweep(pg: Playground, progress=gr.Progress()) -> list:
 @_dequeued
 def do_autotune(pg: Playground, progress=gr.Progress()) -> list:
     """Tune λ and the method's grid; the sliders then hold the best setting (one merge to show it)."""
-    meth = pg.method
+    meth, sel, weights = pg.method, pg.selected, pg.weight_list()  # the setup tuned (live changes go on meanwhile)
     try:
         fixed = {k: v for k, v in pg.hyper_values().items() if isinstance(v, list)}
-        r = _job(pg, "auto-tune", lambda tick: search(pg.session, meth, pg.weight_list(), fixed=fixed,
+        r = _job(pg, "auto-tune", lambda tick: search(pg.session, meth, weights, fixed=fixed,
                                                       lambdas=pg.tune_lambdas(meth), progress=tick), progress)
     except Cancelled:
         return [pg, *skip_controls(), *view_out(None), gr.skip(), "Cancelled: auto-tune stopped; nothing changed."]
@@ -440,11 +440,12 @@ def do_autotune(pg: Playground, progress=gr.Progress()) -> list:
         return [pg, *skip_controls(), *view_out(None), gr.skip(), warn(exc)]
 
     def change():
+        pg.set_setup(sel, meth, weights)
         pg.set_lambda(r.best_lambda)
         for k, v in r.best_hyper.items():
             if not isinstance(v, list):
                 pg.set_hyper(k, v)
-    out = run(pg, change, render=True)
+    out = run(pg, change, render=True, prompts=pg.prompts is None)
     fig = plots.lambda_sweep(r.lambdas, r.curves, r.best_lambda, title=f"Auto-tune: {meth} (validation)")
     md = (f"Auto-tuned **{meth}**: {r.describe()}: mean normalized accuracy {r.best_score:.0%} on validation, "
           f"**{r.test_normalized.get('mean', float('nan')):.0%} on test** ({r.evaluations} merges, "

@@ -203,6 +203,14 @@ class Playground:
         self.session.prepare_references(self.prompt_list())
         return self.selected
 
+    def set_setup(self, selection: Sequence[str], method: str, weights: Sequence[float]) -> None:
+        """Back to a selection, aggregator and coefficients a long job ran on (live changes go on beside it):
+        its result (a tuned λ and hyperparameters) is about that setup, not whatever is set when it ends."""
+        self.method = limits.check_method(method)
+        self.select(list(selection))
+        for name, w in zip(selection, weights):
+            self.set_weight(name, w)
+
     def compute_landscape(self, **kwargs):
         """evaluation.landscape.compute on this playground, remembered as the landscape on screen (its clicks)."""
         from . import landscape

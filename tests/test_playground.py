@@ -378,6 +378,28 @@ def test_cancel_of_a_job_waiting_behind_another_visitors_frees_its_slot_at_once(
         assert app.do_cancel(pg) == "Cancelling…" and pg.cancel.is_set()
 
 
+def test_auto_tune_result_goes_to_the_setup_it_tuned(pg):
+    """Live changes go on while auto-tune runs; its result is the tuned selection, aggregator and coefficients
+    with the tuned λ (it was put onto whatever the user had switched to meanwhile: here another pair and
+    aggregator, which the tuned λ and ρ were never tried on)."""
+    import re
+
+    import app
+
+    pg.act(lambda: (pg.select(["upper", "add"]), pg.set_method("fedgma"), pg.set_weight("add", 0.5)))
+    switched = []
+
+    def user_meanwhile(*a, **k):  # the page's live events run beside the job
+        if not switched:
+            switched.append(pg.act(lambda: (pg.select(["add", "sort"]), pg.set_method("ties"))))
+    out = app.do_autotune(pg, progress=user_meanwhile)
+    assert switched and "Auto-tuned **fedgma**" in out[-1]
+    tuned = float(re.search(r"λ=([0-9.]+)", out[-1]).group(1))
+    assert (pg.selected, pg.method, pg.weight_list(), pg.lam) == (["upper", "add"], "fedgma", [1.0, 0.5], tuned)
+    s = pg.session.settings
+    assert s.method == "fedgma" and s.weights == (1.0, 0.5) and s.lam == tuned and "rho" in s.hyper
+
+
 def test_learn_text():
     from evaluation import scenarios
     from evaluation.learn import learn_markdown
