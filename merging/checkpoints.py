@@ -206,7 +206,7 @@ class Checkpoint:
         state: dict[str, torch.Tensor] = {}
         for f in files:
             try:
-                part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                part = _torch_load(f)
             except Exception as exc:
                 raise MergeError(f"{f}: refused: not a plain tensor checkpoint "
                                  f"(torch.load with weights_only=True failed: {_load_failure(exc)})") from None
@@ -291,6 +291,17 @@ class Checkpoint:
 
     def side_files(self, names: Iterable[str]) -> list[Path]:
         return [self.folder / n for n in names if (self.folder / n).is_file()]
+
+
+def _torch_load(path: Path):
+    """torch.load(weights_only=True), memory-mapped; a file in torch's legacy (pre-1.6, not zip) format,
+    which cannot be mapped, is read whole, through the same weights-only unpickler."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "_use_new_zipfile_serialization" not in str(exc):
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _load_failure(exc: Exception) -> str:

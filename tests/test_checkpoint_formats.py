@@ -279,3 +279,36 @@ def test_side_files_that_are_not_json_objects_are_refused_by_name(models, tmp_pa
         rc, err = _cli("merge", str(cfg), str(tmp_path / "out"), "--no-progress", "--offline")
         assert rc == 2 and want in err and str(folder) in err and err.count("\n") == 1, (want, err)
         assert "internal error" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_bin_in_torchs_legacy_format_is_read_and_still_weights_only(models, tmp_path):
+    """A pytorch_model.bin saved before torch 1.6 (not a zip) cannot be memory-mapped: it was refused as
+    "not a plain tensor checkpoint (... mmap can only be used ...)". It is read whole, through the same
+    weights-only unpickler: a pickled callable in that format is still refused, and never runs."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "legacy-bin"
+    folder.mkdir()
+    shutil.copy(models["ft0"] / "config.json", folder / "config.json")
+    torch.save(load_file(models["ft0"] / "model.safetensors"), folder / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    want = load_sd(merge(tmp_path, models["base"], [models["ft0"], models["ft1"]], "st"))
+    got = load_sd(merge(tmp_path, models["base"], [folder, models["ft1"]], "legacy"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+    marker = tmp_path / "ran"
+    torch.save({"transformer.wte.weight": RunsCode(str(marker))}, folder / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(MergeError, match="refused: .*weights_only=True.*pickles"):
+        Checkpoint(folder)
+    assert not marker.exists()
+
+
+class RunsCode:
+    """Unpickling it would create a file: weights_only must refuse it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
