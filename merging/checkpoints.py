@@ -53,10 +53,19 @@ def resolve(ref: str | os.PathLike, allow_hub: bool = True, allowed_roots: Itera
             return path.resolve()
     except OSError as exc:  # a name over 255 bytes, a path too long, a folder we may not enter
         raise os_error(shown(text), exc) from None
+    revision = None
+    if text.count("@") == 1 and not text.startswith("@") and not text.endswith("@"):  # mergekit's model@revision
+        name, _, revision = text.partition("@")
+        try:
+            if Path(os.path.expanduser(name)).exists():  # a local folder has one version (as in mergekit)
+                return Path(os.path.expanduser(name)).resolve()
+        except OSError:
+            pass
+        text = name
     looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or text.endswith((".safetensors", ".bin"))
     if looks_local or not allow_hub:
         raise MergeError(f"{ref}: no such file or folder")
-    return _download(text)
+    return _download(text, revision)
 
 
 def _resolve_allowed(text: str, allow_hub: bool, roots: list[Path]) -> Path:
@@ -86,7 +95,7 @@ def _resolve_allowed(text: str, allow_hub: bool, roots: list[Path]) -> Path:
     return path
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, revision: str | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
@@ -94,7 +103,7 @@ def _download(repo_id: str) -> Path:
         raise MergeError(f"{repo_id}: not a local path, and huggingface_hub is not installed") from None
     patterns = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.jinja"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except HFValidationError:
         raise MergeError(f"{repo_id}: no such file or folder, and not a valid Hub id") from None
     except RepositoryNotFoundError:

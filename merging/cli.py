@@ -52,9 +52,10 @@ def _spares_inputs(out_dir: Path, typed: str, cfg, config_path: str) -> None:
     the merge (a model, a LoRA adapter, the tokenizer's source, the YAML itself)."""
     tok = cfg.tokenizer_source or (cfg.tokenizer.source if cfg.tokenizer else None)
     refs = [("the config", config_path), ("tokenizer source", None if tok in ("base", "union") else tok)]
-    refs += [(role, part) for role, ref in [("base_model", cfg.base_model or "")]
-             + [(f"models[{i}]", m.model) for i, m in enumerate(cfg.models)]
-             for part in [ref, *ref.split("+")] if part]  # model+adapter: both folders
+    for role, ref in [("base_model", cfg.base_model or "")] + [(f"models[{i}]", m.model)
+                                                               for i, m in enumerate(cfg.models)]:
+        for part in [ref, *ref.split("+")]:  # model+adapter: both folders
+            refs += [(role, part), (role, part.partition("@")[0])]  # model@revision: the model's folder
     for role, ref in refs:
         path = Path(ref).expanduser() if ref else None
         if path is None or not path.exists():  # a Hub id, or nothing

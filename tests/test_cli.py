@@ -160,6 +160,29 @@ def test_cli_overwrite_spares_both_folders_of_a_base_model_with_an_adapter(run_c
     assert r.returncode == 0, r.stderr
 
 
+def test_cli_reads_mergekits_model_at_revision(run_cli, tiny_zoo, tmp_path):
+    """`model@revision` (mergekit's syntax): a local folder is that folder (it has one version; it was
+    "no such file or folder"), a Hub id is fetched at that revision (offline: one line); --overwrite of
+    the folder of a `folder@revision` input is refused like any input's."""
+    import shutil
+
+    base = shutil.copytree(tiny_zoo["base"], tmp_path / "base")
+    plain = yaml_file(tmp_path, ta(base, tiny_zoo["ft0"]), "plain.yml")
+    at = yaml_file(tmp_path, ta(f"{base}@main", f"{tiny_zoo['ft0']}@v1.0"), "at.yml")
+    for cfg, out in ((plain, "plain"), (at, "at")):
+        r = run_cli("merge", cfg, tmp_path / out, "--no-progress")
+        assert r.returncode == 0, r.stderr
+    a, b = load_sd(tmp_path / "plain"), load_sd(tmp_path / "at")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    before = sorted(p.name for p in base.iterdir())
+    r = run_cli("merge", at, base, "--no-progress", "--overwrite")
+    assert r.returncode == 2 and f"holds base_model ({base})" in r.stderr, r.stderr
+    assert sorted(p.name for p in base.iterdir()) == before
+    hub = yaml_file(tmp_path, ta(base, "someorg/somemodel@v2"), "hub.yml")
+    r = run_cli("merge", hub, tmp_path / "hub", "--no-progress", "--offline")
+    assert r.returncode == 2 and r.stderr.strip() == "error: someorg/somemodel@v2: no such file or folder", r.stderr
+
+
 def test_cli_overwrite_of_a_linked_output_replaces_the_link_only(run_cli, tiny_zoo, tmp_path):
     """An output that is a symlink to a folder: --overwrite puts the merge in its place and removes the
     link (it was left as a hidden `.out.old-…` link); the folder it pointed to is not touched."""
