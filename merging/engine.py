@@ -35,6 +35,17 @@ def _check_finite_fast(name: str, tensor: torch.Tensor, owner: str) -> None:
         check_finite(name, tensor, owner)
 
 
+def _check_range(name: str, out: torch.Tensor, what: str | None = None, option: str = "out_dtype") -> None:
+    """Finite values rounded to a narrower dtype (float16's max is 65504) must stay finite: an inf
+    written into the model would poison every forward pass that reads it."""
+    if out.is_floating_point() and not math.isfinite(float(out.sum(dtype=torch.float32))):
+        bad = int((~torch.isfinite(out)).sum())
+        if bad:
+            dtype = str(out.dtype).removeprefix("torch.")
+            raise MergeError(f"{what or f'the merge result: tensor {name}'} has {bad} value(s) beyond {dtype}'s "
+                             f"range (±{torch.finfo(out.dtype).max:g}); use {option} bfloat16 or float32")
+
+
 _PREFETCH_BYTES = 256 * 1024**2
 # A stack (base + K sources, at the compute itemsize) larger than this is merged in blocks of rows
 # when the method allows it (Aggregator.row_separable): peak memory stays at a few blocks whatever
@@ -165,15 +176,20 @@ def exact_inputs(plan: MergePlan, name: str, rows: Rows = None) -> tuple[torch.T
     the compute dtype."""
     dt = plan.compute_dtype
     reads_base = not plan.no_base and plan.method.exact_reads_base(plan.params_for(name).lam)
-    base = _get(plan.base, name, rows).to(dt) if reads_base else None
-    if base is not None:
-        _check_finite_fast(name, base, plan.base.ref)
-    models = []
-    for src in plan.sources:
-        m = _get(src.checkpoint, name, rows).to(dt)
-        _check_finite_fast(name, m, src.name)
-        models.append(m)
+    base = _in_compute(_get(plan.base, name, rows), dt, name, plan.base.ref) if reads_base else None
+    models = [_in_compute(_get(src.checkpoint, name, rows), dt, name, src.name) for src in plan.sources]
     return base, models
+
+
+def _in_compute(stored: torch.Tensor, dt: torch.dtype, name: str, owner: str) -> torch.Tensor:
+    """A stored tensor in the compute dtype, checked finite: a value the file holds (in bfloat16, say)
+    that float16 cannot is named as such, not as a non-finite weight of the model."""
+    t = stored.to(dt)
+    if t.dtype != stored.dtype and t.is_floating_point() and not math.isfinite(float(t.sum(dtype=torch.float32))):
+        _check_finite_fast(name, stored, owner)  # non-finite in the file itself: that message
+        _check_range(name, t, f"{owner}: tensor {name}", "dtype")
+    _check_finite_fast(name, t, owner)
+    return t
 
 
 def exact_tensor(plan: MergePlan, name: str, inputs=None) -> torch.Tensor:
@@ -214,6 +230,8 @@ def _iter_exact(plan: MergePlan, block_bytes: int, gpu: torch.device | None = No
             del inputs
             _check_finite_fast(name, merged, "the merge result")
             out = merged.to(plan.output_dtype(name))
+            if out.dtype != merged.dtype:
+                _check_range(name, out)
             yield name, rows, out.cpu() if gpu else out
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -293,6 +311,8 @@ def _iter_float32(plan: MergePlan, gpu: torch.device | None, block_bytes: int) -
             _check_finite_fast(name, merged, "the merge result")
             del data
             out = merged.to(plan.output_dtype(name))
+            if out.dtype != merged.dtype:
+                _check_range(name, out)
             yield name, rows, out.cpu() if gpu else out
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

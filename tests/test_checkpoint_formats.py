@@ -312,3 +312,31 @@ class RunsCode:
 
     def __reduce__(self):
         return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.parametrize("extra,want", [
+    ({"out_dtype": "float16"}, "the merge result: tensor {k} has 1 value(s) beyond float16's range (±65504); "
+                               "use out_dtype bfloat16 or float32"),
+    ({"dtype": "bfloat16", "out_dtype": "float16"}, "the merge result: tensor {k} has 1 value(s) beyond float16's"),
+    ({"dtype": "float16"}, "big: tensor {k} has 1 value(s) beyond float16's range (±65504); use dtype bfloat16"),
+])
+def test_values_beyond_float16_are_refused_not_written_as_inf(models, tmp_path, extra, want):
+    """A bfloat16 weight of 1e6 (finite) merged into float16: the merge wrote inf into the model with
+    exit 0 (out_dtype), or blamed the model for a "non-finite value" it does not hold (dtype: float16,
+    mergekit's arithmetic). Refused, naming the tensor and the dtype; nothing written."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2LMHeadModel
+
+    k = "transformer.h.0.ln_1.weight"
+    big = tmp_path / "big"
+    GPT2LMHeadModel.from_pretrained(models["ft0"]).to(torch.bfloat16).save_pretrained(big)
+    sd = load_file(big / "model.safetensors")
+    sd[k][0] = 1e6
+    save_file(sd, big / "model.safetensors", metadata={"format": "pt"})
+    cfg = parse_config({"merge_method": "ties", "base_model": str(models["base"]), **extra,
+                        "models": [{"model": str(m), "parameters": {"weight": 1.0, "density": 0.5}}
+                                   for m in (big, models["ft1"])]})
+    with pytest.raises(MergeError) as err:
+        merge_to_dir(plan_from_config(cfg), tmp_path / "out")
+    assert str(err.value).startswith(want.format(k=k)), str(err.value)
+    assert not (tmp_path / "out").exists()
