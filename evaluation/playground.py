@@ -339,7 +339,7 @@ class Playground:
         acc = plots.accuracy_bars(res.tasks, res.accuracy)
         acc.update_layout(height=340, legend=dict(orientation="h", y=-0.2), margin=dict(l=40, r=10, t=40, b=40))
         hm = plots.similarity_heatmap(sim)
-        hm.update_layout(height=340, title=dict(text="Cosine: task vectors and the merge"),
+        hm.update_layout(height=340, title=dict(text="Cosine: task vectors & merge"),  # fits a phone
                          margin=dict(l=40, r=10, t=40, b=40))
         mean = res.normalized.get("mean")
         status = (f"**{self.method}**, λ = {self.lam:g}, {len(self.selected)} model(s): mean normalized accuracy "

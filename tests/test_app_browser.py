@@ -385,10 +385,10 @@ def test_task_count_curve_in_the_heterogeneity_tab(open_page, shipped_url):
 
 
 def _titles_past_their_plot(page) -> list[str]:
-    """The plot titles on the page that run past their plot's edges (plotly never wraps a title)."""
+    """The plot and axis titles on the page that run past their plot's edges (plotly never wraps a title)."""
     return page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).flatMap(plot => {
         const box = plot.getBoundingClientRect();
-        return Array.from(plot.querySelectorAll('.gtitle')).filter(t => {
+        return Array.from(plot.querySelectorAll('.gtitle, .xtitle, .ytitle')).filter(t => {
             const r = t.getBoundingClientRect();
             return r.width > 0 && (r.right > box.right + 1 || r.left < box.left - 1);
         }).map(t => t.textContent);
@@ -396,10 +396,12 @@ def _titles_past_their_plot(page) -> list[str]:
 
 
 def test_plot_titles_fit_a_phone(open_page, shipped_url):
-    """At 390 px every heterogeneity plot's title shows whole (the norms chart's was cut after "(whole model) an",
-    the sign-conflict heatmap's after "between task")."""
+    """At 390 px every plot's titles show whole (the norms chart's was cut after "(whole model) an", the
+    sign-conflict heatmap's after "between task", the Merge tab's "Cosine: task vectors and the merge")."""
     p = open_page(f"{shipped_url}?scenario=everything", PHONE)
     p.settle("")
+    p.page.locator("#fm-acc .ytitle").wait_for(timeout=30_000)
+    assert _titles_past_their_plot(p.page) == []  # the live cosine heatmap's title ran past it
     p.page.get_by_role("tab", name="Heterogeneity").click()
     p.page.get_by_text("and training").first.wait_for(timeout=60_000)  # the norms chart's title, second line
     assert _titles_past_their_plot(p.page) == []
