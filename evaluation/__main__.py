@@ -213,6 +213,8 @@ def _check(args: argparse.Namespace) -> None:
         if len(chosen) < 2:
             what = "--models names" if args.models else "the zoo has"
             raise MergeError(f"{args.command}: needs at least two fine-tunes; {what} {len(chosen)}")
+        if args.command == "task-count" and args.sizes and not all(2 <= k <= len(chosen) for k in args.sizes):
+            raise MergeError(f"--sizes: whole numbers from 2 to {len(chosen)} (the selected fine-tunes)")
 
 
 def _write_report(out: str, stem: str, text: str, figure) -> None:
@@ -229,8 +231,10 @@ def _add_selection(p: argparse.ArgumentParser, reported: str) -> None:
     """The options the zoo studies share: which models and aggregators, where to write, how many examples."""
     p.add_argument("--zoo", default=None, help="zoo folder (default assets/zoo)")
     p.add_argument("--models", default=None, help="comma-separated fine-tunes (default: one per task)")
-    p.add_argument("--methods", default="task_arithmetic,fedgma,median,fednova")
-    p.add_argument("--out", default="evaluation/results")
+    p.add_argument("--methods", default="task_arithmetic,fedgma,median,fednova",
+                   help="comma-separated merge methods (default: task_arithmetic,fedgma,median,fednova)")
+    p.add_argument("--out", default="evaluation/results", help="folder for the report's .md and .html "
+                   "(default evaluation/results)")
     p.add_argument("--n-val", type=int, default=12, help="validation examples per task (λ tuning; 1-300)")
     p.add_argument("--n-test", type=int, default=30, help=f"test examples per task (the reported {reported}; 1-300)")
     _add_device(p)

@@ -104,7 +104,7 @@ def test_command_line_writes_the_table_and_figure(tmp_path, capsys):
     assert "plotly" in (tmp_path / "task-count.html").read_text()
     assert text in capsys.readouterr().out
     for bad, want in ((["--sizes", "2,x"], "--sizes: comma-separated whole numbers"),
-                      (["--sizes", "9"], "group sizes: whole numbers from 2 to 7"),
+                      (["--sizes", "9"], "--sizes: whole numbers from 2 to 7"),
                       (["--methods", "slerp"], "slerp: merge"), (["--device", "tpu"], "unknown device 'tpu'")):
         assert main(["task-count", "--out", str(tmp_path / "no"), *bad]) == 2
         err = capsys.readouterr().err.strip()
@@ -135,6 +135,11 @@ def test_command_line_refuses_bad_counts_names_and_folders_before_any_work(tmp_p
         assert main(["task-count", "--models", "reverse", "--out", str(tmp_path / "no"), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and want in err and "\n" not in err and "Error" not in err, (bad, err)
+    for sizes, want in (("1,9", "2 to 7"), ("2,4", "2 to 3")):  # was: refused only after loading the zoo's models
+        models = ["--models", "reverse,upper,sort"] if want == "2 to 3" else []
+        assert main(["task-count", "--sizes", sizes, *models, "--out", str(tmp_path / "no")]) == 2
+        err = capsys.readouterr().err
+        assert f"--sizes: whole numbers from {want}" in err and "Loading" not in err, err
     for bad, want in ((["--models", "reverse,nope"], "--models: no 'nope' in the zoo"),
                       (["--models", "reverse,reverse"], "--models: 'reverse' named twice")):
         assert main(["task-count", "--n-val", "0", "--out", str(tmp_path / "no"), *bad]) == 2
