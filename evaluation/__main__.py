@@ -109,60 +109,20 @@ def _check_report_folder(out: str, stems: list[str]) -> None:
 
 
 def _check_zoo(zoo: str | None) -> list[dict]:
-    """--zoo (default the shipped zoo) before any work: a readable zoo.json naming a base and fine-tunes
-    (each a folder of the zoo, with a known task: the studies score it on that task), and a base with a
-    tokenizer that fits its embedding (the studies decode with it). A MergeError naming what is wrong."""
+    """--zoo (default the shipped zoo) before any work: its zoo.json as `pool.read_zoo` checks it, and a
+    base with a tokenizer that fits its embedding (the studies decode with it). A MergeError naming
+    what is wrong."""
     import json
 
     from merging.errors import MergeError, shown
 
-    from .pool import zoo_dir
-    from .tasks import TASKS
+    from .pool import read_zoo_index, zoo_dir
 
     root = Path(zoo) if zoo is not None else zoo_dir()
     where = f"--zoo {shown(str(root))}" if zoo is not None else f"the zoo at {shown(str(root))}"
-    index = root / "zoo.json"
-    if not root.is_dir():
-        raise MergeError(f"{where}: not a folder")
-    if not index.exists():
-        raise MergeError(f"{where}: no zoo.json (a zoo is built by `python -m evaluation build-zoo`)")
-    try:
-        data = json.loads(index.read_bytes().decode("utf-8"))  # an OSError: main's last resort, one line
-    except UnicodeDecodeError as exc:
-        raise MergeError(f"{where}: zoo.json is not UTF-8 text (byte {exc.start})") from None
-    except ValueError as exc:
-        raise MergeError(f"{where}: zoo.json is not valid JSON ({str(exc)[:120]})") from None
-
-    def folder(entry, what: str) -> Path:
-        if not isinstance(entry, dict) or not isinstance(entry.get("folder"), str) or not entry["folder"]:
-            raise MergeError(f"{where}: zoo.json: {what}: expected a mapping with a \"folder\"")
-        path = root / entry["folder"]
-        if not path.is_dir():
-            raise MergeError(f"{where}: zoo.json: {what}: no folder {entry['folder']!r} in the zoo")
-        return path
-
-    if not isinstance(data, dict):
-        raise MergeError(f"{where}: zoo.json: expected a mapping with \"base\" and \"finetunes\"")
-    base = folder(data.get("base"), "base")
-    finetunes = data.get("finetunes")
-    if not isinstance(finetunes, list) or not finetunes:
-        raise MergeError(f"{where}: zoo.json: finetunes: expected a non-empty list of fine-tunes")
-    names = []
-    for i, entry in enumerate(finetunes):
-        folder(entry, f"finetunes[{i}]")
-        name, task = entry.get("name"), entry.get("task")
-        if not isinstance(name, str) or not name:
-            raise MergeError(f"{where}: zoo.json: finetunes[{i}]: expected a \"name\"")
-        if name in names:
-            raise MergeError(f"{where}: zoo.json: finetunes[{i}]: the name {name!r} is given twice")
-        if task not in TASKS:
-            raise MergeError(f"{where}: zoo.json: finetunes[{i}] ({name}): task {task!r} is not one of the "
-                             f"evaluation tasks ({', '.join(TASKS)})")
-        names.append(name)
-    for i, entry in enumerate(finetunes):
-        if entry.get("variant_of") is not None and entry["variant_of"] not in names:
-            raise MergeError(f"{where}: zoo.json: finetunes[{i}]: variant_of {entry['variant_of']!r} is not a "
-                             "fine-tune of the zoo")
+    data = read_zoo_index(root, where)
+    finetunes = data["finetunes"]
+    base = root / data["base"]["folder"]
     vocab_files = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
     if not any((base / f).is_file() for f in vocab_files):
         raise MergeError(f"{where}: the base ({data['base']['folder']}) has no tokenizer "

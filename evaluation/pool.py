@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from merging.cache import StackCache
 from merging.checkpoints import Checkpoint
-from merging.errors import MergeError
+from merging.errors import MergeError, shown
 from merging.live import TaskVectorStack
 from merging.progress import Progress
 
@@ -39,13 +39,62 @@ def zoo_dir() -> Path:
     return Path(os.environ.get("FEDMERGE_ZOO", str(DEFAULT_ZOO))).resolve()
 
 
-def read_zoo(root: str | os.PathLike | None = None) -> tuple[str, list[ModelSpec]]:
-    """(base folder, fine-tune specs) from a zoo's zoo.json."""
-    root = Path(root) if root is not None else zoo_dir()
+def read_zoo_index(root: Path, where: str | None = None) -> dict[str, Any]:
+    """A zoo's zoo.json, checked: a base and a non-empty list of fine-tunes, each a folder of the zoo
+    with a unique name and a known task (the studies and the app score it on that task); `variant_of`
+    names one of them. A MergeError naming `where` (default: the zoo's folder) and what is wrong."""
+    from .tasks import TASKS
+
+    where = where or f"the zoo at {shown(str(root))}"
     index = root / "zoo.json"
+    if not root.is_dir():
+        raise MergeError(f"{where}: not a folder")
     if not index.exists():
-        raise MergeError(f"no model zoo at {root} (zoo.json missing); build it with `python -m evaluation build-zoo`")
-    data = json.loads(index.read_text())
+        raise MergeError(f"{where}: no zoo.json (a zoo is built by `python -m evaluation build-zoo`)")
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise MergeError(f"{where}: zoo.json: {(exc.strerror or 'unreadable').lower()}") from None
+    except UnicodeDecodeError as exc:
+        raise MergeError(f"{where}: zoo.json is not UTF-8 text (byte {exc.start})") from None
+    except ValueError as exc:
+        raise MergeError(f"{where}: zoo.json is not valid JSON ({str(exc)[:120]})") from None
+
+    def folder(entry, what: str) -> None:
+        if not isinstance(entry, dict) or not isinstance(entry.get("folder"), str) or not entry["folder"]:
+            raise MergeError(f"{where}: zoo.json: {what}: expected a mapping with a \"folder\"")
+        if not (root / entry["folder"]).is_dir():
+            raise MergeError(f"{where}: zoo.json: {what}: no folder {entry['folder']!r} in the zoo")
+
+    if not isinstance(data, dict):
+        raise MergeError(f"{where}: zoo.json: expected a mapping with \"base\" and \"finetunes\"")
+    folder(data.get("base"), "base")
+    finetunes = data.get("finetunes")
+    if not isinstance(finetunes, list) or not finetunes:
+        raise MergeError(f"{where}: zoo.json: finetunes: expected a non-empty list of fine-tunes")
+    names = []
+    for i, entry in enumerate(finetunes):
+        folder(entry, f"finetunes[{i}]")
+        name, task = entry.get("name"), entry.get("task")
+        if not isinstance(name, str) or not name:
+            raise MergeError(f"{where}: zoo.json: finetunes[{i}]: expected a \"name\"")
+        if name in names:
+            raise MergeError(f"{where}: zoo.json: finetunes[{i}]: the name {name!r} is given twice")
+        if task not in TASKS:
+            raise MergeError(f"{where}: zoo.json: finetunes[{i}] ({name}): task {task!r} is not one of the "
+                             f"evaluation tasks ({', '.join(TASKS)})")
+        names.append(name)
+    for i, entry in enumerate(finetunes):
+        if entry.get("variant_of") is not None and entry["variant_of"] not in names:
+            raise MergeError(f"{where}: zoo.json: finetunes[{i}]: variant_of {entry['variant_of']!r} is not a "
+                             "fine-tune of the zoo")
+    return data
+
+
+def read_zoo(root: str | os.PathLike | None = None) -> tuple[str, list[ModelSpec]]:
+    """(base folder, fine-tune specs) from a zoo's zoo.json (`read_zoo_index` checks it)."""
+    root = Path(root) if root is not None else zoo_dir()
+    data = read_zoo_index(root)
     base = str(root / data["base"]["folder"])
     specs = [ModelSpec(e["name"], str(root / e["folder"]), e.get("task"), "zoo", e.get("variant_of"))
              for e in data["finetunes"]]

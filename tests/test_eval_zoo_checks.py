@@ -98,3 +98,16 @@ def test_a_study_of_fewer_than_two_fine_tunes_is_refused_before_loading(tmp_path
         captured = capsys.readouterr()
         assert captured.err.strip() == f"error: {command}: needs at least two fine-tunes; {want}", captured.err
         assert "Loading" not in captured.err + captured.out  # nothing was loaded
+
+
+def test_the_app_reads_a_zoo_by_the_same_checks(tiny, tmp_path):
+    """The app and a Session read the zoo with `pool.read_zoo` (FEDMERGE_ZOO): a malformed zoo.json
+    is the same one line as in the CLIs (it was a KeyError or JSONDecodeError at start-up or on load)."""
+    from evaluation.pool import read_zoo
+    from merging.errors import MergeError
+
+    for i, (index, folders, want) in enumerate(cases(tiny)[:-1]):  # the last needs a tokenizer: the studies'
+        root = zoo(tmp_path / f"z{i}", index, folders)
+        with pytest.raises(MergeError, match=r"^the zoo at .*: ") as err:
+            read_zoo(root)
+        assert want in str(err.value), (want, str(err.value))
