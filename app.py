@@ -911,6 +911,10 @@ def main() -> None:
         raise SystemExit(f"app.py: FEDMERGE_DEVICE: {exc}") from None
     if device.type != "cpu":
         print(f"merging and decoding on {device} ({torch.cuda.get_device_name(device)})", flush=True)
+    try:
+        read_zoo()  # a malformed FEDMERGE_ZOO: one line, before anything is served
+    except MergeError as exc:
+        raise SystemExit(f"app.py: FEDMERGE_ZOO: {exc}") from None
     torch.set_num_threads(default_threads())
     demo = build_demo()
     demo.queue(default_concurrency_limit=2)

@@ -111,3 +111,18 @@ def test_the_app_reads_a_zoo_by_the_same_checks(tiny, tmp_path):
         with pytest.raises(MergeError, match=r"^the zoo at .*: ") as err:
             read_zoo(root)
         assert want in str(err.value), (want, str(err.value))
+
+
+def test_the_app_stops_on_a_malformed_zoo_before_serving(tmp_path, monkeypatch):
+    """`FEDMERGE_ZOO=… python app.py` on a malformed zoo: one line and a stop before anything is built
+    or served (it started, then every visitor's page load failed)."""
+    import app
+
+    root = zoo(tmp_path / "z", {"base": {"folder": "base"}, "finetunes": []}, {})
+    monkeypatch.setenv("FEDMERGE_ZOO", str(root))
+    monkeypatch.setenv("FEDMERGE_DEVICE", "cpu")
+    with pytest.raises(SystemExit) as stop:
+        app.main()
+    text = str(stop.value.code)
+    assert text.startswith("app.py: FEDMERGE_ZOO: the zoo at ") and "base: no folder 'base'" in text, text
+    assert "\n" not in text
