@@ -21,7 +21,7 @@ import os
 import re
 import socket
 import threading
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -76,17 +76,37 @@ def _forked_call(fn, i: int, item):
     return i, fn(_FORKED, item)
 
 
+HEARTBEAT_S = 0.25  # while forked children work, the parent calls `heartbeat` this often (a Cancel check)
+
+
+def with_heartbeat(progress: Callable[[float, str], None] | None, first: str):
+    """(report, heartbeat) for a forked map: `report` passes progress on and remembers it; `heartbeat`
+    sends the last report (at first `first`, at 0) again, so a Cancel check inside `progress` runs while
+    the children work (else it ran only when a job came back: a Cancel of compare-all waited ~30 s)."""
+    if progress is None:
+        return None, None
+    last: list[Any] = [0.0, first]
+
+    def report(frac: float, text: str) -> None:
+        last[:] = [frac, text]
+        progress(frac, text)
+    return report, lambda: progress(*last)
+
+
 def forked_map(n: int, fn: Callable[[Any, Any], Any], items: Sequence[Any], state: Any,
-               locks: Sequence[Any] = ()) -> Iterator[tuple[int, Any]]:
+               locks: Sequence[Any] = (), heartbeat: Callable[[], None] | None = None) -> Iterator[tuple[int, Any]]:
     """(index, fn(state, item)) for every item, in the order `n` forked one-thread processes finish them.
 
     `state` (the session, say) reaches the children through fork, not pickling; `fn` must be a
     module-level function and its results picklable. `locks` (outermost first) are every lock the
     children may take: a lock another thread held at the fork would stay locked forever in a child,
-    so the forking thread holds them all while it forks and each child releases them. The
-    processes exit when this generator ends."""
+    so the forking thread holds them all while it forks and each child releases them. `heartbeat`
+    is called every HEARTBEAT_S while waiting: what it raises (a Cancel) ends the map at once. The
+    processes exit when this generator ends; if it ends early (an error, a Cancel, the caller
+    stopped), the children still working are stopped, not waited for (a search takes tens of seconds)."""
     global _FORKED
     pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_child_init)
+    finished = False
     try:
         with _FORK_LOCK:  # the children copy _FORKED when they are forked, at the first submit
             _FORKED = state
@@ -98,27 +118,48 @@ def forked_map(n: int, fn: Callable[[Any, Any], Any], items: Sequence[Any], stat
             finally:
                 _FORKED = None
                 _release_held()  # in the parent too: the children are forked by now
-        for f in as_completed(futures):
-            yield f.result()
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=HEARTBEAT_S if heartbeat else None, return_when=FIRST_COMPLETED)
+            for f in done:
+                yield f.result()
+            if pending and heartbeat:
+                heartbeat()
+        finished = True
     except BrokenProcessPool:
         raise MergeError("a search worker process died (out of memory?): "
                          "set FEDMERGE_SEARCH_WORKERS=1 to search in one process") from None
     finally:
+        if not finished:
+            _stop_workers(pool)
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool's processes now: they hold nothing but a forked copy and their current job."""
+    stop = getattr(pool, "terminate_workers", None)  # Python 3.14
+    if stop is not None:
+        stop()
+        return
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        if proc.is_alive():
+            proc.terminate()
+
+
 def session_map(session, fn: Callable[[Any, Any], Any], jobs: Sequence[Any],
-                references: Sequence[tuple[str, int]] = (), workers: int | None = None) -> Iterator[tuple[int, Any]]:
+                references: Sequence[tuple[str, int]] = (), workers: int | None = None,
+                heartbeat: Callable[[], None] | None = None) -> Iterator[tuple[int, Any]]:
     """(index, fn(session, job)) for every job: in forked one-thread processes where `fork_workers`
     says it helps, else one after the other in this process. The selected fine-tunes' reference
-    scores (`references`: (split, n) pairs) are computed first, once, so every child inherits them."""
+    scores (`references`: (split, n) pairs) are computed first, once, so every child inherits them.
+    `heartbeat`: see `forked_map` (in this process the jobs' own progress callbacks do that)."""
     n = fork_workers(session, len(jobs), workers)
     if n < 2:
         yield from ((i, fn(session, job)) for i, job in enumerate(jobs))
         return
     for split, k in references:
         session.finetuned_accuracy(split, k)
-    yield from forked_map(n, fn, jobs, session, session.fork_locks())
+    yield from forked_map(n, fn, jobs, session, session.fork_locks(), heartbeat)
 
 
 def require_ray():

@@ -24,7 +24,7 @@ from merging.plan import layer_of
 from merging.progress import Progress
 from merging.similarity import SimilarityReport
 
-from .distributed import session_map
+from .distributed import session_map, with_heartbeat
 from .harness import evaluate, normalized
 from .live_merge import MergeSettings
 from .scorer import LIVE_SPLIT, ScratchModel
@@ -189,8 +189,10 @@ def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 12, n_te
     jobs = [([selected[i] for i in idx], list(methods), n_val, n_test) for _, idx in groups_idx]
     label = lambda g: f"{groups_idx[g][0]} {'+'.join(names[i] for i in groups_idx[g][1])}"  # noqa: E731
     scored: dict[int, tuple[dict, dict]] = {}
+    progress, beat = with_heartbeat(progress, f"{len(jobs)} groups")
     try:
-        for g, result in session_map(session, score_group, jobs, [(LIVE_SPLIT, n_val), ("test", n_test)], workers):
+        for g, result in session_map(session, score_group, jobs, [(LIVE_SPLIT, n_val), ("test", n_test)], workers,
+                                      beat):
             scored[g] = result
             if progress:
                 progress(len(scored) / (len(jobs) + 1), f"{label(g)} ({len(scored)} of {len(jobs)} groups)")

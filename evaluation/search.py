@@ -21,7 +21,7 @@ from merging.progress import Progress
 from merging.errors import MergeError
 from merging.registry import AGGREGATORS
 
-from .distributed import fork_workers, forked_map, session_map
+from .distributed import fork_workers, forked_map, session_map, with_heartbeat
 from .grouped import GroupedModel, group_size, supports
 from .harness import evaluate, evaluate_grouped, normalized
 from .live_merge import describe
@@ -224,7 +224,8 @@ def _score_settings_forked(n: int, session, method: str, weights: Sequence[float
     """score_grid with each setting in one of `n` forked processes: the same rows, in the settings' order."""
     jobs = [(method, weights, select, lambdas, [s], n_val, ft_val, batched) for s in settings]
     rows: dict[int, tuple] = {}
-    for i, r in forked_map(n, _score_one_setting, jobs, session, session.fork_locks()):
+    progress, beat = with_heartbeat(progress, f"{method}: {len(settings)} settings")
+    for i, r in forked_map(n, _score_one_setting, jobs, session, session.fork_locks(), beat):
         rows[i] = r
         if progress:
             progress(len(rows) * len(lambdas) / total,
@@ -296,7 +297,8 @@ def compare_all(session, methods: Sequence[str] | None = None, weights: Sequence
         order = sorted(range(len(methods)), key=lambda i: -len(hyper_grid(methods[i], norms, quick)))
         found: dict[int, SearchResult | str] = {}
         refs = [(LIVE_SPLIT, n_val or SEARCH_N), ("test", n_test)]
-        for j, r in session_map(session, _search_or_reason, [(methods[i], kw) for i in order], refs, n):
+        progress, beat = with_heartbeat(progress, f"tuning {len(methods)} methods")
+        for j, r in session_map(session, _search_or_reason, [(methods[i], kw) for i in order], refs, n, beat):
             found[order[j]] = r
             if progress:
                 progress(len(found) / len(methods), f"{methods[order[j]]} tuned ({len(found)} of {len(methods)} methods)")

@@ -22,7 +22,7 @@ from merging.errors import MergeError
 from merging.progress import Progress
 from merging.registry import AGGREGATORS
 
-from .distributed import session_map
+from .distributed import session_map, with_heartbeat
 from .heterogeneity import DEFAULT_METHODS, score_group
 from .limits import check_method
 from .live_merge import MergeSettings
@@ -98,8 +98,10 @@ def run(session, methods: Sequence[str] = DEFAULT_METHODS, per_size: int = PER_S
     plan = [(k, g) for k in sizes for g in groups_of_size(len(selected), k, per_size)]
     jobs = [([selected[i] for i in g], list(methods), n_val, n_test) for _, g in plan]
     scored: dict[int, tuple[dict, dict]] = {}
+    progress, beat = with_heartbeat(progress, f"{len(jobs)} groups")
     try:
-        for j, result in session_map(session, score_group, jobs, [(LIVE_SPLIT, n_val), ("test", n_test)], workers):
+        for j, result in session_map(session, score_group, jobs, [(LIVE_SPLIT, n_val), ("test", n_test)], workers,
+                                      beat):
             scored[j] = result
             if progress:
                 k, g = plan[j]
