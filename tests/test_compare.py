@@ -53,11 +53,11 @@ def test_command_line_refuses_bad_options_in_one_line_before_any_work(tmp_path, 
 
 
 def test_command_line_turns_a_file_system_error_into_one_line(tmp_path, capsys):
-    """The last resort: an OSError the checks did not foresee (here a zoo.json that is a folder) is one
-    line with the path and the system's reason, exit 2, not a traceback."""
+    """A zoo.json that cannot be read (here a folder) is one line naming --zoo and the system's reason,
+    exit 2, not a traceback (it was main's last resort; the zoo check words it now)."""
     from evaluation.__main__ import main
 
     (tmp_path / "zoo" / "zoo.json").mkdir(parents=True)
     assert main(["compare", "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {tmp_path / 'zoo' / 'zoo.json'}: Is a directory", err
+    assert err == f"error: --zoo {tmp_path / 'zoo'}: zoo.json: is a directory", err
