@@ -46,6 +46,14 @@ def _check_range(name: str, out: torch.Tensor, what: str | None = None, option: 
                              f"range (±{torch.finfo(out.dtype).max:g}); use {option} bfloat16 or float32")
 
 
+def _narrows(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Rounding src to dst can overflow (float32 or bfloat16 to float16): only then is the range checked,
+    an extra pass over the tensor that float32 ↔ bfloat16 (one exponent range: 2¹²⁸) does not need."""
+    if not (src.is_floating_point and dst.is_floating_point) or src == dst:
+        return False
+    return math.ceil(math.log2(torch.finfo(dst).max)) < math.ceil(math.log2(torch.finfo(src).max))
+
+
 _PREFETCH_BYTES = 256 * 1024**2
 # A stack (base + K sources, at the compute itemsize) larger than this is merged in blocks of rows
 # when the method allows it (Aggregator.row_separable): peak memory stays at a few blocks whatever
@@ -185,7 +193,7 @@ def _in_compute(stored: torch.Tensor, dt: torch.dtype, name: str, owner: str) ->
     """A stored tensor in the compute dtype, checked finite: a value the file holds (in bfloat16, say)
     that float16 cannot is named as such, not as a non-finite weight of the model."""
     t = stored.to(dt)
-    if t.dtype != stored.dtype and t.is_floating_point() and not math.isfinite(float(t.sum(dtype=torch.float32))):
+    if _narrows(stored.dtype, t.dtype) and not math.isfinite(float(t.sum(dtype=torch.float32))):
         _check_finite_fast(name, stored, owner)  # non-finite in the file itself: that message
         _check_range(name, t, f"{owner}: tensor {name}", "dtype")
     _check_finite_fast(name, t, owner)
@@ -230,7 +238,7 @@ def _iter_exact(plan: MergePlan, block_bytes: int, gpu: torch.device | None = No
             del inputs
             _check_finite_fast(name, merged, "the merge result")
             out = merged.to(plan.output_dtype(name))
-            if out.dtype != merged.dtype:
+            if _narrows(merged.dtype, out.dtype):
                 _check_range(name, out)
             yield name, rows, out.cpu() if gpu else out
     finally:
@@ -311,7 +319,7 @@ def _iter_float32(plan: MergePlan, gpu: torch.device | None, block_bytes: int) -
             _check_finite_fast(name, merged, "the merge result")
             del data
             out = merged.to(plan.output_dtype(name))
-            if out.dtype != merged.dtype:
+            if _narrows(merged.dtype, out.dtype):
                 _check_range(name, out)
             yield name, rows, out.cpu() if gpu else out
     finally:
