@@ -475,10 +475,10 @@ def _zoo_names(folder: Path, cfg: ZooConfig) -> set[str] | None:
     return {*BUILT, "base", *(s.name for s in cfg.finetunes()), *(x for x in old if isinstance(x, str))}
 
 
-def _foreign(folder: Path, cfg: ZooConfig) -> str | None:
-    """The first entry of ``folder`` that a rebuild would delete and did not make, or None."""
+def _foreign(folder: Path, zoo: set[str] | None) -> str | None:
+    """The first entry of ``folder`` that a rebuild would delete and did not make (``zoo``: what
+    `_zoo_names` says a rebuild replaces there), or None."""
     entries = [e for e in _entries(folder) if e not in KEPT or not (folder / e).is_file()]
-    zoo = _zoo_names(folder, cfg)
     if zoo is None:
         return entries[0] if entries else None
     for e in entries:
@@ -508,11 +508,11 @@ def check_out(out: Path | str, cfg: ZooConfig = FULL, overwrite: bool = False) -
     who = role("--out", typed)
     if path.is_dir() and not overwrite:
         try:
-            holds_zoo = _zoo_names(path, cfg) is not None
-            extra = _foreign(path, cfg)
+            zoo = _zoo_names(path, cfg)
+            extra = _foreign(path, zoo)
         except OSError as exc:
             raise MergeError(f"{who}: cannot read it: {(exc.strerror or 'unreadable').lower()}") from None
-        if extra is not None and not holds_zoo:
+        if extra is not None and zoo is None:
             raise MergeError(f"{who}: not empty and holds no zoo (no zoo.json): a build would replace it; choose "
                              f"another folder, or pass --overwrite to delete what it holds")
         if extra is not None:
