@@ -175,7 +175,7 @@ def _linear_total(weights: torch.Tensor) -> torch.Tensor:
     "FedNova: rescale each update by K̄/(K·Kᵢ) so long-trained fine-tunes do not dominate.",
     [
         HyperParam("steps", int, None, "Fine-tuning steps Kᵢ of each model (read from its training metadata).",
-                   low=1, per_model=True, optional=True),
+                   low=1, high=10**12, per_model=True, optional=True),
         HyperParam("learning_rates", float, None, "Learning rate ηᵢ of each model (for the lr × steps mode).",
                    low=0.0, low_open=True, per_model=True, optional=True),
         HyperParam("fednova_mode", str, "steps", "Normalise by the steps Kᵢ, or by ηᵢ·Kᵢ.",

@@ -67,7 +67,7 @@ class HyperParam:
             if isinstance(value, bool):
                 raise ValueError
             number = self.type(value)
-            if self.type is int and float(value) != number:
+            if self.type is int and not isinstance(value, int) and float(value) != number:  # 2.5; an int is exact
                 raise ValueError
         except OverflowError:
             raise MergeError(f"{label}: {shown(str(value), 40)} is outside {self.range_text()}") from None

@@ -268,6 +268,12 @@ def test_param_validation_names_the_field():
         AGGREGATORS["median"].check_params({"median_kind": "upper"}, 2)
     with pytest.raises(MergeError, match="unknown merge method 'soup'"):
         AGGREGATORS["soup"]
+    # a huge whole number is out of range, not "expected int" (float(10**30) != 10**30 refused it as not whole);
+    # 1e30 was taken as a step count
+    for huge in (10**30, 1e30):
+        with pytest.raises(MergeError, match=r"steps.*is outside \[1, 1e\+12\]"):
+            AGGREGATORS["fednova"].check_params({"steps": [huge, 10]}, 2)
+    assert AGGREGATORS["fednova"].check_params({"steps": [10**12, 7.0]}, 2)["steps"] == [10**12, 7]
 
 
 def test_public_api_names():
