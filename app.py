@@ -264,8 +264,8 @@ def on_auto(pg: Playground, auto: bool, name: str, method: str) -> list:
 @_guard
 def on_prompts(pg: Playground, text: str) -> list:
     out = run(pg, partial(pg.set_prompts, text))
-    if pg.prompts is None:  # emptied: the demo prompts it now shows are back in the box
-        out[4] = "\n".join(pg.prompt_list())
+    if not (text or "").strip():  # emptied: the demo prompts it now shows are back in the box (a refused
+        out[4] = "\n".join(pg.prompt_list())  # text stays, with its warning, for the user to shorten)
     return out
 
 

@@ -186,6 +186,9 @@ def test_emptied_prompts_box_gets_the_demo_prompts_back(pg):
     pg.act(lambda: pg.set_prompts("upper: abc="))
     out = app.on_prompts(pg, "   ")
     assert pg.prompts is None and out[4] == "\n".join(pg.prompt_list()) and "upper: abc=" not in out[4]
+    typed = "\n".join(f"upper: w{i}=" for i in range(40))  # over the limit: refused, and the typed text stays
+    out = app.on_prompts(pg, typed)  # in the box (it was replaced by the demo prompts: the user's lines were lost)
+    assert out[-1].startswith("⚠️") and "prompts" in out[-1] and out[4] == app.gr.skip() and pg.prompts is None
 
 
 def test_app_handlers(pg, zoo):
