@@ -892,7 +892,7 @@ def build_hyper_widgets() -> tuple[list, list]:
             if not agg.params:
                 gr.Markdown(f"*{name} has no hyperparameters besides the coefficients and λ.*")
             for p in agg.params:
-                comps.append(_widget(p, name))
+                comps.append(_widget(limits.live_param(name, p), name))
         groups.append(g)
     return groups, comps
 

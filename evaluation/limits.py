@@ -27,6 +27,18 @@ log = logging.getLogger("fedmerge")
 
 WEIGHT_RANGE = (-1.0, 2.0)  # the per-model sliders
 LAMBDA_RANGE = (0.0, 8.0)  # the λ slider: averaging aggregators (fednova, median) need λ near K
+# Hyperparameters whose registry bound (mergekit's reach, for the CLI) would let one live merge run for
+# minutes: each Karcher iteration is a pass over every tensor of every model (1000 on the 1M-parameter
+# zoo: 29 s; mergekit's default is 10).
+LIVE_CAPS: dict[tuple[str, str], float] = {("karcher", "max_iter"): 100}
+
+
+def live_param(method: str, p):
+    """`p` (a registry HyperParam of `method`) as the app offers it: its upper bound cut to LIVE_CAPS."""
+    from dataclasses import replace
+
+    cap = LIVE_CAPS.get((method, p.name))
+    return p if cap is None or (p.high is not None and p.high <= cap) else replace(p, high=cap)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -129,7 +141,13 @@ def check_hyper(method: str, hyper: Mapping[str, Any], k: int) -> None:
     """The registry's own checks of `method`'s hyperparameters, before any work."""
     agg = AGGREGATORS[method]
     agg.check_model_count(k)
-    agg.check_params({key: v for key, v in hyper.items() if v is not None}, k)
+    given = {key: v for key, v in hyper.items() if v is not None}
+    agg.check_params(given, k)
+    for key, value in given.items():
+        cap = LIVE_CAPS.get((method, key))
+        if cap is not None and not isinstance(value, (list, dict)) and float(value) > cap:
+            raise MergeError(f"{key}: at most {cap:g} here (each iteration is a pass over every model; "
+                             f"the command line takes up to {agg.param(key).high:g})")
 
 
 def check_selection(selection: Any, names: Sequence[str]) -> list[str]:

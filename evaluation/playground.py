@@ -169,7 +169,7 @@ class Playground:
 
     def set_hyper(self, name: str, value: Any, model: str | None = None) -> Any:
         """One hyperparameter of the current method, checked against the registry (None/'' = auto/default)."""
-        p = AGGREGATORS[self.method].param(name)
+        p = limits.live_param(self.method, AGGREGATORS[self.method].param(name))
         store = self.hyper.setdefault(self.method, {})
         if value in (None, ""):
             if model is None:

@@ -484,3 +484,18 @@ def test_auto_tune_keeps_lambda_within_the_slider():
     tuned = float(re.search(r"λ=([0-9.]+)", out[-1]).group(1))
     assert tuned <= LAMBDA_RANGE[1] and pg.lam == tuned == pg.session.settings.lam, out[-1]
     pg.close()
+
+
+def test_karcher_iterations_are_capped_in_the_app(pg):
+    """Karcher's max_iter goes to 1000 in the registry (the CLI, as mergekit), but each iteration is a pass
+    over every model: one live merge of 1000 on the zoo took 29 s and held a live slot. The app offers 100."""
+    from evaluation.limits import LIVE_CAPS
+    from merging.errors import MergeError
+    from merging.registry import AGGREGATORS
+
+    assert AGGREGATORS["karcher"].param("max_iter").high == 1000 and LIVE_CAPS[("karcher", "max_iter")] == 100
+    pg.act(lambda: (pg.select(["reverse", "upper"]), pg.set_method("karcher")))
+    assert pg.set_hyper("max_iter", 1000) == 100  # the box clamps, as every bounded widget does
+    with pytest.raises(MergeError, match=r"^max_iter: at most 100 here .*up to 1000"):
+        pg.check_api(["reverse", "upper"], "karcher", 1.0, [1, 1], {"max_iter": 500}, "")
+    pg.check_api(["reverse", "upper"], "karcher", 1.0, [1, 1], {"max_iter": 100}, "")
