@@ -53,6 +53,12 @@ def check_compatible(base, sources) -> list[str]:
             keys = set(k for k in ck.keys() if ck.is_float(k))
             missing = [k for k in base_keys if k not in keys]
             extra = sorted(keys - set(base_keys))
+            heads = [k for k in missing + extra if k.endswith("lm_head.weight")]
+            if heads and len(missing) + len(extra) == 1:  # the only difference: one ties its head, the other not
+                tied, untied = ("the base", src.name) if extra else (src.name, "the base")
+                raise MergeError(f"{src.name}: {untied} has its own output head ({heads[0]}) where {tied} ties it to "
+                                 "the input embedding (tie_word_embeddings): they cannot be merged tensor by tensor "
+                                 "(mergekit does not merge it either)")
             if missing:
                 raise MergeError(f"{src.name}: missing tensors {_names(missing)} that the base has")
             if extra:

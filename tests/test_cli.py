@@ -611,3 +611,22 @@ def test_fedmerge_console_script_from_any_folder(tmp_path):
     assert as_module.returncode == 0 and as_module.stdout == listed.stdout
     bad = run_process("merge", "missing.yml", "out", cwd=elsewhere, exe=[str(venv / "bin" / "fedmerge")])
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
+
+
+def test_a_tied_and_an_untied_head_are_named_as_such(run_cli, tiny_zoo, tmp_path):
+    """A fine-tune that unties the output head of a tied base (or the other way round) was refused as
+    'unknown tensors lm_head.weight': now the message says what differs."""
+    from transformers import GPT2LMHeadModel
+
+    cfg = tiny_config()
+    cfg.tie_word_embeddings = False
+    base = GPT2LMHeadModel.from_pretrained(tiny_zoo["base"])
+    untied = GPT2LMHeadModel(cfg)
+    state = base.state_dict()
+    state["lm_head.weight"] = state["transformer.wte.weight"].clone() + 0.01
+    untied.load_state_dict(state)
+    save_model(untied, tmp_path / "untied")
+    for b, m, untied_one in ((tiny_zoo["base"], tmp_path / "untied", "untied"), (tmp_path / "untied", tiny_zoo["ft0"], "the base")):
+        r = run_cli("merge", yaml_file(tmp_path, ta(b, m)), tmp_path / "out", "--no-progress")
+        assert_refused(r, f"{untied_one} has its own output head (lm_head.weight)", "tie_word_embeddings")
+    assert not (tmp_path / "out").exists()
