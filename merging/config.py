@@ -6,6 +6,7 @@ Per-model settings override global ones.
 """
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Any, Union
 
@@ -290,10 +291,11 @@ MAX_CONFIG_BYTES = 2**20
 def load_config(path: str | Path) -> MergeConfig:
     """Read a mergekit-style YAML file."""
     try:
-        if Path(path).exists() and not Path(path).is_file():  # a folder, or a device such as /dev/zero
+        st = Path(path).stat()
+        if not stat.S_ISREG(st.st_mode):  # a folder, or a device such as /dev/zero
             raise MergeError(f"{shown(path)}: not a YAML file")
-        if Path(path).stat().st_size > MAX_CONFIG_BYTES:
-            raise MergeError(f"{shown(path)}: {Path(path).stat().st_size} bytes; a merge config is at most "
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise MergeError(f"{shown(path)}: {st.st_size} bytes; a merge config is at most "
                              f"{MAX_CONFIG_BYTES // 2**20} MiB")
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:

@@ -158,6 +158,17 @@ def _exists(ref: str) -> bool:
         return False
 
 
+def split_adapter(ref: str) -> tuple[str, str]:
+    """mergekit's `model+adapter` as (model, adapter); ("model", "") without one, or for a folder whose
+    own name has a '+'."""
+    path, plus, adapter = ref.partition("+")
+    if not plus or _exists(ref):
+        return ref, ""
+    if not adapter.strip():
+        raise MergeError(f"{shown(ref)}: nothing after '+' (expected model+path/to/lora_adapter)")
+    return path, adapter
+
+
 def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=None,
                      trust_remote_code: bool = False) -> MergePlan:
     """Resolve the config's models, drop the base from the task list, validate compatibility."""
@@ -169,13 +180,9 @@ def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=
 
     def model(ref: str):
         """A checkpoint, or `model+adapter`: the model with a LoRA adapter merged in (as mergekit)."""
-        path, plus, adapter = ref.partition("+")
-        if plus and _exists(ref):  # a folder whose name has a '+'
-            path, plus, adapter = ref, "", ""
-        if plus and not adapter.strip():
-            raise MergeError(f"{shown(ref)}: nothing after '+' (expected model+path/to/lora_adapter)")
+        path, adapter = split_adapter(ref)
         ck = Checkpoint(path, trust_remote_code=trust_remote_code, **opts)
-        return LoraApplied(ck, LoraAdapter(adapter, Path(adapter).name, **opts), adapter) if plus else ck
+        return LoraApplied(ck, LoraAdapter(adapter, Path(adapter).name, **opts), adapter) if adapter else ck
 
     if cfg.base_model:
         base = model(cfg.base_model)
@@ -188,9 +195,7 @@ def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=
         raise MergeError(f"{role} {shown(base.ref)}: no config.json")
     sources = []
     for m in entries:
-        ref, plus, adapter = m.model.partition("+")
-        if plus and not adapter.strip():
-            raise MergeError(f"{shown(m.model)}: nothing after '+' (expected model+path/to/lora_adapter)")
+        ref, adapter = split_adapter(m.model)
         if adapter and isinstance(base, Checkpoint) and (_same_path(ref, base.path) or ref == cfg.base_model):
             sources.append(LoraAdapter(adapter, Path(adapter).name, **opts))  # τ = ΔW exactly
         elif adapter:  # on another model: that model with the adapter merged in
