@@ -219,8 +219,9 @@ class Checkpoint:
             except Exception as exc:
                 raise MergeError(f"{f}: refused: not a plain tensor checkpoint "
                                  f"(torch.load with weights_only=True failed: {_load_failure(exc)})") from None
+            part = _unwrapped(part)
             if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
-                raise MergeError(f"{f}: refused: expected a dict of tensors")
+                raise MergeError(f"{f}: refused: expected a dict of tensors{_nested(part)}")
             if listed is not None:
                 for key in [k for k, v in listed.items() if v == f.name and k not in part][:1]:
                     raise MergeError(f"{self.ref}: {INDEX['.bin']} puts tensor {key} in {f.name}, "
@@ -311,6 +312,22 @@ def _torch_load(path: Path):
         if "_use_new_zipfile_serialization" not in str(exc):
             raise
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unwrapped(loaded: Any) -> Any:
+    """The tensors of a training checkpoint saved as {"state_dict": {...}, ...} (Lightning's and many
+    training scripts'), where mergekit lists them too; its other entries (epoch, optimizer state) are
+    left out. Only "state_dict": mergekit unwraps no other name."""
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        return loaded["state_dict"]
+    return loaded
+
+
+def _nested(loaded: Any) -> str:
+    """Where a refused .bin keeps its tensors one level down under another name ({"model": {...}})."""
+    inner = [k for k, v in loaded.items() if isinstance(v, dict)][:1] if isinstance(loaded, dict) else []
+    return f" (it holds a dict under {shown(str(inner[0]), 40)!r}; only a 'state_dict' wrapper is unwrapped)" \
+        if inner else ""
 
 
 def _load_failure(exc: Exception) -> str:

@@ -340,3 +340,45 @@ def test_values_beyond_float16_are_refused_not_written_as_inf(models, tmp_path, 
         merge_to_dir(plan_from_config(cfg), tmp_path / "out")
     assert str(err.value).startswith(want.format(k=k)), str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bin_wrapped_as_a_training_checkpoint_is_read_through_its_state_dict(models, tmp_path):
+    """torch.save({"state_dict": ..., "epoch": ..., "optimizer_states": ...}) (Lightning's layout, many
+    training scripts'): mergekit lists its tensors from under "state_dict"; it was refused ("expected a
+    dict of tensors"). Read the same way, still through torch.load(weights_only=True): a pickled object
+    anywhere in the file is refused and never runs, a non-tensor among the weights is refused, and
+    another wrapper name ({"model": ...}, which mergekit does not unwrap either) is refused naming it."""
+    from transformers import GPT2LMHeadModel
+
+    def wrapped(name: str, content) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(models["ft0"] / "config.json", folder / "config.json")
+        torch.save(content, folder / "pytorch_model.bin")
+        return folder
+
+    state = GPT2LMHeadModel.from_pretrained(models["ft0"]).state_dict()  # the tied head saved twice, as in .bin
+    lightning = wrapped("lightning", {"state_dict": state, "epoch": 3, "global_step": 120,
+                                      "optimizer_states": [{"state": {0: {"exp_avg": torch.ones(4)}}, "lr": 1e-3}]})
+    ck = Checkpoint(lightning)
+    assert sorted(ck.keys()) == sorted(Checkpoint(models["ft0"]).keys())  # the tie read once, no "epoch"
+    want = load_sd(merge(tmp_path, models["base"], [models["ft0"], models["ft1"]], "st"))
+    got = load_sd(merge(tmp_path, models["base"], [lightning, models["ft1"]], "wrapped"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+    marker = tmp_path / "ran"
+    refused = [
+        ({"state_dict": state, "callbacks": RunsCode(str(marker))}, ["weights_only=True", "pickles"]),
+        ({"state_dict": {**state, "transformer.wte.weight": NotATensor()}}, ["pickles", "NotATensor"]),
+        ({"state_dict": {**state, "step": 3}}, ["expected a dict of tensors"]),
+        ({"model": state, "epoch": 3}, ["expected a dict of tensors (it holds a dict under 'model'; "
+                                        "only a 'state_dict' wrapper is unwrapped)"]),
+    ]
+    for i, (content, needles) in enumerate(refused):
+        folder = wrapped(f"odd{i}", content)
+        with pytest.raises(MergeError) as err:
+            merge(tmp_path, models["base"], [models["ft0"], folder], f"odd{i}")
+        msg = str(err.value)
+        assert "refused" in msg and all(n in msg for n in needles) and len(msg.splitlines()) == 1, msg
+        assert not (tmp_path / f"odd{i}-out").exists()
+    assert not marker.exists()
