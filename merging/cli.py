@@ -107,16 +107,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_similarity(args: argparse.Namespace) -> int:
-    from .checkpoints import Checkpoint
+    from .plan import load_model, task_source
     from .similarity import similarity
-    from .task_vectors import load_source
 
     for option, target in (("--html", args.html), ("--json", args.json)):
         if target:
             targets.output_file(option, target)
     opts = dict(allow_hub=not args.offline)
-    base = Checkpoint(args.base, **opts)
-    sources = [load_source(m, name, **opts) for m, name in zip(args.models, distinct_names(args.models))]
+    base = load_model(args.base, **opts)  # mergekit's model+adapter here too, as in merge
+    sources = [task_source(m, base, args.base, name, **opts)
+               for m, name in zip(args.models, distinct_names(args.models))]
     update, close = _progress_bar(not args.no_progress, "similarity")
     try:
         report = similarity(base, sources, progress=update)
@@ -149,12 +149,21 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 
 def distinct_names(refs: list[str]) -> list[str]:
     """Each model's folder name, with as many parent folders as it takes to tell apart two models
-    whose folders share a name (a/ft and b/ft: the report's rows and pairs were both "ft")."""
+    whose folders share a name (a/ft and b/ft: the report's rows and pairs were both "ft"); a
+    model+adapter is named model+adapter, each part told apart among the others in its place."""
+    from .plan import split_adapter
+
+    pairs = [split_adapter(r) for r in refs]
+    models, adapters = _distinct([m for m, _ in pairs]), _distinct([a for _, a in pairs])
+    return [m + (f"+{a}" if a else "") for m, a in zip(models, adapters)]
+
+
+def _distinct(refs: list[str]) -> list[str]:
     parts = [Path(r).parts or (r,) for r in refs]
     names = []
-    for i, p in enumerate(parts):
+    for r, p in zip(refs, parts):
         name = p[-1]  # the same path twice: one name
-        for n in range(1, len(p) + 1):
+        for n in range(1, len(p) + 1 if r else 0):  # no adapter: no name
             if not any(q != p and q[-n:] == p[-n:] for q in parts):
                 name = str(Path(*p[-n:]))
                 break
@@ -197,8 +206,8 @@ def build_parser(prog: str = "fedmerge") -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("similarity", help="cosine similarity, sign conflicts and norms of task vectors")
-    s.add_argument("--base", required=True, help="base model (folder or Hub id)")
-    s.add_argument("models", nargs="+", help="fine-tuned models or LoRA adapters")
+    s.add_argument("--base", required=True, help="base model (folder or Hub id; model+adapter as in merge)")
+    s.add_argument("models", nargs="+", help="fine-tuned models, LoRA adapters, or model+adapter (mergekit's)")
     s.add_argument("--html", help="write a plotly heatmap here")
     s.add_argument("--json", help="write the matrices as JSON here")
     s.add_argument("--per-layer", action="store_true", help="print per-layer cosine similarities")

@@ -169,6 +169,26 @@ def split_adapter(ref: str) -> tuple[str, str]:
     return path, adapter
 
 
+def load_model(ref: str, *, trust_remote_code: bool = False, **opts) -> Checkpoint | LoraApplied:
+    """A checkpoint, or `model+adapter`: the model with a LoRA adapter merged in (as mergekit)."""
+    path, adapter = split_adapter(ref)
+    ck = Checkpoint(path, trust_remote_code=trust_remote_code, **opts)
+    return LoraApplied(ck, LoraAdapter(adapter, Path(adapter).name, **opts), adapter) if adapter else ck
+
+
+def task_source(ref: str, base, base_ref: str | None = None, name: str | None = None, *,
+                trust_remote_code: bool = False, **opts) -> TaskVectorSource:
+    """One model's task vector against `base` (typed as `base_ref`): a fine-tune, an adapter folder, or
+    `model+adapter`, which on the base itself is the adapter (τ = ΔW exactly), and on another model that
+    model with the adapter merged in."""
+    path, adapter = split_adapter(ref)
+    if adapter and isinstance(base, Checkpoint) and (_same_path(path, base.path) or path == base_ref):
+        return LoraAdapter(adapter, name or Path(adapter).name, **opts)
+    if adapter:
+        return FullFinetune(load_model(ref, trust_remote_code=trust_remote_code, **opts), name)
+    return load_source(path, name, trust_remote_code=trust_remote_code, **opts)
+
+
 def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=None,
                      trust_remote_code: bool = False) -> MergePlan:
     """Resolve the config's models, drop the base from the task list, validate compatibility."""
@@ -179,10 +199,7 @@ def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=
     entries = list(cfg.models)
 
     def model(ref: str):
-        """A checkpoint, or `model+adapter`: the model with a LoRA adapter merged in (as mergekit)."""
-        path, adapter = split_adapter(ref)
-        ck = Checkpoint(path, trust_remote_code=trust_remote_code, **opts)
-        return LoraApplied(ck, LoraAdapter(adapter, Path(adapter).name, **opts), adapter) if adapter else ck
+        return load_model(ref, trust_remote_code=trust_remote_code, **opts)
 
     if cfg.base_model:
         base = model(cfg.base_model)
@@ -193,15 +210,8 @@ def plan_from_config(cfg: MergeConfig, *, allow_hub: bool = True, allowed_roots=
     if not base.config:  # the output's config.json is the base's: without one it could not be loaded
         role = "base model" if cfg.base_model else "first model (the base's role)"
         raise MergeError(f"{role} {shown(base.ref)}: no config.json")
-    sources = []
-    for m in entries:
-        ref, adapter = split_adapter(m.model)
-        if adapter and isinstance(base, Checkpoint) and (_same_path(ref, base.path) or ref == cfg.base_model):
-            sources.append(LoraAdapter(adapter, Path(adapter).name, **opts))  # τ = ΔW exactly
-        elif adapter:  # on another model: that model with the adapter merged in
-            sources.append(FullFinetune(model(m.model)))
-        else:
-            sources.append(load_source(ref, trust_remote_code=trust_remote_code, **opts))
+    sources = [task_source(m.model, base, cfg.base_model, trust_remote_code=trust_remote_code, **opts)
+               for m in entries]
     method.check_model_count(len(sources))
     dtype = cfg.out_dtype or cfg.dtype
     plan = MergePlan(

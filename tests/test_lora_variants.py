@@ -213,3 +213,44 @@ def test_an_adapter_over_conv1d_and_linear_layers_keeps_each_layers_orientation(
     assert got[square].shape[0] == got[square].shape[1]
     for k, v in got.items():
         torch.testing.assert_close(v, merged[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_similarity_reads_model_plus_adapter_as_merge_does(tiny_zoo, tmp_path, capsys):
+    """`similarity` took no `model+adapter` ("no such file or folder") while `merge` does: the same
+    parsing now gives the same task vectors: on the base, the adapter's ΔW (as its folder alone); on
+    another model, that model with the adapter merged in (PEFT's merge_and_unload, saved); as --base,
+    the base with the adapter merged in. The same refusals as merge, in one line."""
+    from merging.cli import main
+
+    adapter, _ = peft_adapter(tiny_zoo["base"], tmp_path / "ad", seed=6, r=4, lora_alpha=8,
+                              target_modules=["c_attn", "c_fc"])
+    ft1_ad = merged_into(tiny_zoo["ft1"], adapter, tmp_path / "ft1-merged")
+    base_ad = merged_into(tiny_zoo["base"], adapter, tmp_path / "base-merged")
+
+    def similarity(base, *models) -> tuple[int, dict, str]:
+        capsys.readouterr()
+        code = main(["similarity", "--base", str(base), *map(str, models), "--no-progress",
+                     "--json", str(tmp_path / "sim.json")])
+        err = capsys.readouterr().err
+        return code, json.loads((tmp_path / "sim.json").read_text()) if code == 0 else {}, err
+
+    base, ft0, ft1 = (str(tiny_zoo[k]) for k in ("base", "ft0", "ft1"))
+    code, got, err = similarity(base, f"{base}+{adapter}", adapter, f"{ft1}+{adapter}", ft1_ad, ft0, base_ad)
+    assert code == 0, err
+    assert got["names"] == ["base+ad", "ad", "ft1+ad", "ft1-merged", "ft0", "base-merged"]
+    cos, norms = got["cosine"], got["norms"]
+    assert norms[0] == norms[1] and cos[0][1] == pytest.approx(1, abs=1e-12)  # τ = ΔW, exactly the folder's
+    assert cos[2][:2] + cos[2][4:] == cos[3][:2] + cos[3][4:] and norms[2] == norms[3]  # PEFT's merged model
+    assert cos[0][5] == pytest.approx(1, abs=1e-6) and norms[0] == pytest.approx(norms[5], rel=1e-5)
+    assert 0.1 < norms[0] and abs(cos[0][4]) < 0.5  # the adapter is not nothing, nor like ft0
+
+    code, got, err = similarity(f"{base}+{adapter}", base_ad, ft0)  # the base with the adapter merged in
+    assert code == 0, err
+    assert got["names"] == ["base-merged", "ft0"] and got["norms"][0] == 0 and "base-merged: zero task vector" in err
+
+    for ref in (f"{ft0}+", f"{ft0}+{tmp_path / 'missing'}"):  # the same one-line refusals as merge
+        with pytest.raises(MergeError) as merge_err:
+            plan_from_config(parse_config({"merge_method": "task_arithmetic", "base_model": base,
+                                           "models": [{"model": ref}]}))
+        code, _, err = similarity(base, ref)
+        assert code == 2 and err.strip() == f"error: {merge_err.value}", (err, str(merge_err.value))
