@@ -102,6 +102,9 @@ class LoraAdapter:
     def targets(self) -> list[str]:
         return list(self._by_target)
 
+    def adapts(self, key: str) -> bool:
+        return key in self._by_target
+
     def bind(self, base) -> None:
         """Read the adapter against the model it applies to: a tied head's update goes to the embedding
         (follow_ties), and each layer's orientation is PEFT's (a GPT-2 Conv1D stores its weight (in, out):
@@ -218,6 +221,7 @@ class LoraApplied:
         self.name = f"{checkpoint.name}+{adapter.name}"
         self.identity = f"{checkpoint.path}+{adapter.path}"  # not the same model as the checkpoint alone
         self.path, self.folder, self.config = checkpoint.path, checkpoint.folder, checkpoint.config
+        self._last: tuple[str, torch.Tensor] | None = None  # the adapted tensor whose blocks are being read
         adapter.bind(checkpoint)
         unknown = [k for k in adapter.targets() if k not in checkpoint]
         if unknown:
@@ -244,9 +248,24 @@ class LoraApplied:
         return self.checkpoint.is_float(key)
 
     def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        weight = self.checkpoint.get(key)
-        merged = self.adapter.applied(key, weight)
-        return merged if rows is None else merged[rows[0]:rows[1]]
+        """The tensor with the adapter merged in, or its rows [start, stop) (a large tensor merged in
+        blocks). A tensor the adapter leaves alone is read by rows; an adapted one is merged whole once
+        and kept until its last block is read: each block made the whole ΔW = B·A again, and B[rows]·A
+        alone differs from those rows of the whole product in the last bit (MKL's kernels)."""
+        if rows is None:
+            return self.adapter.applied(key, self.checkpoint.get(key))
+        if not self.adapter.adapts(key):
+            return self.checkpoint.get(key, rows)
+        last = self._last
+        if last is None or last[0] != key:
+            last = self._last = (key, self.adapter.applied(key, self.checkpoint.get(key)))
+        if rows[1] >= last[1].shape[0]:
+            self._last = None
+        return last[1][rows[0]:rows[1]]
+
+    def read_into(self, key: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> bool:
+        """Straight from the model's file where the adapter leaves the tensor alone (see Checkpoint)."""
+        return not self.adapter.adapts(key) and self.checkpoint.read_into(key, out, rows)
 
     def side_files(self, names):
         return self.checkpoint.side_files(names)

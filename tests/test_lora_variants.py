@@ -254,3 +254,46 @@ def test_similarity_reads_model_plus_adapter_as_merge_does(tiny_zoo, tmp_path, c
                                            "models": [{"model": ref}]}))
         code, _, err = similarity(base, ref)
         assert code == 2 and err.strip() == f"error: {merge_err.value}", (err, str(merge_err.value))
+
+
+@pytest.mark.parametrize("method,dtype", [("task_arithmetic", "float32"), ("linear", "bfloat16")])
+def test_an_adapted_tensor_merged_in_row_blocks_makes_its_update_once(tiny_zoo, tmp_path, monkeypatch, method, dtype):
+    """model+adapter on a tensor large enough to be merged in blocks of rows (an embedding, an MLP
+    matrix): every block made the whole ΔW = B·A again (and read the whole tensor). Now ΔW is made once
+    per tensor, and the folder is byte for byte the one merged whole (the float32 path and the exact
+    one); the adapter's embedding (LoRA on nn.Embedding) and Conv1D layers (stored transposed) both."""
+    import warnings
+
+    from merging.engine import work_units
+    from merging.task_vectors import LoraAdapter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter, _ = peft_adapter(tiny_zoo["base"], tmp_path / "ad", seed=7, r=4, lora_alpha=8,
+                                  target_modules=["wte", "c_attn", "c_fc"])
+    base, ft0, ft1 = (str(tiny_zoo[k]) for k in ("base", "ft0", "ft1"))
+    cfg = {"merge_method": method, "dtype": dtype,
+           "models": [{"model": f"{ft1}+{adapter}", "parameters": {"weight": 0.6}},
+                      {"model": ft0, "parameters": {"weight": 0.7}}]}
+    if method == "task_arithmetic":
+        cfg["base_model"] = f"{base}+{adapter}"
+    budget = 3000
+    plan = plan_from_config(parse_config(cfg))
+    adapted = {"transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"}
+    blocks = [n for n, rows in work_units(plan, 4, budget) if rows is not None]
+    assert all(blocks.count(k) >= 3 for k in adapted), blocks
+
+    calls: dict[tuple[int, str], int] = {}
+    update = LoraAdapter._update
+
+    def counted(self, key, *args):
+        calls[id(self), key] = calls.get((id(self), key), 0) + 1
+        return update(self, key, *args)
+
+    monkeypatch.setattr(LoraAdapter, "_update", counted)
+    blocked = load_sd(merge_to_dir(plan, tmp_path / "blocked", block_bytes=budget))
+    assert adapted <= {k for _, k in calls} and set(calls.values()) == {1}, calls  # was: once per block
+    whole = load_sd(merge_to_dir(plan_from_config(parse_config(cfg)), tmp_path / "whole"))
+    assert set(whole) == set(blocked)
+    for k in whole:
+        assert whole[k].dtype == blocked[k].dtype and torch.equal(whole[k], blocked[k]), k
