@@ -214,14 +214,7 @@ class Checkpoint:
     def _load_bin(self, files: list[Path], listed: dict[str, str] | None = None) -> None:
         state: dict[str, torch.Tensor] = {}
         for f in files:
-            try:
-                part = _torch_load(f)
-            except Exception as exc:
-                raise MergeError(f"{f}: refused: not a plain tensor checkpoint "
-                                 f"(torch.load with weights_only=True failed: {_load_failure(exc)})") from None
-            part = _unwrapped(part)
-            if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
-                raise MergeError(f"{f}: refused: expected a dict of tensors{_nested(part)}")
+            part = read_bin(f)
             if listed is not None:
                 for key in [k for k, v in listed.items() if v == f.name and k not in part][:1]:
                     raise MergeError(f"{self.ref}: {INDEX['.bin']} puts tensor {key} in {f.name}, "
@@ -301,6 +294,20 @@ class Checkpoint:
 
     def side_files(self, names: Iterable[str]) -> list[Path]:
         return [self.folder / n for n in names if (self.folder / n).is_file()]
+
+
+def read_bin(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a PyTorch .bin, through torch.load(weights_only=True) only; anything but a dict of
+    tensors (after a "state_dict" wrapper) is a MergeError naming the file."""
+    try:
+        loaded = _torch_load(path)
+    except Exception as exc:
+        raise MergeError(f"{path}: refused: not a plain tensor checkpoint "
+                         f"(torch.load with weights_only=True failed: {_load_failure(exc)})") from None
+    part = _unwrapped(loaded)
+    if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+        raise MergeError(f"{path}: refused: expected a dict of tensors{_nested(part)}")
+    return part
 
 
 def _torch_load(path: Path):

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 from safetensors import safe_open
 
-from .checkpoints import Checkpoint, _read_json, read_training_metadata, resolve
+from .checkpoints import Checkpoint, _read_json, read_bin, read_training_metadata, resolve
 from .errors import MergeError
 
 
@@ -68,10 +68,7 @@ class LoraAdapter:
             with safe_open(weights, framework="pt") as f:
                 self._tensors = {k: f.get_tensor(k) for k in f.keys()}
         elif (folder / "adapter_model.bin").exists():
-            try:
-                self._tensors = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise MergeError(f"{folder / 'adapter_model.bin'}: refused: not a plain tensor file ({exc})") from None
+            self._tensors = read_bin(folder / "adapter_model.bin")
         else:
             raise MergeError(f"{ref}: no adapter_model.safetensors")
         self._by_target = self._group()

@@ -297,3 +297,26 @@ def test_an_adapted_tensor_merged_in_row_blocks_makes_its_update_once(tiny_zoo, 
     assert set(whole) == set(blocked)
     for k in whole:
         assert whole[k].dtype == blocked[k].dtype and torch.equal(whole[k], blocked[k]), k
+
+
+def test_an_adapter_saved_as_bin_is_read_with_the_checks_of_a_model_bin(tiny_zoo, tmp_path):
+    """adapter_model.bin (older PEFT): the same deltas as its safetensors twin; a file that holds more
+    than tensors is refused in one line naming the file, without torch's advice text or a repr."""
+    from safetensors.torch import load_file
+
+    adapter, merged = peft_adapter(tiny_zoo["base"], tmp_path / "ad", r=2, lora_alpha=4, target_modules=["c_attn"])
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save(tensors, adapter / "adapter_model.bin")
+    assert assert_deltas_match_peft(tiny_zoo["base"], adapter, merged)
+
+    torch.save({"weights": tensors, "step": 3}, adapter / "adapter_model.bin")  # a dict that is not of tensors
+    with pytest.raises(MergeError) as err:
+        load_source(adapter)
+    msg = str(err.value)
+    assert "adapter_model.bin" in msg and "expected a dict of tensors" in msg and "'weights'" in msg, msg
+    torch.save({"fn": torch.nn.Linear(2, 2)}, adapter / "adapter_model.bin")  # a pickled module: never runs
+    with pytest.raises(MergeError) as err:
+        load_source(adapter)
+    msg = str(err.value)
+    assert "not a plain tensor checkpoint" in msg and "\x1b" not in msg and len(msg.splitlines()) == 1, msg
