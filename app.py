@@ -20,11 +20,14 @@ import os
 for _k, _v in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_TELEMETRY", "1")):
     os.environ.setdefault(_k, _v)
 
+import contextvars  # noqa: E402
 import functools  # noqa: E402
+import inspect  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import threading  # noqa: E402
+from contextlib import ExitStack  # noqa: E402
 from functools import partial  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -39,7 +42,7 @@ from evaluation.playground import (DEFAULT_LAMBDA, DEFAULT_METHOD, LAMBDA_RANGE,
                                    model_card, panel_html)
 from evaluation.search import (QUICK_LAMBDAS, SEARCH_N, compare_all, comparison_chart,  # noqa: E402
                                comparison_table, eval_cost_ratio, hyper_grid, search, sweep)
-from evaluation.session import default_threads, push_to_hub, read_zoo  # noqa: E402
+from evaluation.session import SESSIONS, default_threads, push_to_hub, read_zoo  # noqa: E402
 from evaluation.tasks import TASKS  # noqa: E402
 from merging.errors import MergeError  # noqa: E402
 from merging.registry import AGGREGATORS  # noqa: E402
@@ -84,12 +87,41 @@ def message(exc: Exception, action: str = "", typed=()) -> str:
     return limits.user_message(exc, read_zoo_root(), action, typed)
 
 
+_HOLDS: contextvars.ContextVar[ExitStack | None] = contextvars.ContextVar("fedmerge_holds", default=None)
+
+
+def _hold(session) -> None:
+    """Mark `session` at work until the current request ends (it is not closed to make room meanwhile); refused,
+    with the reason, when it was closed."""
+    holds = _HOLDS.get()
+    if holds is not None:
+        holds.enter_context(session.use())
+
+
+NO_SESSION = ("this page has no session on the server (it ended, or the server was full when the page loaded); "
+              "reload the page")
+
+
 def _guard(fn):
-    """Any error a handler lets through reaches the user as one gr.Error line: no repr, errno or server path."""
+    """Any error a handler lets through reaches the user as one gr.Error line: no repr, errno or server path.
+    The session the handler works on (its first argument) is held for the request; a closed one says why, and so
+    does a missing one where the handler needs one (its first parameter is a `Playground`, not optional)."""
+    first = next(iter(inspect.signature(fn).parameters.values()), None)
+    needs_session = first is not None and first.annotation in ("Playground", Playground)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with ExitStack() as holds:
+                token = _HOLDS.set(holds)
+                try:
+                    if args and isinstance(args[0], Playground):
+                        _hold(args[0].session)
+                    elif needs_session and args and args[0] is None:
+                        raise MergeError(NO_SESSION)
+                    return fn(*args, **kwargs)
+                finally:
+                    _HOLDS.reset(token)
         except gr.Error:
             raise
         except Exception as exc:
@@ -148,8 +180,13 @@ def skip_controls() -> list:
 
 
 def ensure(pg: Playground | None, progress=None) -> Playground:
-    if pg is None or pg.closed:
-        pg = Playground.open(progress=progress)
+    """This request's playground: a new one on a page's first request, in a place SESSIONS makes for it (held at
+    work until the request ends, like the one _guard holds)."""
+    if pg is None:
+        with SESSIONS.place() as add:
+            pg = Playground.open(progress=progress)
+            _hold(pg.session)
+            add(pg.session)
     return pg
 
 
@@ -594,7 +631,7 @@ def on_base(pg: Playground | None, ref: str, progress=gr.Progress()) -> list:
 # ---------------------------------------------------------------------------- take away
 
 @_guard
-def do_zip(pg: Playground, progress=gr.Progress()):
+def do_zip(pg: Playground | None, progress=gr.Progress()):
     """Weights, config, tokenizer, merge_config.yml and a model card with the live scores, zipped into the
     session's export folder (deleted with the session or after FEDMERGE_EXPORT_TTL)."""
     pg = ensure(pg)
@@ -603,13 +640,13 @@ def do_zip(pg: Playground, progress=gr.Progress()):
 
 
 @_guard
-def do_yaml(pg: Playground):
+def do_yaml(pg: Playground | None):
     path, text = ensure(pg).session.export_yaml()
     return str(path), text
 
 
 @_guard
-def do_push(pg: Playground, repo: str, token: str, private: bool) -> str:
+def do_push(pg: Playground | None, repo: str, token: str, private: bool) -> str:
     pg = ensure(pg)
     try:
         with pg.session.job("push"):

@@ -63,6 +63,10 @@ class Limits:
     max_models: int = 10  # FEDMERGE_MAX_MODELS: fine-tunes per session (zoo + added)
     max_jobs: int = 1  # FEDMERGE_MAX_JOBS: long jobs (search, study, export) at once per session
     session_ttl: int = 3600  # FEDMERGE_SESSION_TTL: seconds before an idle session is freed
+    # FEDMERGE_MAX_SESSIONS: the app's open sessions (browser tabs, gradio_client sessions) at once. Each holds its own
+    # merged model, about one copy of the base (measured 1.1×: 4 MiB on the shipped zoo, ~0.5 GiB for a 124M-parameter
+    # float32 base), and two cores serve few visitors at a time; lower it for large bases
+    max_sessions: int = 32
     export_ttl: int = 1800  # FEDMERGE_EXPORT_TTL: seconds an export stays downloadable
     export_bytes: int = 4 * 2 ** 30  # FEDMERGE_EXPORT_GB: all exports on disk together
     ref_cache_bytes: int = 32 * 2 ** 20  # FEDMERGE_REF_CACHE_MB: cached base/fine-tune outputs and scores
@@ -75,6 +79,7 @@ class Limits:
             max_models=max(1, _env_int("FEDMERGE_MAX_MODELS", cls.max_models)),
             max_jobs=max(1, _env_int("FEDMERGE_MAX_JOBS", cls.max_jobs)),
             session_ttl=max(1, _env_int("FEDMERGE_SESSION_TTL", cls.session_ttl)),
+            max_sessions=max(1, _env_int("FEDMERGE_MAX_SESSIONS", cls.max_sessions)),
             export_ttl=max(1, _env_int("FEDMERGE_EXPORT_TTL", cls.export_ttl)),
             export_bytes=int(_env_float("FEDMERGE_EXPORT_GB", cls.export_bytes / 2 ** 30) * 2 ** 30),
             ref_cache_bytes=int(_env_float("FEDMERGE_REF_CACHE_MB", cls.ref_cache_bytes / 2 ** 20) * 2 ** 20),
@@ -84,7 +89,8 @@ class Limits:
         """The limits as one line for the UI."""
         return (f"Limits: {self.max_prompts} prompts of at most {self.max_prompt_chars} characters "
                 f"(longer than the model's context: the start is cut, with a note), {self.max_models} models "
-                f"per session, {self.max_jobs} long job at a time per session; exports stay "
+                f"per session, {self.max_jobs} long job at a time per session, at most {self.max_sessions} open "
+                f"sessions on the server; exports stay "
                 f"{self.export_ttl // 60} min and are deleted when the session ends.")
 
 

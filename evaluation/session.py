@@ -39,8 +39,10 @@ from .scorer import LIVE_N, LIVE_SPLIT, Scorer
 from .tasks import TASKS
 
 # what app.py, bench/ and the other evaluation modules import from here
-__all__ = ["LIVE_N", "LIVE_SPLIT", "LiveResult", "ModelSpec", "Session", "clean_hyper", "default_prompts",
-           "default_threads", "push_to_hub", "read_zoo", "release_memory", "zoo_dir"]
+__all__ = ["LIVE_N", "LIVE_SPLIT", "SESSIONS", "LiveResult", "ModelSpec", "Session", "SessionLimit", "clean_hyper",
+           "default_prompts", "default_threads", "push_to_hub", "read_zoo", "release_memory", "zoo_dir"]
+
+CLOSED = "this session has ended; reload the page to start a new one"
 
 
 @dataclass
@@ -79,6 +81,9 @@ class Session:
         self.selected: list[int] = []
         self.lock = threading.RLock()
         self.closed = False
+        self.closed_why = CLOSED  # the one line a request on this session reads once it is closed
+        self._users = 0  # requests working on this session now (use())
+        self.last_used = time.monotonic()
 
     def __deepcopy__(self, memo):  # Gradio may deep-copy state values: share the session instead
         return self
@@ -185,9 +190,10 @@ class Session:
 
     def close(self) -> None:
         """Free this session's own model and its exports (the shared stack stays in the cache)."""
+        with self._slots:  # no request or job starts on it from now on (use(), reserve_job(), job())
+            self.closed = True
         with self.lock:
             self.pool = self.merge = self.scorer = None
-            self.closed = True
         self.exports.release(self.id)
         release_memory()
 
@@ -197,6 +203,7 @@ class Session:
         Returns how many other sessions' searches run now."""
         cap = _limits.current().max_jobs
         with self._slots:
+            self._check_open()
             if self._jobs + self._queued >= cap:
                 raise MergeError(f"{what}: this session already has a long job running or waiting (at most {cap} at "
                                  "a time); wait for it to finish or press Cancel")
@@ -227,6 +234,36 @@ class Session:
         """A long job of this session runs or waits in the queue."""
         return self._jobs + self._queued > 0
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise MergeError(self.closed_why)
+
+    @contextmanager
+    def use(self):
+        """One request works on this session: refused (with why) once it is closed; while any runs, the session
+        is not idle, and its end makes it the most recently used."""
+        with self._slots:
+            self._check_open()
+            self._users += 1
+            self.last_used = time.monotonic()
+        try:
+            yield self
+        finally:
+            with self._slots:
+                self._users -= 1
+                self.last_used = time.monotonic()
+
+    def retire(self, why: str) -> bool:
+        """Mark this session closed (`why`: what its next request reads) unless a request or a running long job is at
+        work on it; True when it was idle and is now closed to new work (close() then frees its memory). A job only
+        asked for (reserve_job) does not count: a client that reserves jobs it never runs would keep its sessions
+        forever; the job, when its turn comes, reads `why`."""
+        with self._slots:
+            if self.closed or self._users or self._jobs:
+                return False
+            self.closed, self.closed_why = True, why
+            return True
+
     @classmethod
     def jobs_running(cls) -> int:
         """Searches running now in this process (every session's), which a new one waits for."""
@@ -243,6 +280,7 @@ class Session:
         `serial`: one of the searches the server runs one at a time (counted by jobs_running)."""
         cap = _limits.current().max_jobs
         with self._slots:
+            self._check_open()
             if self._jobs >= cap:
                 raise MergeError(f"{what}: this session already runs {self._jobs} long job(s), at most {cap} at a "
                                  "time; wait for it to finish")
@@ -458,6 +496,66 @@ class Session:
             path = folder / "merge.yml"
             path.write_text(text)
         return path, text
+
+
+class SessionLimit:
+    """The app's open sessions, at most `Limits.max_sessions` (FEDMERGE_MAX_SESSIONS) at once: each holds a model of
+    its own, and a script opening sessions without end would exhaust the server's memory. Room for a new one is made
+    by closing the least recently used idle sessions (no request or running long job at work on them); when every
+    session is at work, the new one is refused. A closed session's next request reads why (Session.use)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open: list[Session] = []
+        self._loading = 0  # places taken by new sessions whose models are still loading
+
+    def sessions(self) -> list[Session]:
+        """The open sessions, least recently used first."""
+        with self._lock:
+            return self._prune()
+
+    def _prune(self) -> list[Session]:
+        self._open = sorted((s for s in self._open if not s.closed), key=lambda s: s.last_used)
+        return list(self._open)
+
+    @contextmanager
+    def place(self):
+        """A place for one new session, made before its models load; yields `add(session)` to register it."""
+        cap = _limits.current().max_sessions
+        freed: list[Session] = []
+        with self._lock:
+            for s in self._prune():
+                if len(self._open) - len(freed) + self._loading < cap:
+                    break
+                if s.retire(f"this session was closed to make room for other visitors (this server holds at most "
+                            f"{cap}); reload the page to start a new one"):
+                    freed.append(s)
+            self._open = [s for s in self._open if s not in freed]
+            at_work = len(self._open) + self._loading
+            if at_work < cap:
+                self._loading += 1
+        for s in freed:  # their memory, outside the lock
+            s.close()
+        if at_work >= cap:
+            raise MergeError(f"the server is full: every open session is at work (at most {cap} at once); "
+                             "try again in a minute")
+        added = False
+
+        def add(session: Session) -> None:
+            nonlocal added
+            with self._lock:
+                self._open.append(session)
+                self._loading -= 0 if added else 1
+                added = True
+        try:
+            yield add
+        finally:
+            if not added:  # its models failed to load: the place is free again
+                with self._lock:
+                    self._loading -= 1
+
+
+SESSIONS = SessionLimit()  # the app's (one per process: the memory it bounds is the process's)
 
 
 # ---------------------------------------------------------------------------- helpers
