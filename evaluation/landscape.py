@@ -77,7 +77,10 @@ def _colour(v: float) -> str:
 
 
 def to_html(ls: Landscape) -> str:
-    """One heatmap per task and one for the mean normalized accuracy; click a cell to merge there."""
+    """One heatmap per task and one for the mean normalized accuracy; click a cell to merge there. Each heatmap is
+    an ARIA grid with one tab stop (the current merge's cell, else the first): the arrow keys move between its
+    cells and Enter or Space merges at the focused one (LANDSCAPE_JS), so 11×11 cells per task are not as many
+    Tab presses."""
     a_name, b_name = (html.escape(n) for n in ls.names)
     near = None
     if ls.current is not None:
@@ -94,17 +97,21 @@ def to_html(ls: Landscape) -> str:
             for j, b in enumerate(ls.grid):
                 v = float(m[i, j])
                 cur = " fm-ls-cur" if near == (i, j) else ""
-                cells.append(f"<td class='fm-ls-cell{cur}' data-a='{a:g}' data-b='{b:g}' "
-                             f"style='background:{_colour(v)}' title='{a_name} {a:g}, {b_name} {b:g}: {v:.0%}'>"
-                             f"{round(100 * v):d}</td>")
+                stop = "0" if (i, j) == (near or (0, 0)) else "-1"
+                what = f"{a_name} {a:g}, {b_name} {b:g}: {title} {v:.0%}"
+                cells.append(f"<td class='fm-ls-cell{cur}' data-a='{a:g}' data-b='{b:g}' data-i='{i}' data-j='{j}' "
+                             f"tabindex='{stop}' aria-label='{what}' title='{what}' "
+                             f"style='background:{_colour(v)}'>{round(100 * v):d}</td>")
             rows.append(f"<tr><th>{a:g}</th>{''.join(cells)}</tr>")
         parts.append(f"<div class='fm-ls-one'><div class='fm-ls-title'>{title} (%)</div>"
-                     f"<table class='fm-ls'>{''.join(rows)}</table></div>")
+                     f"<table class='fm-ls' role='grid' aria-label='{title} (%): rows {a_name}, columns {b_name}; "
+                     f"arrow keys move, Enter merges'>{''.join(rows)}</table></div>")
     ba, bb, bv = ls.best()
     cur = "" if ls.current is None else f" The outlined cell is the current merge (λ·w = {ls.current[0]:.2g}, {ls.current[1]:.2g})."
     return (f"<div class='fm-landscape'><p>θ₀ + a·τ({a_name}) + b·τ({b_name}); rows: a, columns: b. Best mean: "
-            f"a = {ba:g}, b = {bb:g} ({bv:.0%}).{cur} <b>Click a cell</b> to merge there (sets λ = 1 and the two "
-            f"coefficients). {ls.seconds:.1f} s for {len(ls.grid) ** 2} merges.</p>"
+            f"a = {ba:g}, b = {bb:g} ({bv:.0%}).{cur} <b>Click a cell</b> (or Tab to a heatmap, move with the arrow "
+            f"keys and press Enter) to merge there (sets λ = 1 and the two coefficients). {ls.seconds:.1f} s for "
+            f"{len(ls.grid) ** 2} merges.</p>"
             f"<div class='fm-ls-grid'>{''.join(parts)}</div></div>")
 
 
@@ -114,9 +121,21 @@ LANDSCAPE_CSS = """
 .fm-ls td, .fm-ls th {border: 1px solid #e5e7eb; padding: 1px 3px; text-align: center; min-width: 1.9em}
 .fm-ls td.fm-ls-cell {cursor: pointer; color: #111}
 .fm-ls td.fm-ls-cur {outline: 3px solid #4338ca; outline-offset: -2px; font-weight: bold}
+.fm-ls td.fm-ls-cell:focus-visible {outline: 3px solid #d97706; outline-offset: -3px; box-shadow: 0 0 0 3px #fde68a}
 .fm-ls-title {font-weight: 600; margin-bottom: 2px}
 .fm-ls-corner {font-weight: normal; font-size: 0.9em}
 """
 
-LANDSCAPE_JS = ("element.addEventListener('click', (e) => { const c = e.target.closest('[data-a]'); "
-                "if (c) { trigger('click', {a: parseFloat(c.dataset.a), b: parseFloat(c.dataset.b)}); } });")
+# A click, or Enter/Space on the focused cell, merges there; the arrow keys, Home and End move the focus within one
+# heatmap (the cell moved to becomes its tab stop).
+LANDSCAPE_JS = ("const pick = (c) => trigger('click', {a: parseFloat(c.dataset.a), b: parseFloat(c.dataset.b)});"
+                "element.addEventListener('click', (e) => { const c = e.target.closest('[data-a]'); if (c) { pick(c); } });"
+                "element.addEventListener('keydown', (e) => { const c = e.target.closest('[data-a]'); if (!c) { return; }"
+                " if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); pick(c); return; }"
+                " const n = c.closest('table').querySelectorAll('tr').length - 2;"
+                " const i = +c.dataset.i, j = +c.dataset.j;"
+                " const to = {ArrowUp: [i - 1, j], ArrowDown: [i + 1, j], ArrowLeft: [i, j - 1], ArrowRight: [i, j + 1],"
+                " Home: [i, 0], End: [i, n]}[e.key];"
+                " if (!to) { return; } e.preventDefault();"
+                " const t = c.closest('table').querySelector(`[data-i='${to[0]}'][data-j='${to[1]}']`);"
+                " if (t) { c.tabIndex = -1; t.tabIndex = 0; t.focus(); } });")

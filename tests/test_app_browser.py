@@ -1,6 +1,7 @@
 """The app in a real headless chromium (Playwright) on the shipped zoo: what the user sees (each
 scenario's answers, ✓ marks and scores, equal to the library's), one request per action, a slider
-that changes the answers, races, refusals in the Models tab, a 12-model selection."""
+that changes the answers, races, refusals in the Models tab, a 12-model selection, the merge landscape
+from the keyboard."""
 from __future__ import annotations
 
 import os
@@ -414,3 +415,54 @@ def test_plot_titles_fit_a_phone(open_page, shipped_url):
     p.page.get_by_text("whole model (not counted per layer)").first.wait_for(timeout=60_000)
     time.sleep(1)
     assert _titles_past_their_plot(p.page) == []
+
+
+def test_landscape_cells_work_from_the_keyboard(open_page, shipped_url):
+    """The landscape's heatmaps on the first screen's pair (reverse × upper at λ 0.8): Tab reaches one cell per
+    heatmap (the current merge's), the arrow keys move, the focused cell is outlined and named (coefficients and
+    score), and Enter or Space merges there as a click does: the library's merge at λ = 1 and those coefficients."""
+    p = open_page(shipped_url)
+    p.settle("")
+    prompts = p.prompts()
+    p.page.get_by_role("tab", name="Explore").click()
+    p.page.get_by_role("button", name="Merge landscape (two selected models)").click()
+    p.page.locator("#fm-landscape table.fm-ls").first.wait_for(timeout=240_000)
+    grids = p.page.locator("#fm-landscape table[role=grid]")
+    assert grids.count() == 3  # reverse, upper, mean
+    assert p.page.locator("#fm-landscape td[tabindex='0']").count() == 3  # one tab stop per heatmap
+
+    def focused() -> dict:
+        return p.page.evaluate("""() => { const c = document.activeElement; const s = getComputedStyle(c);
+            return {i: c.dataset.i, j: c.dataset.j, label: c.getAttribute('aria-label'), tab: c.tabIndex,
+                    outline: s.outlineStyle + ' ' + s.outlineColor, stops: c.closest('table')
+                    .querySelectorAll('td[tabindex="0"]').length}; }""")
+
+    p.page.locator("#fm-cancel").focus()
+    p.page.keyboard.press("Tab")  # into the first heatmap, on the current merge's cell (a = b = 0.8)
+    cell = focused()
+    assert (cell["i"], cell["j"]) == ("8", "8") and cell["label"].startswith("reverse 0.8, upper 0.8: reverse accuracy ")
+    assert cell["outline"] == "solid rgb(217, 119, 6)", cell  # the focus is drawn
+    for key in ["ArrowUp"] * 3 + ["ArrowRight"] * 2:
+        p.page.keyboard.press(key)
+    cell = focused()
+    assert (cell["i"], cell["j"], cell["tab"], cell["stops"]) == ("5", "10", 0, 1), cell  # the tab stop moved along
+    assert cell["label"].startswith("reverse 0.5, upper 1: reverse accuracy ") and cell["label"].endswith("%")
+    assert cell["outline"] == "solid rgb(217, 119, 6)", cell
+
+    def merged_at(a: float, b: float, act) -> None:
+        n, before = len(p.joins), p.status()
+        act()
+        p.settle(before, expect="λ = 1,")
+        assert len(p.joins) - n == 1, p.joins[n:]  # one merge per press
+        assert [s.input_value() for s in p.page.locator("#fm-panel input[type=range]").all()] == [f"{a:g}", f"{b:g}"]
+        p.page.get_by_role("tab", name="Merge").click()
+        assert_shows(p, library_result(["reverse", "upper"], "task_arithmetic", [a, b], 1.0, {}, prompts))
+        p.page.get_by_role("tab", name="Explore").click()
+
+    merged_at(0.5, 1.0, lambda: p.page.keyboard.press("Enter"))
+    p.page.locator("#fm-landscape td[data-i='5'][data-j='10']").first.focus()
+    p.page.keyboard.press("ArrowLeft")
+    p.page.keyboard.press("Home")  # the row's first cell: b = 0
+    merged_at(0.5, 0.0, lambda: p.page.keyboard.press(" "))
+    merged_at(0.2, 0.3, p.page.locator("#fm-landscape td[data-i='2'][data-j='3']").first.click)  # the mouse, as before
+    assert not [t for t in p.toasts() if "rror" in t]
