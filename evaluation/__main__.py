@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 
@@ -48,11 +51,14 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zoo", default=None, help="zoo folder (default assets/zoo)")
-    p.add_argument("--out", default="evaluation/results", help="folder for compare.md and compare.html")
+    p.add_argument("--out", default="evaluation/results",
+                   help="folder for compare.md and compare.html (default evaluation/results)")
     p.add_argument("--quick", action="store_true", help="coarser grids (λ 0.1…2.0, fewer ρ / density values)")
-    p.add_argument("--methods", default=None, help="comma-separated subset of methods")
-    p.add_argument("--n-val", type=int, default=50, help="validation examples per task for tuning (1-300)")
-    p.add_argument("--n-test", type=int, default=100, help="test examples per task for the report (1-300)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated merge methods (default: every method that can merge the zoo's fine-tunes)")
+    p.add_argument("--n-val", type=int, default=50, help="validation examples per task for tuning (1-300; default 50)")
+    p.add_argument("--n-test", type=int, default=100,
+                   help="test examples per task for the report (1-300; default 100)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="spread each search over Ray workers: a local Ray, or the cluster at ADDRESS")
     _add_device(p)
@@ -68,7 +74,8 @@ def _zoo_selection(args: argparse.Namespace):
     from .session import Session, read_zoo
 
     specs = read_zoo(args.zoo)[1]
-    models = _names("--models", args.models, [s.name for s in specs], "in the zoo") if args.models else None
+    known = [s.name for s in specs]
+    models = _names("--models", args.models, known, "in the zoo") if args.models is not None else None
     session = Session(zoo=args.zoo, allow_hub=False).load_zoo()
     session.select(models or [s.name for s in specs if not s.variant_of])
     return session
@@ -94,6 +101,28 @@ def _count(option: str, value: int, high: int, what: str) -> None:
 
     if not 1 <= value <= high:
         raise MergeError(f"{option}: a whole number from 1 to {high} ({what}), not {value}")
+
+
+def _check_sizes(methods: list[str], sizes: list[int], command: str) -> None:
+    """Every method named can merge every group size the command merges (it stopped midway, or
+    compare ran every method instead of one that could not merge the zoo)."""
+    from merging.errors import MergeError
+    from merging.registry import AGGREGATORS
+
+    bad = [m for m in methods if not all(AGGREGATORS[m].accepts(k) for k in sizes)]
+    if bad:
+        merged = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)} to {max(sizes)}"
+        what = ", ".join(f"{m} merges {_model_count(m)}" for m in bad)
+        raise MergeError(f"--methods: {what}; {command} merges {merged} at once: leave "
+                         f"{'it' if len(bad) == 1 else 'them'} out")
+
+
+def _model_count(method: str) -> str:
+    """How many fine-tunes a method merges, in words."""
+    from merging.registry import AGGREGATORS
+
+    lo, hi = AGGREGATORS[method].min_models, AGGREGATORS[method].max_models
+    return f"{lo}+ models" if hi is None else f"{lo} model{'s' * (lo > 1)}" if lo == hi else f"{lo} to {hi} models"
 
 
 def _check_report_folder(out: str, stems: list[str]) -> None:
@@ -162,29 +191,41 @@ def _check(args: argparse.Namespace) -> None:
 
         _count("--per-size", args.per_size, MAX_PER_SIZE, "groups merged per size")
         try:
-            args.sizes = [int(k) for k in args.sizes.split(",")] if args.sizes else None
+            args.sizes = [int(k) for k in args.sizes.split(",")] if args.sizes is not None else None
         except ValueError:
             raise MergeError(f"--sizes: comma-separated whole numbers, not {args.sizes[:40]!r}") from None
     finetunes = _check_zoo(args.zoo)
-    if args.command in ("heterogeneity", "task-count"):  # the studies compare fine-tunes: two at least
-        names = [e["name"] for e in finetunes]
-        chosen = _names("--models", args.models, names, "in the zoo") if args.models else \
-            [e["name"] for e in finetunes if not e.get("variant_of")]
-        if len(chosen) < 2:
-            what = "--models names" if args.models else "the zoo has"
-            raise MergeError(f"{args.command}: needs at least two fine-tunes; {what} {len(chosen)}")
-        if args.command == "task-count" and args.sizes and not all(2 <= k <= len(chosen) for k in args.sizes):
-            raise MergeError(f"--sizes: whole numbers from 2 to {len(chosen)} (the selected fine-tunes)")
+    names = [e["name"] for e in finetunes]  # the commands merge fine-tunes: two at least
+    picked = getattr(args, "models", None) is not None
+    chosen = _names("--models", args.models, names, "in the zoo") if picked else \
+        [e["name"] for e in finetunes if not e.get("variant_of")]
+    if len(chosen) < 2:
+        what = "--models names" if picked else "the zoo has"
+        raise MergeError(f"{args.command}: needs at least two fine-tunes; {what} {len(chosen)}")
+    n = len(chosen)
+    if args.command == "task-count" and args.sizes and not all(2 <= k <= n for k in args.sizes):
+        raise MergeError(f"--sizes: whole numbers from 2 to {n} (the selected fine-tunes)")
+    if args.methods is not None:
+        _check_sizes(args.methods, _group_sizes(args, n), args.command)
+
+
+def _group_sizes(args: argparse.Namespace, n: int) -> list[int]:
+    """How many fine-tunes a command merges at once, from `n` chosen: compare all of them, the
+    heterogeneity study pairs and all but one, task-count each of --sizes (default 2 to n)."""
+    if args.command == "heterogeneity":
+        return [2, max(2, n - 1)]
+    if args.command == "task-count":
+        return args.sizes or list(range(2, n + 1))
+    return [n]
 
 
 def _write_report(out: str, stem: str, text: str, figure) -> None:
     """<out>/<stem>.md and <stem>.html, and the table on stdout."""
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{stem}.md").write_text(text)
-    figure.write_html(folder / f"{stem}.html", include_plotlyjs="cdn")
+    from .plots import write_report
+
+    md, html = write_report(out, stem, text, figure)
     print(text)
-    print(f"wrote {folder / (stem + '.md')} and {folder / (stem + '.html')}")
+    print(f"wrote {md} and {html}")
 
 
 def _add_selection(p: argparse.ArgumentParser, reported: str) -> None:
@@ -195,8 +236,9 @@ def _add_selection(p: argparse.ArgumentParser, reported: str) -> None:
                    help="comma-separated merge methods (default: task_arithmetic,fedgma,median,fednova)")
     p.add_argument("--out", default="evaluation/results", help="folder for the report's .md and .html "
                    "(default evaluation/results)")
-    p.add_argument("--n-val", type=int, default=12, help="validation examples per task (λ tuning; 1-300)")
-    p.add_argument("--n-test", type=int, default=30, help=f"test examples per task (the reported {reported}; 1-300)")
+    p.add_argument("--n-val", type=int, default=12, help="validation examples per task (λ tuning; 1-300; default 12)")
+    p.add_argument("--n-test", type=int, default=30,
+                   help=f"test examples per task (the reported {reported}; 1-300; default 30)")
     _add_device(p)
 
 
@@ -233,7 +275,8 @@ def _add_task_count(p: argparse.ArgumentParser) -> None:
     from .task_count import MAX_PER_SIZE, PER_SIZE
 
     _add_selection(p, "accuracy")
-    p.add_argument("--per-size", type=int, default=PER_SIZE, help=f"groups merged per size (1-{MAX_PER_SIZE})")
+    p.add_argument("--per-size", type=int, default=PER_SIZE,
+                   help=f"groups merged per size (1-{MAX_PER_SIZE}; default {PER_SIZE})")
     p.add_argument("--sizes", default=None, help="comma-separated group sizes (default: 2 to all selected)")
 
 
@@ -248,6 +291,36 @@ COMMANDS = {
 }
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt: the same cleanup runs (the
+    forked search processes are stopped; killed outright they lived on, orphaned, for ever)."""
+
+
+def _on_sigterm(signum, frame):
+    if os.getpid() != _MAIN_PID:  # a forked search process (it inherits this handler): die as SIGTERM does
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise _Terminated()
+
+
+_MAIN_PID = os.getpid()  # set again by main(): the process whose SIGTERM stops the command
+
+
+def _use_device(option: str | None) -> None:
+    """--device, else FEDMERGE_DEVICE, else auto, before any model is read (a missing GPU fails at once);
+    a bad value names where it came from."""
+    from merging.cache import CACHE
+    from merging.device import resolve_device
+    from merging.errors import MergeError
+
+    name = option if option is not None else os.environ.get("FEDMERGE_DEVICE") or "auto"
+    try:
+        CACHE.use_device(resolve_device(name))
+    except MergeError as exc:
+        raise MergeError(f"{'--device' if option is not None else 'FEDMERGE_DEVICE'}: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m evaluation", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -256,13 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from merging.errors import MergeError
 
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works only there
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         _check(args)
-        if getattr(args, "device", None):
-            from merging.cache import CACHE
-            from merging.device import resolve_device
-
-            CACHE.use_device(resolve_device(args.device))  # before any model is read: a missing GPU fails at once
+        if hasattr(args, "device"):
+            _use_device(args.device)
         return COMMANDS[args.command][2](args)
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -271,17 +345,28 @@ def main(argv: list[str] | None = None) -> int:
         what = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         print(f"error: {exc.filename}: {what}" if exc.filename else f"error: {what}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Terminated) as exc:
+        return _stopped(exc)
     except Exception as exc:  # never a traceback (FEDMERGE_DEBUG=1 shows it)
-        import os
-
+        if isinstance(exc.__context__, (KeyboardInterrupt, _Terminated)):  # raised inside compiled code
+            return _stopped(exc.__context__)
         if os.environ.get("FEDMERGE_DEBUG"):
             raise
         line = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
         print(f"error: internal error: {line} (FEDMERGE_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(exc: BaseException) -> int:
+    """Ctrl-C: 130, SIGTERM: 143, with one line (nothing was written: the reports are written whole at the end)."""
+    if isinstance(exc, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    print("error: terminated", file=sys.stderr)
+    return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

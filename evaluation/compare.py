@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from merging.errors import MergeError
 from merging.registry import AGGREGATORS
 
 from .search import LAMBDAS, QUICK_LAMBDAS, SearchResult, compare_all, search
@@ -30,12 +31,18 @@ def run(zoo: str | Path | None = None, heterogeneous: bool = False, methods: Seq
         quick: bool = False, n_val: int = 50, n_test: int = 100, log=print, ray: str | bool | None = None,
         workers: int | None = None) -> list[SearchResult]:
     """Every applicable method tuned on one zoo variant: on Ray workers, else in forked local processes
-    (`search.compare_all`; `workers` as there)."""
+    (`search.compare_all`; `workers` as there). Methods named that cannot merge that many models are
+    skipped, with a line saying so; none left is a MergeError (it ran every method instead)."""
     session = Session(zoo=zoo, allow_hub=False).load_zoo()
     try:
         session.select(selection(zoo, heterogeneous))
         k = len(session.selected)
-        methods = [m for m in (methods or AGGREGATORS) if AGGREGATORS[m].accepts(k)]
+        asked = list(methods or AGGREGATORS)
+        methods = [m for m in asked if AGGREGATORS[m].accepts(k)]
+        if not methods:
+            raise MergeError(f"none of {', '.join(asked)} can merge {k} models at once")
+        if methods != asked and asked != list(AGGREGATORS):  # named ones, not the default "all"
+            log(f"skipped (cannot merge {k} models at once): {', '.join(m for m in asked if m not in methods)}")
         lambdas = QUICK_LAMBDAS if quick else LAMBDAS
         if ray:
             results = [search(session, m, lambdas=lambdas, quick=quick, n_val=n_val, n_test=n_test, ray=ray)
@@ -84,23 +91,30 @@ def figure(plain: Sequence[SearchResult], hetero: Sequence[SearchResult] | None 
 
 def main(zoo: str | Path | None, out: str | Path, quick: bool, methods: Sequence[str] | None,
          n_val: int, n_test: int, ray: str | bool | None = None) -> Path:
+    """Both runs, then <out>/compare.md and compare.html (the folder is made only then: an interrupted
+    or failed run leaves nothing). A zoo without a heterogeneous variant gets the plain run only (it
+    ran it twice and reported the second as the heterogeneous one)."""
+    from .plots import write_report
+
     if ray:  # a missing Ray is one line at once, not after the first search's loading and scoring
         from .distributed import require_ray
 
         require_ray()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print("plain zoo:", ", ".join(selection(zoo, False)))
+    names = selection(zoo, False), selection(zoo, True)
+    print("plain zoo:", ", ".join(names[0]))
     plain = run(zoo, False, methods, quick, n_val, n_test, ray=ray)
-    print("heterogeneous:", ", ".join(selection(zoo, True)))
-    hetero = run(zoo, True, methods, quick, n_val, n_test, ray=ray)
+    hetero = None
+    if names[1] != names[0]:
+        print("heterogeneous:", ", ".join(names[1]))
+        hetero = run(zoo, True, methods, quick, n_val, n_test, ray=ray)
     grid = ("quick grid (λ 0.1…2.0" if quick else "full grid (λ 0.05…2.00") + ", ×K for fednova and median)"
+    second = (markdown_table(hetero, f"With the heterogeneous fine-tune — {grid}") if hetero is not None else
+              "The zoo has no training-heterogeneous fine-tune (no zoo.json entry with `variant_of`): "
+              "the plain zoo only.\n")
     text = (markdown_table(plain, f"Plain zoo — {grid}, validation n={n_val}, test n={n_test}") + "\n"
-            + markdown_table(hetero, f"With the heterogeneous fine-tune — {grid}") + "\n"
-            + f"Wall time: {time.perf_counter() - t0:.0f} s.\n")
-    (out / "compare.md").write_text(text)
-    figure(plain, hetero).write_html(out / "compare.html", include_plotlyjs="cdn")
+            + second + "\n" + f"Wall time: {time.perf_counter() - t0:.0f} s.\n")
+    md, html = write_report(out, "compare", text, figure(plain, hetero))
     print(text)
-    print(f"wrote {out / 'compare.md'} and {out / 'compare.html'}")
-    return out
+    print(f"wrote {md} and {html}")
+    return Path(out)

@@ -22,10 +22,12 @@ from scipy import stats
 from merging.errors import MergeError
 from merging.plan import layer_of
 from merging.progress import Progress
+from merging.registry import AGGREGATORS
 from merging.similarity import SimilarityReport
 
 from .distributed import session_map, with_heartbeat
 from .harness import evaluate, normalized
+from .limits import check_method
 from .live_merge import MergeSettings
 from .scorer import LIVE_SPLIT, ScratchModel
 from .search import search
@@ -180,6 +182,12 @@ def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 12, n_te
     selected = list(session.selected)
     if len(selected) < 2:
         raise MergeError("the heterogeneity study needs at least two selected fine-tunes")
+    methods = [check_method(m) for m in methods]
+    largest = len(selected) - 1 if leave_one_out and len(selected) > 2 else 2
+    unfit = [m for m in methods if not (AGGREGATORS[m].accepts(2) and AGGREGATORS[m].accepts(largest))]
+    if unfit:  # it stopped at the first group it could not merge, the groups before it wasted
+        raise MergeError(f"{', '.join(unfit)}: cannot merge {'2' if largest == 2 else f'2 to {largest}'} models at "
+                         "once, as the study does (pairs and all but one): leave them out")
     report = session.stack.similarity(selected)
     names = report.names
     groups_idx = [("pair", list(p)) for p in itertools.combinations(range(len(selected)), 2)]
@@ -274,7 +282,9 @@ def recommend(study: Study, methods: Sequence[str]) -> str:
     if strong:
         c = max(strong, key=lambda c: abs(c.rho))
         text += (f" Across {c.n} pairs, the best single predictor of the Task Arithmetic drop is "
-                 f"{MEASURES[c.measure]} (Spearman ρ = {c.rho:+.2f}, 95% CI [{c.low:+.2f}, {c.high:+.2f}]).")
+                 f"{MEASURES[c.measure]} (Spearman ρ = {c.rho:+.2f}, 95% CI [{c.low:+.2f}, {c.high:+.2f}])")
+        # the strongest of five is not a finding when its interval holds no correlation at all
+        text += "; its interval includes 0: not a reliable predictor on these pairs." if c.low <= 0 <= c.high else "."
     return text
 
 

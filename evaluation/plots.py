@@ -1,8 +1,11 @@
 """Plotly figure builders of the app and the reports: ordinary calls, no state. The similarity
-figures live in `merging.report` (the CLI draws them too) and are re-exported here."""
+figures live in `merging.report` (the CLI draws them too) and are re-exported here. A study's
+report (its markdown and its figure) is written by `write_report`."""
 from __future__ import annotations
 
+import os
 import textwrap
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import plotly.graph_objects as go
@@ -62,3 +65,24 @@ def lambda_sweep(lambdas: Sequence[float], curves: Mapping[str, Sequence[float]]
     fig.update_xaxes(title="λ")
     fig.update_yaxes(title="accuracy", tickformat=".0%")
     return fit_title(legend_below(styled(fig, title)))
+
+
+def write_report(out: str | os.PathLike, stem: str, text: str, fig: go.Figure) -> tuple[Path, Path]:
+    """<out>/<stem>.md and <stem>.html (the folder made if missing), each written to a hidden file and
+    renamed into place: a Ctrl-C or a full disk leaves the previous report, not half of one. The
+    figure's element id is fixed (plotly draws a random one), so the same results give the same bytes."""
+    from merging.targets import sibling
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    md, html = folder / f"{stem}.md", folder / f"{stem}.html"
+    staged = {md: sibling(md, "tmp"), html: sibling(html, "tmp")}
+    try:
+        staged[md].write_text(text, encoding="utf-8")
+        fig.write_html(staged[html], include_plotlyjs="cdn", div_id=stem)
+        for final, temp in staged.items():
+            os.replace(temp, final)
+    finally:
+        for temp in staged.values():
+            temp.unlink(missing_ok=True)
+    return md, html

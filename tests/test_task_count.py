@@ -105,7 +105,7 @@ def test_command_line_writes_the_table_and_figure(tmp_path, capsys):
     assert text in capsys.readouterr().out
     for bad, want in ((["--sizes", "2,x"], "--sizes: comma-separated whole numbers"),
                       (["--sizes", "9"], "--sizes: whole numbers from 2 to 7"),
-                      (["--methods", "slerp"], "slerp: merge"), (["--device", "tpu"], "unknown device 'tpu'")):
+                      (["--methods", "slerp"], "--methods: slerp merges 1 to 2 models"), (["--device", "tpu"], "unknown device 'tpu'")):
         assert main(["task-count", "--out", str(tmp_path / "no"), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and want in err and "\n" not in err, err
