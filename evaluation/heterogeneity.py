@@ -235,7 +235,7 @@ def layer_ablation(session, selected: list[int], report: SimilarityReport, group
                    n_val: int = 20) -> dict[str, Any]:
     """Worst pair under Task Arithmetic: merge it, then take its most conflicting layer from one side only
     (on a scratch model: the user's own merge is not touched)."""
-    pairs = [g for g in groups if g.kind == "pair" and "task_arithmetic" in g.drop]
+    pairs = _scored_pairs(groups)
     if not pairs:
         return {}
     worst = max(pairs, key=lambda g: g.drop["task_arithmetic"])
@@ -261,9 +261,15 @@ def layer_ablation(session, selected: list[int], report: SimilarityReport, group
     return out
 
 
+def _scored_pairs(groups: Sequence[GroupResult]) -> list[GroupResult]:
+    """The pairs with a Task Arithmetic drop to rank: a pair whose fine-tunes answer none of their test
+    prompts has none (NaN), and a NaN first in `max` was taken for the worst pair."""
+    return [g for g in groups if g.kind == "pair" and math.isfinite(g.drop.get("task_arithmetic", math.nan))]
+
+
 def recommend(study: Study, methods: Sequence[str]) -> str:
     """A recommendation from the measurements: which aggregator recovers most on the worst pair."""
-    pairs = study.pairs
+    pairs = _scored_pairs(study.groups)
     if not pairs or "task_arithmetic" not in methods:
         return ""
     worst = max(pairs, key=lambda g: g.drop["task_arithmetic"])
@@ -295,7 +301,7 @@ def to_markdown(study: Study, methods: Sequence[str]) -> str:
              "|" + "---|" * (1 + len(MEASURES) + len(methods))]
     for g in study.groups:
         lines.append(f"| {g.label} | " + " | ".join(f"{g.measures[m]:.3g}" for m in MEASURES) + " | "
-                     + " | ".join(f"{g.drop[m]:.2f}" for m in methods) + " |")
+                     + " | ".join(_drop_cell(g.drop[m]) for m in methods) + " |")
     lines += ["", "Spearman ρ between each measure and the drop (pairs only), 95% bootstrap interval:", "",
               "| measure | " + " | ".join(methods) + " |", "|" + "---|" * (1 + len(methods))]
     for m in MEASURES:
@@ -313,8 +319,15 @@ def to_markdown(study: Study, methods: Sequence[str]) -> str:
                       f"{k}: {v:.2f}" for k, v in ab.items() if k not in ("pair", "layer", "layer_cosine", "lambda"))]
     if study.recommendation:
         lines += ["", f"**Recommendation.** {study.recommendation}"]
+    if any(not math.isfinite(g.drop[m]) for g in study.groups for m in methods):
+        lines += ["", "n/a: groups whose fine-tunes answer none of their own test prompts have no accuracy to "
+                  "normalize by; they are left out of the correlations and the recommendation."]
     lines += ["", f"Study time: {study.seconds:.0f} s."]
     return "\n".join(lines) + "\n"
+
+
+def _drop_cell(drop: float) -> str:
+    return f"{drop:.2f}" if math.isfinite(drop) else "n/a"
 
 
 def scatter_figures(study: Study, methods: Sequence[str]):

@@ -234,3 +234,25 @@ def test_the_recommendation_does_not_call_a_null_correlation_a_predictor():
                       (0.12, ", 95% CI [+0.12, +0.80]).")):
         study = Study([pair], [Correlation("norm_ratio", "task_arithmetic", 0.48, low, 0.80, 21)], [])
         assert recommend(study, ["task_arithmetic"]).endswith(tail)
+
+
+def test_a_pair_with_no_accuracy_to_normalize_is_not_the_worst_pair():
+    """A pair whose fine-tunes answer none of their test prompts (a weak zoo, a small --n-test) has a NaN
+    drop: it was printed as 'nan' and, first in the list, named the worst pair ('nan points')."""
+    import math
+
+    from evaluation.heterogeneity import MEASURES, GroupResult, Study, correlations, recommend, to_markdown
+    from evaluation.live_merge import MergeSettings
+
+    def pair(a, b, drop):
+        setting = MergeSettings("task_arithmetic", (1.0, 1.0), 1.0, {}, (0, 1))
+        return GroupResult([a, b], "pair", {m: 0.3 for m in MEASURES}, {"task_arithmetic": drop},
+                           {"task_arithmetic": setting})
+
+    groups = [pair("a", "b", math.nan), pair("a", "c", 0.5), pair("b", "c", 0.2)]
+    study = Study(groups, correlations(groups, ["task_arithmetic"]), [])
+    text = recommend(study, ["task_arithmetic"])
+    assert text.startswith("a and c lose the most under Task Arithmetic (50 points"), text
+    table = to_markdown(study, ["task_arithmetic"])
+    assert "nan" not in table.lower() and "| a + b | " in table and " | n/a |" in table
+    assert "n/a: groups whose fine-tunes answer none of their own test prompts" in table
