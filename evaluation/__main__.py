@@ -181,6 +181,10 @@ def _check(args: argparse.Namespace) -> None:
 
     if not hasattr(args, "n_val"):  # build-zoo: build_zoo checks its --out
         return
+    if args.device is not None and not args.device.strip():  # it meant the CPU, silently
+        raise MergeError("--device: empty; use cpu, cuda, cuda:N or auto")
+    if getattr(args, "ray", None) is not None and not args.ray.strip():  # it meant no Ray at all
+        raise MergeError("--ray: an empty address; --ray alone starts a local Ray, --ray ADDRESS uses a cluster")
     _count("--n-val", args.n_val, DEFAULT_N[LIVE_SPLIT], f"the {LIVE_SPLIT} examples per task")
     _count("--n-test", args.n_test, DEFAULT_N["test"], "the test examples per task")
     _check_report_folder(args.out, [args.command])

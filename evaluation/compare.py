@@ -96,10 +96,10 @@ def main(zoo: str | Path | None, out: str | Path, quick: bool, methods: Sequence
     ran it twice and reported the second as the heterogeneous one)."""
     from .plots import write_report
 
-    if ray:  # a missing Ray is one line at once, not after the first search's loading and scoring
-        from .distributed import require_ray
+    if ray:  # a missing Ray or a cluster that does not answer: one line at once, not after loading the zoo
+        from .distributed import connect
 
-        require_ray()
+        connect(ray)
     t0 = time.perf_counter()
     names = selection(zoo, False), selection(zoo, True)
     print("plain zoo:", ", ".join(names[0]))

@@ -256,3 +256,19 @@ def test_a_pair_with_no_accuracy_to_normalize_is_not_the_worst_pair():
     table = to_markdown(study, ["task_arithmetic"])
     assert "nan" not in table.lower() and "| a + b | " in table and " | n/a |" in table
     assert "n/a: groups whose fine-tunes answer none of their own test prompts" in table
+
+
+def test_empty_device_or_ray_and_an_unreachable_cluster_are_refused_before_loading(tmp_path, capsys):
+    """`--device ""` ran on the CPU and `--ray ""` without Ray, silently; a cluster address that does
+    not answer was found only after the zoo was loaded."""
+    out = str(tmp_path / "o")
+    for args, want in ((["heterogeneity", "--device", " "], "error: --device: empty; use cpu, cuda, cuda:N or auto"),
+                       (["compare", "--ray", ""], "error: --ray: an empty address; --ray alone starts a local Ray, "
+                                                  "--ray ADDRESS uses a cluster")):
+        assert run_main(capsys, *args, "--out", out)[::2] == (2, want)
+    pytest.importorskip("ray")
+    code, stdout, err = run_main(capsys, "compare", "--ray", "127.0.0.1:1", "--methods", "task_arithmetic",
+                                 "--quick", "--n-val", "1", "--n-test", "1", "--out", out)
+    assert code == 2 and err.startswith("error: cannot reach the Ray cluster at 127.0.0.1:1"), err
+    assert "plain zoo" not in stdout and "Loading" not in err
+    assert not (tmp_path / "o").exists()
