@@ -326,6 +326,22 @@ def _use_device(option: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status. Ctrl-C and SIGTERM are one line from the first moment
+    (the imports take seconds: a Ctrl-C during them printed a traceback)."""
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works only there
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        return _run(argv)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        return _stopped(exc)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = _Parser(prog="python -m evaluation", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, add, _) in COMMANDS.items():
@@ -333,10 +349,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from merging.errors import MergeError
 
-    global _MAIN_PID
-    _MAIN_PID = os.getpid()
-    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works only there
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         _check(args)
         if hasattr(args, "device"):
@@ -349,8 +361,6 @@ def main(argv: list[str] | None = None) -> int:
         what = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         print(f"error: {exc.filename}: {what}" if exc.filename else f"error: {what}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, _Terminated) as exc:
-        return _stopped(exc)
     except Exception as exc:  # never a traceback (FEDMERGE_DEBUG=1 shows it)
         if isinstance(exc.__context__, (KeyboardInterrupt, _Terminated)):  # raised inside compiled code
             return _stopped(exc.__context__)
@@ -359,9 +369,6 @@ def main(argv: list[str] | None = None) -> int:
         line = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
         print(f"error: internal error: {line} (FEDMERGE_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _stopped(exc: BaseException) -> int:

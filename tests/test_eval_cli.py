@@ -272,3 +272,33 @@ def test_empty_device_or_ray_and_an_unreachable_cluster_are_refused_before_loadi
     assert code == 2 and err.startswith("error: cannot reach the Ray cluster at 127.0.0.1:1"), err
     assert "plain zoo" not in stdout and "Loading" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGTERM, 143, "error: terminated"),
+                                             (signal.SIGINT, 130, "error: interrupted")])
+def test_a_signal_during_the_start_up_imports_is_one_line(tmp_path, sig, code, line):
+    """torch and transformers take seconds to import, inside main() but before its error handling: a
+    Ctrl-C then printed a traceback, and SIGTERM killed the process without a word."""
+    def defaults():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    env = {**os.environ, "FEDMERGE_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "evaluation", "task-count", "--out", str(tmp_path / "o")],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=defaults, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:  # torch's library is mapped: it is importing
+            try:
+                if "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text():
+                    break
+            except OSError:
+                pass
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=60)[1]
+        assert (proc.returncode, err.strip()) == (code, line), (proc.returncode, err[-600:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
