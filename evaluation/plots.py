@@ -71,18 +71,12 @@ def write_report(out: str | os.PathLike, stem: str, text: str, fig: go.Figure) -
     """<out>/<stem>.md and <stem>.html (the folder made if missing), each written to a hidden file and
     renamed into place: a Ctrl-C or a full disk leaves the previous report, not half of one. The
     figure's element id is fixed (plotly draws a random one), so the same results give the same bytes."""
-    from merging.targets import sibling
+    from merging.targets import replaced
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     md, html = folder / f"{stem}.md", folder / f"{stem}.html"
-    staged = {md: sibling(md, "tmp"), html: sibling(html, "tmp")}
-    try:
-        staged[md].write_text(text, encoding="utf-8")
-        fig.write_html(staged[html], include_plotlyjs="cdn", div_id=stem)
-        for final, temp in staged.items():
-            os.replace(temp, final)
-    finally:
-        for temp in staged.values():
-            temp.unlink(missing_ok=True)
+    with replaced(md) as md_temp, replaced(html) as html_temp:  # both written before either is replaced
+        md_temp.write_text(text, encoding="utf-8")
+        fig.write_html(html_temp, include_plotlyjs="cdn", div_id=stem)
     return md, html

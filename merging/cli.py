@@ -135,8 +135,8 @@ def cmd_similarity(args: argparse.Namespace) -> int:
         from .report import similarity_heatmap
 
         fig = similarity_heatmap(report)
-        with writing_file("--html", args.html):
-            fig.write_html(args.html, include_plotlyjs=True)
+        with writing_file("--html", args.html) as path:
+            fig.write_html(path, include_plotlyjs=True)
         print(f"wrote {args.html}")
     if args.json:
         import json
@@ -173,10 +173,12 @@ def _distinct(refs: list[str]) -> list[str]:
 
 @contextlib.contextmanager
 def writing_file(option: str, target: str):
-    """Create the file's folders, and word what can still fail (a full disk) as one line."""
+    """A hidden file to write, renamed onto `target` at the end (targets.replaced: never half a file); the
+    folders made first, and what can still fail (a full disk) worded as one line."""
     try:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
-        yield Path(target)
+        with targets.replaced(Path(target)) as temp:
+            yield temp
     except OSError as exc:
         raise os_error(f"{option} {shown(target)}: cannot write", exc) from None
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import secrets
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import MergeError, shown
 
@@ -24,6 +25,19 @@ def sibling(target: Path, tag: str) -> Path:
     room = NAME_MAX - len(f"..{tag}-") - 8
     name = target.name.encode()[:room].decode(errors="ignore")
     return target.with_name(f".{name}.{tag}-{secrets.token_hex(4)}")
+
+
+@contextmanager
+def replaced(target: Path) -> Iterator[Path]:
+    """A hidden file beside `target` to write; renamed onto `target` when the block ends without error, else
+    removed: a Ctrl-C or a full disk leaves the previous file, not half of one, and a symlink is replaced,
+    not written through."""
+    temp = sibling(target, "tmp")
+    try:
+        yield temp
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def role(option: str, typed: str | os.PathLike) -> str:

@@ -300,6 +300,23 @@ def test_cli_similarity_checks_its_output_files_first(run_cli, tiny_zoo, tmp_pat
     assert json.loads((tmp_path / "new" / "dir" / "sim.json").read_text())["names"] == ["ft0", "ft1"]
 
 
+def test_cli_similarity_replaces_its_report_files_whole(run_cli, tiny_zoo, tmp_path):
+    """--json/--html are written beside the target and renamed onto it (merging.targets.replaced, as the
+    studies' reports): a report that is a symlink is replaced, the file it pointed to untouched, and
+    no hidden file is left behind."""
+    kept = tmp_path / "elsewhere.json"
+    kept.write_text("keep me")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sim.json").symlink_to(kept)
+    r = run_cli("similarity", "--base", tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["ft1"], "--no-progress",
+                "--json", tmp_path / "out" / "sim.json", "--html", tmp_path / "out" / "sim.html")
+    assert r.returncode == 0, r.stderr
+    assert kept.read_text() == "keep me"
+    assert not (tmp_path / "out" / "sim.json").is_symlink()
+    assert json.loads((tmp_path / "out" / "sim.json").read_text())["names"] == ["ft0", "ft1"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sim.html", "sim.json"]
+
+
 def test_cli_similarity_with_a_zero_task_vector_writes_valid_json(run_cli, tiny_zoo, tmp_path):
     r = run_cli("similarity", "--base", tiny_zoo["base"], tiny_zoo["ft0"], tiny_zoo["base"], "--no-progress",
                 "--json", tmp_path / "sim.json")
