@@ -342,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    from merging.errors import tolerant_console  # imports torch: inside main's Ctrl-C handling
+
+    tolerant_console()
     parser = _Parser(prog="python -m evaluation", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, add, _) in COMMANDS.items():

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from . import targets
-from .errors import MergeError, os_error, shown
+from .errors import MergeError, os_error, shown, tolerant_console
 
 _UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "kb": 1e3, "mb": 1e6, "gb": 1e9, "b": 1, "": 1}
 
@@ -259,6 +259,7 @@ def _raise_deferred() -> None:
 
 def main(argv: list[str] | None = None, prog: str = "fedmerge") -> int:
     """Run one command; returns the exit status (the `fedmerge` console script's entry point)."""
+    tolerant_console()
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:

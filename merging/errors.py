@@ -18,3 +18,13 @@ def os_error(role: str, exc: OSError) -> MergeError:
     """An OSError as one line naming the path's role ("output folder", "model x"), without the errno."""
     why = exc.strerror or str(exc)
     return MergeError(f"{role}: {why[0].lower() + why[1:] if why else 'cannot be used'}")
+
+
+def tolerant_console() -> None:
+    """Let stdout and stderr write characters their encoding lacks as escapes (λ, ρ, ×, … on an ASCII
+    terminal): a command line's tables and messages must not turn into an encoding error at the end."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")

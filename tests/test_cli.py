@@ -647,3 +647,15 @@ def test_a_tied_and_an_untied_head_are_named_as_such(run_cli, tiny_zoo, tmp_path
         r = run_cli("merge", yaml_file(tmp_path, ta(b, m)), tmp_path / "out", "--no-progress")
         assert_refused(r, f"{untied_one} has its own output head (lm_head.weight)", "tie_word_embeddings")
     assert not (tmp_path / "out").exists()
+
+
+def test_both_command_lines_print_on_an_ascii_terminal():
+    """Tables and messages hold λ, ρ, τ, ×…: on a terminal whose encoding lacks them they are escaped, not an
+    'internal error: ascii codec can't encode' at the end of the work."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "ascii", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "merging", "methods"], capture_output=True, env=env, cwd=ROOT, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert b"\\u03bb" in r.stdout and b"task_arithmetic" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "evaluation", "heterogeneity", "--models", "λ,τ"],
+                       capture_output=True, env=env, cwd=ROOT, timeout=180)
+    assert r.returncode == 2 and r.stderr.decode().startswith("error: --models: no '\\u03bb' in the zoo"), r.stderr
