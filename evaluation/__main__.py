@@ -217,7 +217,9 @@ def _group_sizes(args: argparse.Namespace, n: int) -> list[int]:
     """How many fine-tunes a command merges at once, from `n` chosen: compare all of them, the
     heterogeneity study pairs and all but one, task-count each of --sizes (default 2 to n)."""
     if args.command == "heterogeneity":
-        return [2, max(2, n - 1)]
+        from .heterogeneity import group_sizes
+
+        return group_sizes(n)
     if args.command == "task-count":
         return args.sizes or list(range(2, n + 1))
     return [n]

@@ -172,6 +172,11 @@ def score_group(session, job: tuple[list[int], Sequence[str], int, int]) -> tupl
     return drop, setting
 
 
+def group_sizes(n: int, leave_one_out: bool = True) -> list[int]:
+    """How many fine-tunes the study merges at once, of `n` selected: pairs, and all but one."""
+    return [2, n - 1] if leave_one_out and n > 2 else [2]
+
+
 def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 12, n_test: int = 30,
         progress: Progress | None = None, leave_one_out: bool = True, workers: int | None = None) -> Study:
     """Run the study on the session's current selection (restored afterwards).
@@ -183,15 +188,15 @@ def run(session, methods: Sequence[str] = DEFAULT_METHODS, n_val: int = 12, n_te
     if len(selected) < 2:
         raise MergeError("the heterogeneity study needs at least two selected fine-tunes")
     methods = [check_method(m) for m in methods]
-    largest = len(selected) - 1 if leave_one_out and len(selected) > 2 else 2
-    unfit = [m for m in methods if not (AGGREGATORS[m].accepts(2) and AGGREGATORS[m].accepts(largest))]
+    sizes = group_sizes(len(selected), leave_one_out)
+    unfit = [m for m in methods if not all(AGGREGATORS[m].accepts(k) for k in sizes)]
     if unfit:  # it stopped at the first group it could not merge, the groups before it wasted
-        raise MergeError(f"{', '.join(unfit)}: cannot merge {'2' if largest == 2 else f'2 to {largest}'} models at "
-                         "once, as the study does (pairs and all but one): leave them out")
+        raise MergeError(f"{', '.join(unfit)}: cannot merge {'2' if max(sizes) == 2 else f'2 to {max(sizes)}'} "
+                         "models at once, as the study does (pairs and all but one): leave them out")
     report = session.stack.similarity(selected)
     names = report.names
     groups_idx = [("pair", list(p)) for p in itertools.combinations(range(len(selected)), 2)]
-    if leave_one_out and len(selected) > 2:
+    if len(sizes) > 1:  # all but one
         groups_idx += [("leave-one-out", [j for j in range(len(selected)) if j != i]) for i in range(len(selected))]
     everyone = set(range(len(selected)))
     jobs = [([selected[i] for i in idx], list(methods), n_val, n_test) for _, idx in groups_idx]
