@@ -189,6 +189,7 @@ class LoraAdapter:
                              f"the base tensor {tuple(shape)}")
         return dw
 
+
 def _conv1d_modules(config: dict) -> dict[str, bool] | None:
     """Which modules of the model `config` describes store their weight transposed (transformers' Conv1D,
     GPT-2's): module name -> True for Conv1D, False for other modules; None where the architecture is
